@@ -1,0 +1,227 @@
+"""Request validation and the job status document."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+
+from django.conf import settings
+from rest_framework import serializers
+
+from jobs.models import Job, Priority
+
+ROLES = ("system", "user", "assistant", "tool")
+IMAGE_MAGIC = {
+    b"\x89PNG\r\n\x1a\n": "png",
+    b"\xff\xd8\xff": "jpeg",
+    b"GIF87a": "gif",
+    b"GIF89a": "gif",
+    b"BM": "bmp",
+    b"II*\x00": "tiff",
+    b"MM\x00*": "tiff",
+}
+
+
+def _limits() -> dict[str, int]:
+    return settings.JOB_LIMITS
+
+
+def _image_kind(raw: bytes) -> str | None:
+    if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
+        return "webp"
+    for magic, kind in IMAGE_MAGIC.items():
+        if raw.startswith(magic):
+            return kind
+    return None
+
+
+class Base64ImageField(serializers.Field):
+    """A base64 image (optionally a ``data:image/...;base64,`` URL); stored as plain base64."""
+
+    default_error_messages = {
+        "type": "Must be a base64 string.",
+        "base64": "Not valid base64.",
+        "size": "Image is {size} bytes; the limit is {limit} bytes.",
+        "format": "Not a PNG, JPEG, GIF, WebP, BMP or TIFF image.",
+    }
+
+    def to_internal_value(self, data: Any) -> str:
+        if not isinstance(data, str):
+            self.fail("type")
+        text = data.strip()
+        if text.startswith("data:"):
+            _, _, text = text.partition(",")
+        limit = _limits()["image_bytes"]
+        if len(text) > (limit * 4) // 3 + 8:
+            self.fail("size", size=len(text) * 3 // 4, limit=limit)
+        try:
+            raw = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            self.fail("base64")
+        if len(raw) > limit:
+            self.fail("size", size=len(raw), limit=limit)
+        if _image_kind(raw) is None:
+            self.fail("format")
+        return text
+
+    def to_representation(self, value: str) -> str:
+        return value
+
+
+class JsonObjectField(serializers.DictField):
+    """A JSON object with a size limit, so metadata cannot be used to smuggle megabytes."""
+
+    def to_internal_value(self, data: Any) -> dict:
+        value = super().to_internal_value(data)
+        size = len(json.dumps(value, default=str))
+        limit = _limits()["json_field_bytes"]
+        if size > limit:
+            raise serializers.ValidationError(f"Is {size} bytes as JSON; the limit is {limit}.")
+        return value
+
+
+class MessageSerializer(serializers.Serializer):
+    role = serializers.ChoiceField(choices=ROLES)
+    content = serializers.CharField(allow_blank=True, trim_whitespace=False)
+
+    def validate(self, attrs: dict) -> dict:
+        extra = set(self.initial_data) - set(self.fields) if isinstance(self.initial_data, dict) else set()
+        if extra:
+            raise serializers.ValidationError(f"Unknown message field(s): {', '.join(sorted(extra))}.")
+        return attrs
+
+
+class JobCreateSerializer(serializers.Serializer):
+    """The body of ``POST /jobs``. Unknown fields are rejected so typos do not pass silently."""
+
+    messages = MessageSerializer(many=True, required=False, allow_empty=False)
+    priority = serializers.ChoiceField(choices=Priority.choices, default=Priority.NORMAL)
+    requires_multimodal = serializers.BooleanField(default=False)
+    model = serializers.CharField(required=False, allow_blank=True, max_length=200)
+    backend = serializers.SlugField(required=False, allow_blank=True, max_length=64)
+    temperature = serializers.FloatField(required=False, min_value=0.0, max_value=2.0)
+    params = JsonObjectField(required=False)
+    metadata = JsonObjectField(required=False)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Limits are settings, read when the serializer is built (so tests can override them).
+        limits = _limits()
+        self.fields["prompt"] = serializers.CharField(
+            required=False, trim_whitespace=False, max_length=limits["prompt_chars"]
+        )
+        self.fields["images"] = serializers.ListField(
+            child=Base64ImageField(), required=False, max_length=limits["images"]
+        )
+        self.fields["max_tokens"] = serializers.IntegerField(
+            required=False, min_value=1, max_value=limits["max_tokens"]
+        )
+        self.fields["timeout_s"] = serializers.IntegerField(required=False, min_value=1, max_value=limits["timeout_s"])
+
+    def to_internal_value(self, data: Any) -> dict:
+        if not isinstance(data, dict):
+            raise serializers.ValidationError({"non_field_errors": ["Expected a JSON object."]})
+        unknown = set(data) - set(self.fields)
+        if unknown:
+            raise serializers.ValidationError({name: ["Unknown field."] for name in sorted(unknown)})
+        return super().to_internal_value(data)
+
+    def validate_messages(self, messages: list[dict]) -> list[dict]:
+        limits = _limits()
+        if len(messages) > limits["messages"]:
+            raise serializers.ValidationError(f"At most {limits['messages']} messages are allowed.")
+        total = sum(len(m["content"]) for m in messages)
+        if total > limits["prompt_chars"]:
+            raise serializers.ValidationError(
+                f"Messages hold {total} characters; the limit is {limits['prompt_chars']}."
+            )
+        return [dict(m) for m in messages]
+
+    def validate(self, attrs: dict) -> dict:
+        has_prompt = bool(attrs.get("prompt"))
+        has_messages = bool(attrs.get("messages"))
+        if has_prompt == has_messages:
+            which = "both" if has_prompt else "neither"
+            raise serializers.ValidationError(
+                {"prompt": [f"Give exactly one of 'prompt' or 'messages' (got {which})."]}
+            )
+        return attrs
+
+
+class JobSerializer(serializers.ModelSerializer):
+    """The status document: what ``GET /jobs/<id>`` answers and what Redis mirrors."""
+
+    backend = serializers.CharField(source="backend_name")
+    policy = serializers.CharField(source="policy_name")
+    attempts = serializers.IntegerField(source="attempt_count")
+    usage = serializers.SerializerMethodField()
+    cost = serializers.SerializerMethodField()
+    attempt_log = serializers.SerializerMethodField()
+    links = serializers.SerializerMethodField()
+    owner_id = serializers.IntegerField(source="created_by_id")
+
+    class Meta:
+        model = Job
+        fields = [
+            "id",
+            "state",
+            "priority",
+            "backend",
+            "policy",
+            "policy_version",
+            "model",
+            "queue",
+            "attempts",
+            "created_at",
+            "enqueued_at",
+            "started_at",
+            "finished_at",
+            "error",
+            "usage",
+            "cost",
+            "latency_ms",
+            "finish_reason",
+            "output",
+            "metadata",
+            "attempt_log",
+            "links",
+            "owner_id",
+        ]
+        read_only_fields = fields
+
+    def get_usage(self, job: Job) -> dict[str, int | None]:
+        return job.usage
+
+    def get_cost(self, job: Job) -> float | None:
+        return float(job.cost) if job.cost is not None else None
+
+    def get_attempt_log(self, job: Job) -> list[dict]:
+        if not job.attempt_count:
+            return []
+        return [
+            {
+                "number": a.number,
+                "backend": a.backend_name,
+                "worker": a.worker,
+                "outcome": a.outcome,
+                "started_at": a.started_at.isoformat() if a.started_at else None,
+                "finished_at": a.finished_at.isoformat() if a.finished_at else None,
+                "latency_ms": a.latency_ms,
+                "error": a.error,
+            }
+            for a in job.attempts.all()
+        ]
+
+    def get_links(self, job: Job) -> dict[str, str]:
+        return {"self": f"/jobs/{job.pk}", "result": f"/jobs/{job.pk}/result", "cancel": f"/jobs/{job.pk}/cancel"}
+
+
+# Fields of the status document that are internal (access control) or belong to /result.
+PRIVATE_FIELDS = ("owner_id",)
+RESULT_FIELDS = ("id", "state", "backend", "output", "finish_reason", "usage", "cost", "latency_ms", "error")
+
+
+def public(doc: dict[str, Any], *, with_output: bool = False) -> dict[str, Any]:
+    return {k: v for k, v in doc.items() if k not in PRIVATE_FIELDS and (with_output or k != "output")}

@@ -1,0 +1,150 @@
+"""``/jobs``: submit, list, status, result, cancel."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from django.db import transaction
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import generics, status
+from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework.pagination import CursorPagination
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from jobs import services, status_cache
+from jobs.api.serializers import (
+    RESULT_FIELDS,
+    JobCreateSerializer,
+    JobSerializer,
+    public,
+)
+from jobs.models import TERMINAL_STATES, Job, JobState, Priority
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+MAX_IDEMPOTENCY_KEY = 255
+
+
+class JobCursorPagination(CursorPagination):
+    """Cursor paging stays fast on a table of millions (no COUNT, no OFFSET)."""
+
+    ordering = "-created_at"
+    page_size_query_param = "page_size"
+    max_page_size = 500
+
+
+def _visible(request: Request):
+    qs = Job.objects.all()
+    return qs if request.user.is_staff else qs.filter(created_by=request.user)
+
+
+def _job_uuid(job_id: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(job_id)
+    except ValueError:
+        raise NotFound(f"No job with id {job_id!r} (job ids are UUIDs).") from None
+
+
+def _status_doc(request: Request, job_id: str) -> dict[str, Any]:
+    """The status document from Redis, or the database when the mirror has no entry."""
+    job_id = str(_job_uuid(job_id))
+    doc = status_cache.read(job_id)
+    if doc is None:
+        try:
+            job = Job.objects.get(pk=job_id)
+        except Job.DoesNotExist:
+            raise NotFound(f"No job with id {job_id}.") from None
+        doc = status_cache.document(job)
+        status_cache.publish(job)
+    if not request.user.is_staff and doc.get("owner_id") != request.user.pk:
+        raise NotFound(f"No job with id {job_id}.")
+    return doc
+
+
+class JobListCreate(generics.GenericAPIView):
+    serializer_class = JobCreateSerializer
+    pagination_class = JobCursorPagination
+
+    @extend_schema(
+        request=JobCreateSerializer,
+        responses={202: JobSerializer, 200: JobSerializer},
+        parameters=[OpenApiParameter(IDEMPOTENCY_HEADER, str, OpenApiParameter.HEADER, required=False)],
+        summary="Submit a job",
+    )
+    def post(self, request: Request) -> Response:
+        key = request.headers.get(IDEMPOTENCY_HEADER)
+        if key is not None and not (0 < len(key.strip()) <= MAX_IDEMPOTENCY_KEY):
+            raise ValidationError({IDEMPOTENCY_HEADER: [f"Must be 1 to {MAX_IDEMPOTENCY_KEY} characters."]})
+        serializer = JobCreateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        submission = services.submit(
+            serializer.validated_data, user=request.user, body=request.data, idempotency_key=key
+        )
+        doc = submission.document
+        headers = {"Location": request.build_absolute_uri(f"/jobs/{doc['id']}")}
+        if not submission.created:
+            headers["Idempotent-Replayed"] = "true"
+        code = status.HTTP_202_ACCEPTED if submission.created else status.HTTP_200_OK
+        return Response(public(doc), status=code, headers=headers)
+
+    @extend_schema(
+        responses=JobSerializer(many=True),
+        parameters=[
+            OpenApiParameter("state", str, enum=JobState.values),
+            OpenApiParameter("priority", str, enum=Priority.values),
+            OpenApiParameter("backend", str),
+        ],
+        summary="List jobs, newest first",
+    )
+    def get(self, request: Request) -> Response:
+        qs = _visible(request).select_related(None)
+        for name, choices in (("state", JobState.values), ("priority", Priority.values)):
+            value = request.query_params.get(name)
+            if value:
+                if value not in choices:
+                    raise ValidationError({name: [f"Must be one of: {', '.join(choices)}."]})
+                qs = qs.filter(**{name: value})
+        if backend := request.query_params.get("backend"):
+            qs = qs.filter(backend_name=backend)
+        page = self.paginate_queryset(qs.prefetch_related("attempts"))
+        data = [public(dict(JobSerializer(job).data)) for job in page]
+        return self.get_paginated_response(data)
+
+
+class JobDetail(APIView):
+    @extend_schema(responses=JobSerializer, summary="A job's status")
+    def get(self, request: Request, job_id: str) -> Response:
+        return Response(public(_status_doc(request, job_id)))
+
+
+class JobResult(APIView):
+    @extend_schema(responses={200: JobSerializer, 202: JobSerializer}, summary="A job's result (202 until done)")
+    def get(self, request: Request, job_id: str) -> Response:
+        doc = _status_doc(request, job_id)
+        if doc["state"] not in TERMINAL_STATES:
+            return Response(
+                {"id": doc["id"], "state": doc["state"], "links": doc["links"]},
+                status=status.HTTP_202_ACCEPTED,
+                headers={"Retry-After": "1"},
+            )
+        return Response({k: doc.get(k) for k in RESULT_FIELDS})
+
+
+class JobCancel(APIView):
+    @extend_schema(request=None, responses=JobSerializer, summary="Cancel a queued or running job")
+    def post(self, request: Request, job_id: str) -> Response:
+        try:
+            job = _visible(request).get(pk=_job_uuid(job_id))
+        except Job.DoesNotExist:
+            raise NotFound(f"No job with id {job_id}.") from None
+        with transaction.atomic():
+            canceled = job.cancel()
+        if not canceled:
+            job.refresh_from_db()
+            return Response(
+                {"detail": f"Job is {job.state}; only queued or running jobs can be canceled.", "state": job.state},
+                status=status.HTTP_409_CONFLICT,
+            )
+        return Response(public(status_cache.document(job)))

@@ -1,0 +1,265 @@
+"""The Job row (the system of record) and its state machine.
+
+Every state change goes through ``Job.transition`` (below), a compare-and-set
+``UPDATE ... WHERE state IN (allowed)``: when two processes race (a duplicate RQ
+delivery, a cancel during a run) exactly one wins and the loser sees ``False``.
+After a change commits, the status document is re-mirrored into Redis.
+"""
+
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal
+from typing import Any
+
+from django.conf import settings
+from django.db import models, transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+
+class JobState(models.TextChoices):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+ACTIVE_STATES = frozenset({JobState.QUEUED, JobState.RUNNING})
+TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED})
+
+# target state -> states it may be entered from. The one table of legal moves.
+TRANSITIONS: dict[str, frozenset[str]] = {
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED, JobState.CANCELED}),  # requeue / retry
+    JobState.RUNNING: frozenset({JobState.QUEUED}),
+    JobState.SUCCEEDED: frozenset({JobState.RUNNING}),
+    JobState.FAILED: frozenset({JobState.QUEUED, JobState.RUNNING}),
+    JobState.CANCELED: frozenset({JobState.QUEUED, JobState.RUNNING}),
+}
+
+
+class Priority(models.TextChoices):
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+
+class AttemptOutcome(models.TextChoices):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    ERRORED = "errored"  # the adapter crashed (unexpected exception); traceback saved
+
+
+class Job(models.Model):
+    """One inference request, from submission to its single final state."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    state = models.CharField(max_length=16, choices=JobState.choices, default=JobState.QUEUED)
+    priority = models.CharField(max_length=8, choices=Priority.choices, default=Priority.NORMAL)
+    version = models.PositiveIntegerField(default=1, help_text="Bumped on every state change; orders cache writes.")
+
+    # The request, as submitted.
+    prompt = models.TextField(blank=True)
+    messages = models.JSONField(default=list, blank=True)
+    images = models.JSONField(default=list, blank=True)
+    requires_multimodal = models.BooleanField(default=False)
+    model = models.CharField(max_length=200, blank=True)
+    requested_backend = models.CharField(max_length=64, blank=True)
+    max_tokens = models.PositiveIntegerField(null=True, blank=True)
+    temperature = models.FloatField(null=True, blank=True)
+    params = models.JSONField(default=dict, blank=True)
+    metadata = models.JSONField(default=dict, blank=True)
+    timeout_s = models.PositiveIntegerField()
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+
+    # Idempotency: Redis answers fast; this unique key is the backstop when Redis lost it.
+    idempotency_key = models.CharField(max_length=255, null=True, blank=True)
+    request_fingerprint = models.CharField(max_length=64, blank=True)
+    idempotency_expires_at = models.DateTimeField(null=True, blank=True)
+
+    # Routing decision.
+    backend = models.ForeignKey("routing.Backend", null=True, blank=True, on_delete=models.SET_NULL)
+    backend_name = models.CharField(max_length=64, blank=True, help_text="Kept when the backend is deleted.")
+    policy_name = models.CharField(max_length=64, blank=True)
+    policy_version = models.PositiveIntegerField(null=True, blank=True)
+    routing = models.JSONField(default=dict, blank=True, help_text="Candidates, scores and reasons.")
+    queue = models.CharField(max_length=80, blank=True)
+    rq_job_id = models.CharField(max_length=64, blank=True)
+
+    # Outcome.
+    output = models.TextField(blank=True)
+    finish_reason = models.CharField(max_length=32, blank=True)
+    error = models.TextField(blank=True)
+    prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
+    completion_tokens = models.PositiveIntegerField(null=True, blank=True)
+    cost = models.DecimalField(max_digits=14, decimal_places=8, null=True, blank=True)
+    latency_ms = models.PositiveIntegerField(null=True, blank=True, help_text="Backend call time of the last attempt.")
+    attempt_count = models.PositiveIntegerField(default=0)
+    worker = models.CharField(max_length=200, blank=True)
+
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    enqueued_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(fields=["state", "created_at"], name="job_state_created"),
+            models.Index(fields=["backend_name", "created_at"], name="job_backend_created"),
+            models.Index(fields=["priority", "created_at"], name="job_priority_created"),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["created_by", "idempotency_key"],
+                condition=Q(idempotency_key__isnull=False),
+                name="unique_idempotency_key_per_user",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.id} ({self.state})"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    @property
+    def usage(self) -> dict[str, int | None]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
+
+    def chat_messages(self) -> list[dict[str, Any]]:
+        """The request as a chat: ``messages`` as given, or the prompt as one user message."""
+        return list(self.messages) if self.messages else [{"role": "user", "content": self.prompt}]
+
+    # --- state machine -------------------------------------------------------------
+    def transition(self, target: str, **fields: Any) -> bool:
+        """Move to ``target`` if the current DB state allows it; returns whether this call won.
+
+        ``fields`` are written in the same UPDATE. On success the instance is refreshed
+        and the Redis status mirror is rewritten after commit.
+        """
+        allowed = TRANSITIONS[target]
+        updated = Job.objects.filter(pk=self.pk, state__in=allowed).update(
+            state=target, version=F("version") + 1, updated_at=timezone.now(), **fields
+        )
+        if not updated:
+            return False
+        self.refresh_from_db()
+        from jobs import status_cache
+
+        job = self
+        transaction.on_commit(lambda: status_cache.publish(job))
+        return True
+
+    def mark_running(self, worker: str) -> bool:
+        """queued -> running; False when another delivery got there first or the job was canceled."""
+        now = timezone.now()
+        with transaction.atomic():
+            if not self.transition(
+                JobState.RUNNING, worker=worker, started_at=now, attempt_count=F("attempt_count") + 1
+            ):
+                return False
+            JobAttempt.objects.create(
+                job=self, number=self.attempt_count, backend_name=self.backend_name, worker=worker, started_at=now
+            )
+        return True
+
+    def mark_succeeded(
+        self,
+        *,
+        output: str,
+        finish_reason: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        latency_ms: int,
+        cost: Decimal | None,
+    ) -> bool:
+        with transaction.atomic():
+            won = self.transition(
+                JobState.SUCCEEDED,
+                output=output,
+                finish_reason=finish_reason,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                latency_ms=latency_ms,
+                cost=cost,
+                error="",
+                finished_at=timezone.now(),
+            )
+            if won:
+                self._close_attempt(AttemptOutcome.SUCCEEDED, latency_ms=latency_ms)
+        return won
+
+    def mark_failed(
+        self, error: str, *, outcome: str = AttemptOutcome.FAILED, traceback: str = "", latency_ms: int | None = None
+    ) -> bool:
+        with transaction.atomic():
+            won = self.transition(
+                JobState.FAILED, error=error[:10_000], finished_at=timezone.now(), latency_ms=latency_ms
+            )
+            if won:
+                self._close_attempt(outcome, error=error, traceback=traceback, latency_ms=latency_ms)
+        return won
+
+    def cancel(self) -> bool:
+        """queued|running -> canceled. A running job's late result is then discarded by the CAS."""
+        with transaction.atomic():
+            was_running = self.state == JobState.RUNNING
+            won = self.transition(JobState.CANCELED, finished_at=timezone.now())
+            if won and was_running:
+                self._close_attempt(AttemptOutcome.CANCELED)
+        return won
+
+    def requeue(self) -> bool:
+        """failed|canceled -> queued (operator retry): clears the outcome, keeps the attempt history."""
+        return self.transition(
+            JobState.QUEUED,
+            output="",
+            error="",
+            finish_reason="",
+            finished_at=None,
+            started_at=None,
+            enqueued_at=timezone.now(),
+            prompt_tokens=None,
+            completion_tokens=None,
+            cost=None,
+            latency_ms=None,
+        )
+
+    def _close_attempt(
+        self, outcome: str, *, error: str = "", traceback: str = "", latency_ms: int | None = None
+    ) -> None:
+        JobAttempt.objects.filter(job=self, number=self.attempt_count, outcome=AttemptOutcome.RUNNING).update(
+            outcome=outcome,
+            error=error[:10_000],
+            traceback=traceback,
+            latency_ms=latency_ms,
+            finished_at=timezone.now(),
+        )
+
+
+class JobAttempt(models.Model):
+    """One try of a job on one backend by one worker; every try is kept."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="attempts")
+    number = models.PositiveIntegerField()
+    backend_name = models.CharField(max_length=64, blank=True)
+    worker = models.CharField(max_length=200, blank=True)
+    outcome = models.CharField(max_length=16, choices=AttemptOutcome.choices, default=AttemptOutcome.RUNNING)
+    error = models.TextField(blank=True)
+    traceback = models.TextField(blank=True)
+    latency_ms = models.PositiveIntegerField(null=True, blank=True)
+    started_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["job", "number"]
+        constraints = [models.UniqueConstraint(fields=["job", "number"], name="unique_attempt_number")]
+
+    def __str__(self) -> str:
+        return f"{self.job_id} #{self.number} on {self.backend_name}: {self.outcome}"

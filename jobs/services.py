@@ -1,0 +1,178 @@
+"""Submitting a job: idempotency, routing, the row, and the enqueue after commit.
+
+The hot path costs two Redis round trips (claim + registry version in one pipeline;
+enqueue + key + status mirror in another) and one short write transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+from redis.exceptions import RedisError
+
+from jobs import idempotency, queueing, status_cache
+from jobs.models import Job, JobState
+from orchestrator_site.redis import redis_client
+from routing import registry
+from routing.models import Backend
+from routing.services import Decision, route
+from routing.strategies import JobFacts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Submission:
+    job: Job | None
+    document: dict[str, Any]
+    created: bool
+
+
+def estimate_tokens(text: str) -> int:
+    """A cheap upper-ish estimate (~4 characters per token) used only for context-size routing."""
+    return math.ceil(len(text) / 4)
+
+
+def job_facts(data: dict[str, Any]) -> JobFacts:
+    text = data.get("prompt") or "".join(str(m.get("content", "")) for m in data.get("messages") or [])
+    return JobFacts(
+        priority=data.get("priority", "normal"),
+        has_images=bool(data.get("images")),
+        requires_multimodal=bool(data.get("requires_multimodal")),
+        model=data.get("model") or "",
+        pinned_backend=data.get("backend") or "",
+        prompt_tokens=estimate_tokens(text),
+        max_tokens=data.get("max_tokens") or 0,
+    )
+
+
+def submit(data: dict[str, Any], *, user, body: Any, idempotency_key: str | None) -> Submission:
+    """Create (or, for a repeated Idempotency-Key, find) the job for a validated request."""
+    client = redis_client()
+    fp = idempotency.fingerprint(body) if idempotency_key else ""
+    rkey = idempotency.redis_key(user.pk, idempotency_key) if idempotency_key else ""
+
+    for _ in range(3):  # a claim can vanish under us when its owner fails; then try again
+        pipe = client.pipeline(transaction=False)
+        if idempotency_key:
+            pipe.set(rkey, fp, nx=True, ex=idempotency.PENDING_TTL_S)
+        pipe.get(registry.VERSION_KEY)
+        results = pipe.execute()
+        if not idempotency_key or results[0]:
+            break
+        job_id = idempotency.wait_for_job_id(client, rkey, fp)
+        if job_id:
+            return replay(job_id)
+    else:
+        raise idempotency.KeyInProgress("A request with this Idempotency-Key keeps failing; retry later.")
+
+    try:
+        snap = registry.snapshot(registry.ensure_token(results[-1]))
+        decision = route(job_facts(data), snap)
+        job = _build(data, user, decision, snap.backends[decision.backend], idempotency_key, fp)
+        doc = status_cache.document(job)
+        try:
+            with transaction.atomic():
+                job.save(force_insert=True)
+                transaction.on_commit(lambda: _after_commit(job, doc, rkey, fp))
+        except IntegrityError:
+            if not idempotency_key:
+                raise
+            existing = _existing_for_key(user, idempotency_key, fp, rkey)
+            if existing is None:
+                return submit(data, user=user, body=body, idempotency_key=idempotency_key)
+            return existing
+    except BaseException:
+        if idempotency_key:
+            client.delete(rkey)  # release our claim so a retry is not told "in progress"
+        raise
+    return Submission(job, doc, created=True)
+
+
+def _build(
+    data: dict[str, Any], user, decision: Decision, backend: Backend, idempotency_key: str | None, fp: str
+) -> Job:
+    now = timezone.now()
+    job = Job(
+        state=JobState.QUEUED,
+        priority=data.get("priority", "normal"),
+        prompt=data.get("prompt") or "",
+        messages=data.get("messages") or [],
+        images=data.get("images") or [],
+        requires_multimodal=bool(data.get("requires_multimodal")),
+        model=data.get("model") or backend.model,
+        requested_backend=data.get("backend") or "",
+        max_tokens=data.get("max_tokens"),
+        temperature=data.get("temperature"),
+        params=data.get("params") or {},
+        metadata=data.get("metadata") or {},
+        timeout_s=data.get("timeout_s") or min(backend.timeout_s, settings.JOB_LIMITS["timeout_s"]),
+        created_by=user,
+        idempotency_key=idempotency_key or None,
+        request_fingerprint=fp,
+        idempotency_expires_at=now + timedelta(seconds=idempotency.ttl_s()) if idempotency_key else None,
+        backend=backend,
+        backend_name=backend.name,
+        policy_name=decision.policy,
+        policy_version=decision.policy_version,
+        routing=decision.as_json(),
+        created_at=now,
+        enqueued_at=now,
+    )
+    job.queue = backend.queue_for(job.priority)
+    job.rq_job_id = str(job.pk)
+    return job
+
+
+def _after_commit(job: Job, doc: dict[str, Any], rkey: str, fp: str) -> None:
+    """One round trip: the RQ job, the idempotency answer and the status mirror."""
+    pipe = redis_client().pipeline()
+    queueing.enqueue(job, pipeline=pipe)
+    if rkey:
+        pipe.set(rkey, f"{fp}:{job.pk}", ex=idempotency.ttl_s())
+    status_cache.write(job, doc, pipeline=pipe)
+    try:
+        pipe.execute()
+    except RedisError as exc:
+        # The row is committed and stays `queued`: the reconciler enqueues it from the
+        # database once Redis answers again. The job is accepted, not lost.
+        log.error("enqueue failed; job left for the reconciler", extra={"job_id": str(job.pk), "error": str(exc)})
+        Job.objects.filter(pk=job.pk, state=JobState.QUEUED).update(enqueued_at=None)
+
+
+def _existing_for_key(user, idempotency_key: str, fp: str, rkey: str) -> Submission | None:
+    """Redis had no claim but the database has the key: the database decides.
+
+    None means the old key had expired and was retired: the caller submits afresh.
+    """
+    existing = Job.objects.filter(created_by=user, idempotency_key=idempotency_key).first()
+    if existing is None:  # the conflicting row vanished between insert and lookup
+        raise idempotency.KeyInProgress("A request with this Idempotency-Key is being processed; retry shortly.")
+    if existing.idempotency_expires_at and existing.idempotency_expires_at < timezone.now():
+        # An expired key may be reused: retire it from the old job and submit afresh.
+        Job.objects.filter(pk=existing.pk).update(idempotency_key=None)
+        redis_client().delete(rkey)
+        return None
+    if existing.request_fingerprint != fp:
+        redis_client().delete(rkey)
+        raise idempotency.KeyReusedWithDifferentBody(
+            "This Idempotency-Key was already used with a different request body."
+        )
+    remaining = max(1, int((existing.idempotency_expires_at - timezone.now()).total_seconds()))
+    redis_client().set(rkey, f"{fp}:{existing.pk}", ex=remaining)
+    return Submission(existing, status_cache.document(existing), created=False)
+
+
+def replay(job_id: str) -> Submission:
+    doc = status_cache.read(job_id)
+    if doc is not None:
+        return Submission(None, doc, created=False)
+    job = Job.objects.get(pk=job_id)
+    return Submission(job, status_cache.document(job), created=False)

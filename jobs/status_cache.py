@@ -1,0 +1,79 @@
+"""The Redis mirror of each job's status document, which ``GET /jobs/<id>`` reads first.
+
+Writers (the API at creation, workers at every transition) publish after their
+transaction commits. Two processes can publish the same job out of order, so a
+write only lands when its job ``version`` is newer than the cached one (a small
+Lua compare-and-set): the mirror can lag the database by a moment but never moves
+backwards. A miss (expired, flushed) falls back to the database and refills.
+Active states expire sooner so that a lost write heals itself quickly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+from django.conf import settings
+from redis.exceptions import RedisError
+
+from orchestrator_site.redis import key, redis_client
+
+if TYPE_CHECKING:
+    from redis.client import Pipeline
+
+    from jobs.models import Job
+
+log = logging.getLogger(__name__)
+ACTIVE_TTL_S = 30
+
+_CAS = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local v = tonumber(string.match(cur, '^(%d+)|'))
+  if v and v >= tonumber(ARGV[1]) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1] .. '|' .. ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+_script = None
+
+
+def cache_key(job_id: object) -> str:
+    return key("job", job_id)
+
+
+def _cas():
+    global _script
+    if _script is None:
+        _script = redis_client().register_script(_CAS)
+    return _script
+
+
+def document(job: Job) -> dict[str, Any]:
+    from jobs.api.serializers import JobSerializer
+
+    return dict(JobSerializer(job).data)
+
+
+def write(job: Job, doc: dict[str, Any], pipeline: Pipeline | None = None) -> None:
+    ttl = settings.JOB_STATUS_CACHE_TTL_S if job.is_terminal else min(ACTIVE_TTL_S, settings.JOB_STATUS_CACHE_TTL_S)
+    payload = json.dumps(doc, separators=(",", ":"), default=str)
+    script = _cas()
+    script(keys=[cache_key(job.pk)], args=[job.version, payload, ttl], client=pipeline or redis_client())
+
+
+def publish(job: Job) -> None:
+    """Mirror ``job`` after a committed change; a Redis failure only costs a cache miss later."""
+    try:
+        write(job, document(job))
+    except RedisError as exc:
+        log.warning("status mirror write failed", extra={"job_id": str(job.pk), "error": str(exc)})
+
+
+def read(job_id: object) -> dict[str, Any] | None:
+    raw = redis_client().get(cache_key(job_id))
+    if raw is None:
+        return None
+    _, _, payload = raw.partition(b"|")
+    return json.loads(payload)

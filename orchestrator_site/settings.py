@@ -1,0 +1,228 @@
+"""Settings for LLM Orchestrator, all read from the environment (12-factor).
+
+Defaults are for a laptop: SQLite in ``var/``, Redis on localhost, DEBUG on.
+Set ``DEBUG=0`` in production; then ``SECRET_KEY`` and ``ALLOWED_HOSTS`` are required
+and the secure-cookie/HSTS flags switch on. Every variable is listed in the README.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+from orchestrator_site.env import env_bool, env_int, env_list, env_secret, env_str
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(env_str("VAR_DIR", str(BASE_DIR / "var")))
+
+DEBUG = env_bool("DEBUG", True)
+SECRET_KEY = env_secret("SECRET_KEY")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured("SECRET_KEY (or SECRET_KEY_FILE) must be set when DEBUG is off")
+    SECRET_KEY = "dev-only-insecure-key-do-not-use-in-production"
+
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"] if not DEBUG else ["*"])
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "drf_spectacular",
+    "django_rq",
+    "routing",
+    "jobs",
+    "workers",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = env_str("ROOT_URLCONF", "orchestrator_site.urls")
+WSGI_APPLICATION = "orchestrator_site.wsgi.application"
+# The API serves /jobs and /jobs/ alike; never redirect a POST to add a slash.
+APPEND_SLASH = False
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database ---------------------------------------------------------------
+# SQLite is the embedded default. WAL lets readers run beside the writer,
+# synchronous=NORMAL is durable across process crashes in WAL mode, the busy
+# timeout makes a writer wait instead of failing with "database is locked", and
+# IMMEDIATE transactions take the write lock up front so two writers never
+# deadlock upgrading a read lock. Persistent connections (CONN_MAX_AGE=None)
+# avoid reopening the file on every request (~3x cheaper on our machines).
+DATABASE_URL = env_str("DATABASE_URL", f"sqlite:///{VAR_DIR / 'orchestrator.sqlite3'}")
+DATABASES = {"default": dj_database_url.parse(DATABASE_URL)}
+_db = DATABASES["default"]
+if _db["ENGINE"] == "django.db.backends.sqlite3":
+    _db["CONN_MAX_AGE"] = None
+    _db["OPTIONS"] = {
+        "timeout": env_int("SQLITE_BUSY_TIMEOUT_S", 30, minimum=1),
+        "transaction_mode": "IMMEDIATE",
+        "init_command": "PRAGMA journal_mode=WAL;PRAGMA synchronous=NORMAL;PRAGMA foreign_keys=ON",
+    }
+else:
+    _db["CONN_MAX_AGE"] = env_int("DB_CONN_MAX_AGE", 600, minimum=0)
+    _db["CONN_HEALTH_CHECKS"] = True
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+FORMS_URLFIELD_ASSUME_HTTPS = True
+
+# --- Redis: cache, status mirror, idempotency keys and RQ queues share one pool ---
+REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
+CACHES = {
+    "default": {
+        "BACKEND": "django_redis.cache.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": "llmo",
+        "OPTIONS": {
+            "CLIENT_CLASS": "django_redis.client.DefaultClient",
+            "SOCKET_CONNECT_TIMEOUT": 2,
+            "SOCKET_TIMEOUT": env_int("REDIS_SOCKET_TIMEOUT_S", 5, minimum=1),
+            "CONNECTION_POOL_KWARGS": {"health_check_interval": 30},
+        },
+    }
+}
+
+JOB_QUEUES = ("high", "normal", "low")  # dequeue order: high before normal before low
+JOB_TIMEOUT_S = env_int("JOB_TIMEOUT_S", 600, minimum=1)
+RQ_QUEUES = {
+    name: {
+        "USE_REDIS_CACHE": "default",
+        "DEFAULT_TIMEOUT": JOB_TIMEOUT_S + 60,
+        "SERIALIZER": "rq.serializers.JSONSerializer",
+    }
+    for name in JOB_QUEUES
+}
+RQ = {
+    # Our worker class forces the JSON serializer and runs jobs without forking;
+    # `manage.py rqworker high normal low` picks it up from here.
+    "WORKER_CLASS": "workers.worker.OrchestratorWorker",
+    "COMMIT_MODE": "on_db_commit",
+}
+RQ_SHOW_ADMIN_LINK = True
+
+# --- Jobs -------------------------------------------------------------------
+IDEMPOTENCY_TTL_S = env_int("IDEMPOTENCY_TTL_S", 24 * 3600, minimum=1)
+JOB_STATUS_CACHE_TTL_S = env_int("JOB_STATUS_CACHE_TTL_S", 3600, minimum=1)
+JOB_DEFAULT_TIMEOUT_S = env_int("JOB_DEFAULT_TIMEOUT_S", 120, minimum=1)
+JOB_LIMITS = {
+    "prompt_chars": env_int("MAX_PROMPT_CHARS", 200_000, minimum=1),
+    "messages": env_int("MAX_MESSAGES", 256, minimum=1),
+    "images": env_int("MAX_IMAGES", 8, minimum=0),
+    "image_bytes": env_int("MAX_IMAGE_BYTES", 10 * 1024 * 1024, minimum=1),
+    "max_tokens": env_int("MAX_OUTPUT_TOKENS", 32_768, minimum=1),
+    "timeout_s": env_int("MAX_JOB_TIMEOUT_S", JOB_TIMEOUT_S, minimum=1),
+    "json_field_bytes": env_int("MAX_JSON_FIELD_BYTES", 16 * 1024, minimum=64),
+}
+# Room for MAX_IMAGES base64 images plus the prompt; larger bodies get a 413.
+DATA_UPLOAD_MAX_MEMORY_SIZE = env_int(
+    "MAX_REQUEST_BYTES",
+    JOB_LIMITS["images"] * (JOB_LIMITS["image_bytes"] * 4 // 3 + 1024) + JOB_LIMITS["prompt_chars"] * 4 + 1024 * 1024,
+    minimum=1024,
+)
+
+# --- Workers ----------------------------------------------------------------
+MAX_CONCURRENCY = env_int("MAX_CONCURRENCY", 8, minimum=1, maximum=1024)
+
+# --- API --------------------------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_RENDERER_CLASSES": [
+        "rest_framework.renderers.JSONRenderer",
+        "rest_framework.renderers.BrowsableAPIRenderer",
+    ],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "orchestrator_site.api.exception_handler",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "LLM Orchestrator API",
+    "DESCRIPTION": "Submit LLM/VLM inference jobs, poll their state and fetch results.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+}
+
+# --- Auth, i18n, static -----------------------------------------------------
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = env_str("TIME_ZONE", "UTC")
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = Path(env_str("STATIC_ROOT", str(BASE_DIR / "staticfiles")))
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {
+        "BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"
+        if not DEBUG
+        else "django.contrib.staticfiles.storage.StaticFilesStorage"
+    },
+}
+# Serve admin/DRF static files from the app dirs when collectstatic has not run (dev, tests).
+WHITENOISE_USE_FINDERS = DEBUG
+
+# --- Production hardening (on whenever DEBUG is off) --------------------------
+if not DEBUG:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", True)
+    CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", True)
+    SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", False)
+    SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0, minimum=0)
+    SECURE_CONTENT_TYPE_NOSNIFF = True
+
+# --- Logging: JSON lines on stdout --------------------------------------------
+LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
+if LOG_LEVEL not in {"DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL"}:
+    raise ImproperlyConfigured(f"LOG_LEVEL={LOG_LEVEL!r} is not a log level")
+LOG_LEVEL = "WARNING" if LOG_LEVEL == "WARN" else LOG_LEVEL
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"json": {"()": "orchestrator_site.logs.JsonFormatter"}},
+    "handlers": {"stdout": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stdout"}},
+    "root": {"handlers": ["stdout"], "level": LOG_LEVEL},
+    "loggers": {
+        "django.db.backends": {"level": "INFO"},
+        "rq.worker": {"level": LOG_LEVEL},
+    },
+}

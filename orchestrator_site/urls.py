@@ -1,0 +1,38 @@
+from django.contrib import admin
+from django.urls import include, path, re_path
+from drf_spectacular.views import SpectacularAPIView
+from rest_framework.decorators import api_view, permission_classes
+from rest_framework.permissions import AllowAny
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from orchestrator_site.health import healthz, readyz
+
+
+@api_view(["GET"])
+@permission_classes([AllowAny])
+def api_root(request: Request) -> Response:
+    """LLM Orchestrator: submit jobs, follow them, manage backends and routing policies."""
+    return Response(
+        {
+            "jobs": request.build_absolute_uri("/jobs"),
+            "backends": request.build_absolute_uri("/backends"),
+            "policies": request.build_absolute_uri("/policies"),
+            "schema": request.build_absolute_uri("/api/schema"),
+            "admin": request.build_absolute_uri("/admin/"),
+            "health": request.build_absolute_uri("/healthz"),
+            "ready": request.build_absolute_uri("/readyz"),
+        }
+    )
+
+
+urlpatterns = [
+    path("", api_root, name="api-root"),
+    path("admin/", admin.site.urls),
+    path("api-auth/", include("rest_framework.urls")),
+    re_path(r"^api/schema/?$", SpectacularAPIView.as_view(), name="schema"),
+    re_path(r"^healthz/?$", healthz, name="healthz"),
+    re_path(r"^readyz/?$", readyz, name="readyz"),
+    path("", include("jobs.api.urls")),
+    path("", include("routing.api.urls")),
+]

@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.exceptions import ValidationError as DjangoValidationError
+from rest_framework import serializers
+
+from routing.models import Backend, RoutingPolicy
+from routing.strategies import strategy_choices
+
+
+class _ModelCleanMixin:
+    """Run the model's ``clean()`` so the API and the admin enforce the same rules."""
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        instance = self.instance or self.Meta.model()  # type: ignore[attr-defined]
+        for name, value in attrs.items():
+            setattr(instance, name, value)
+        try:
+            instance.clean()
+        except DjangoValidationError as exc:
+            raise serializers.ValidationError(exc.message_dict) from None
+        return attrs
+
+
+class BackendSerializer(_ModelCleanMixin, serializers.ModelSerializer):
+    api_key = serializers.CharField(
+        write_only=True, required=False, allow_blank=True, max_length=500, style={"input_type": "password"}
+    )
+    has_api_key = serializers.BooleanField(read_only=True)
+
+    class Meta:
+        model = Backend
+        fields = [
+            "id",
+            "name",
+            "kind",
+            "base_url",
+            "model",
+            "api_key",
+            "has_api_key",
+            "enabled",
+            "supports_multimodal",
+            "max_context_tokens",
+            "max_concurrency",
+            "weight",
+            "cost_input_per_1k",
+            "cost_output_per_1k",
+            "timeout_s",
+            "config",
+            "pool",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = ["id", "created_at", "updated_at"]
+
+
+class RoutingPolicySerializer(_ModelCleanMixin, serializers.ModelSerializer):
+    strategy = serializers.ChoiceField(choices=[])
+
+    class Meta:
+        model = RoutingPolicy
+        fields = ["id", "name", "strategy", "params", "description", "is_active", "version", "created_at", "updated_at"]
+        read_only_fields = ["id", "is_active", "version", "created_at", "updated_at"]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["strategy"].choices = strategy_choices()

@@ -1,0 +1,138 @@
+"""The backend registry and the routing policies, both edited by operators in the admin."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from django.core.exceptions import ValidationError
+from django.core.validators import MinValueValidator
+from django.db import IntegrityError, models, transaction
+from django.db.models import F, Q
+
+
+class BackendKind(models.TextChoices):
+    DEV = "dev", "Dev (built-in, deterministic)"
+    OLLAMA = "ollama", "Ollama"
+    OPENAI = "openai", "OpenAI-compatible API"
+    HF_LOCAL = "hf_local", "Hugging Face model on a GPU host"
+
+
+# Kinds that hold a model in a worker process's memory; they run only in workers
+# started for their pool (see Backend.queue_for).
+POOLED_KINDS = {BackendKind.HF_LOCAL}
+
+
+class Backend(models.Model):
+    """One place a job can run: an API endpoint or a model resident on a worker pool."""
+
+    name = models.SlugField(max_length=64, unique=True)
+    kind = models.CharField(max_length=16, choices=BackendKind.choices, default=BackendKind.DEV)
+    base_url = models.URLField(max_length=500, blank=True)
+    model = models.CharField(max_length=200, blank=True, help_text="Model name sent to the backend.")
+    api_key = models.CharField(max_length=500, blank=True, help_text="Write-only: never shown or returned.")
+    enabled = models.BooleanField(default=True)
+    supports_multimodal = models.BooleanField(default=False)
+    max_context_tokens = models.PositiveIntegerField(default=8192, validators=[MinValueValidator(1)])
+    max_concurrency = models.PositiveIntegerField(default=16, validators=[MinValueValidator(1)])
+    weight = models.PositiveIntegerField(default=1)
+    cost_input_per_1k = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal(0))
+    cost_output_per_1k = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal(0))
+    timeout_s = models.PositiveIntegerField(default=60, validators=[MinValueValidator(1)])
+    config = models.JSONField(default=dict, blank=True, help_text="Kind-specific settings, e.g. dev: latency_ms.")
+    pool = models.SlugField(
+        max_length=64,
+        blank=True,
+        help_text="Worker pool for resident-model kinds (hf_local). Jobs go to queues '<pool>-high|normal|low'.",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def clean(self) -> None:
+        if self.kind in POOLED_KINDS and not self.pool:
+            raise ValidationError({"pool": f"A {self.kind} backend needs a worker pool."})
+        if self.kind in {BackendKind.OLLAMA, BackendKind.OPENAI} and not self.base_url:
+            raise ValidationError({"base_url": f"A {self.kind} backend needs a base URL."})
+        if not isinstance(self.config, dict):
+            raise ValidationError({"config": "Must be a JSON object."})
+
+    @property
+    def has_api_key(self) -> bool:
+        return bool(self.api_key)
+
+    def queue_for(self, priority: str) -> str:
+        """The RQ queue a job for this backend goes to: API kinds share high/normal/low."""
+        return f"{self.pool}-{priority}" if self.pool else priority
+
+    def cost_for(self, prompt_tokens: int, completion_tokens: int) -> Decimal:
+        return (
+            self.cost_input_per_1k * Decimal(prompt_tokens) + self.cost_output_per_1k * Decimal(completion_tokens)
+        ) / Decimal(1000)
+
+
+class RoutingPolicy(models.Model):
+    """A named strategy with parameters; exactly one is active (enforced by a partial unique index)."""
+
+    name = models.SlugField(max_length=64, unique=True)
+    strategy = models.CharField(max_length=32, help_text="A registered routing strategy, e.g. 'ordered'.")
+    params = models.JSONField(default=dict, blank=True)
+    description = models.TextField(blank=True)
+    is_active = models.BooleanField(default=False, editable=False)
+    version = models.PositiveIntegerField(default=1, editable=False, help_text="Bumped on every change.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name_plural = "routing policies"
+        constraints = [
+            models.UniqueConstraint(fields=["is_active"], condition=Q(is_active=True), name="one_active_policy"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.strategy})"
+
+    def save(self, *args, **kwargs) -> None:
+        if self.pk is not None:
+            self.version = F("version") + 1
+        super().save(*args, **kwargs)
+        if self.pk is not None and not isinstance(self.version, int):
+            self.refresh_from_db(fields=["version"])
+
+    def clean(self) -> None:
+        from routing.strategies import get_strategy
+
+        try:
+            strategy = get_strategy(self.strategy)
+        except KeyError as exc:
+            raise ValidationError({"strategy": str(exc.args[0])}) from None
+        if not isinstance(self.params, dict):
+            raise ValidationError({"params": "Must be a JSON object."})
+        try:
+            strategy.validate_params(self.params)
+        except ValueError as exc:
+            raise ValidationError({"params": str(exc)}) from None
+
+    def activate(self) -> None:
+        """Make this the only active policy, atomically (the partial unique index backs it up).
+
+        Two operators activating at once can collide on the index; the loser retries and wins last.
+        """
+        from routing import registry
+
+        for attempt in range(3):
+            try:
+                with transaction.atomic():
+                    RoutingPolicy.objects.filter(is_active=True).exclude(pk=self.pk).update(is_active=False)
+                    RoutingPolicy.objects.filter(pk=self.pk).update(is_active=True, version=F("version") + 1)
+                    registry.invalidate()
+                break
+            except IntegrityError:
+                if attempt == 2:
+                    raise
+        self.refresh_from_db(fields=["is_active", "version"])

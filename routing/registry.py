@@ -1,0 +1,103 @@
+"""A per-process snapshot of the backend registry and the active policy.
+
+Routing runs on every ``POST /jobs``, so it must not query the database each time.
+Each process keeps a snapshot tagged with the value of a Redis version key; any
+change to a backend or a policy (admin, API, shell) replaces that key after the
+transaction commits, and the next routing decision in every process sees a new
+tag and reloads. A random token rather than a counter: after a Redis flush the
+key is recreated with a fresh token, so no process can mistake an old snapshot
+for the current one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from dataclasses import dataclass
+
+from django.db import transaction
+
+from orchestrator_site.redis import key, redis_client
+from routing.models import Backend, RoutingPolicy
+from routing.strategies import Candidate
+
+log = logging.getLogger(__name__)
+VERSION_KEY = key("routing", "version")
+
+
+@dataclass(frozen=True)
+class PolicySnapshot:
+    id: int
+    name: str
+    strategy: str
+    params: dict
+    version: int
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    token: str
+    policy: PolicySnapshot | None
+    candidates: tuple[Candidate, ...]
+    backends: dict[str, Backend]
+
+
+_lock = threading.Lock()
+_snapshot: Snapshot | None = None
+
+
+def invalidate() -> None:
+    """Tell every process to reload the registry, once the current transaction commits."""
+    transaction.on_commit(lambda: redis_client().set(VERSION_KEY, uuid.uuid4().hex))
+
+
+def ensure_token(token: bytes | str | None) -> str:
+    """Turn the value read from Redis into a token, creating the key if a flush removed it."""
+    if token is None:
+        fresh = uuid.uuid4().hex
+        redis_client().set(VERSION_KEY, fresh, nx=True)
+        token = redis_client().get(VERSION_KEY) or fresh
+    return token.decode() if isinstance(token, bytes) else token
+
+
+def snapshot(token: str) -> Snapshot:
+    """The registry as of ``token``; reloads from the database when the token changed."""
+    global _snapshot
+    current = _snapshot
+    if current is not None and current.token == token:
+        return current
+    with _lock:
+        if _snapshot is None or _snapshot.token != token:
+            _snapshot = _load(token)
+            log.info("routing registry reloaded", extra={"event_kind": "routing.reload", "token": token})
+        return _snapshot
+
+
+def _load(token: str) -> Snapshot:
+    backends = {b.name: b for b in Backend.objects.all()}
+    policy = RoutingPolicy.objects.filter(is_active=True).first()
+    return Snapshot(
+        token=token,
+        policy=PolicySnapshot(policy.pk, policy.name, policy.strategy, dict(policy.params), policy.version)
+        if policy
+        else None,
+        candidates=tuple(to_candidate(b) for b in backends.values()),
+        backends=backends,
+    )
+
+
+def to_candidate(backend: Backend) -> Candidate:
+    return Candidate(
+        name=backend.name,
+        kind=backend.kind,
+        model=backend.model,
+        enabled=backend.enabled,
+        supports_multimodal=backend.supports_multimodal,
+        max_context_tokens=backend.max_context_tokens,
+        max_concurrency=backend.max_concurrency,
+        weight=backend.weight,
+        cost_input_per_1k=backend.cost_input_per_1k,
+        cost_output_per_1k=backend.cost_output_per_1k,
+        pool=backend.pool,
+    )

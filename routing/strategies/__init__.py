@@ -1,0 +1,97 @@
+"""Routing strategies: pure functions from (job, candidates, stats, params) to a ranking.
+
+A strategy never touches the ORM or Redis, so it is trivially unit-tested and can be
+replayed over past traffic. Adding one is one module with a ``Strategy`` instance and a
+line in ``STRATEGIES`` below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+
+@dataclass(frozen=True)
+class JobFacts:
+    """What routing may know about a job (no ORM object)."""
+
+    priority: str = "normal"
+    has_images: bool = False
+    requires_multimodal: bool = False
+    model: str = ""
+    pinned_backend: str = ""
+    prompt_tokens: int = 0
+    max_tokens: int = 0
+
+    @property
+    def needs_multimodal(self) -> bool:
+        return self.has_images or self.requires_multimodal
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A snapshot of one registered backend, as routing sees it."""
+
+    name: str
+    kind: str
+    model: str = ""
+    enabled: bool = True
+    supports_multimodal: bool = False
+    max_context_tokens: int = 8192
+    max_concurrency: int = 16
+    weight: int = 1
+    cost_input_per_1k: Decimal = Decimal(0)
+    cost_output_per_1k: Decimal = Decimal(0)
+    pool: str = ""
+
+
+@dataclass(frozen=True)
+class BackendStats:
+    """Live figures for one backend (filled by workers; empty until they report)."""
+
+    in_flight: int = 0
+    ewma_latency_ms: float | None = None
+    p95_latency_ms: float | None = None
+    error_rate: float = 0.0
+    circuit_open: bool = False
+
+
+@dataclass(frozen=True)
+class Ranked:
+    name: str
+    score: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    rank: Callable[[JobFacts, Sequence[Candidate], Mapping[str, BackendStats], Mapping[str, Any]], list[Ranked]]
+    validate_params: Callable[[Mapping[str, Any]], None] = field(default=lambda params: None)
+    description: str = ""
+
+
+def _strategies() -> dict[str, Strategy]:
+    from routing.strategies.ordered import ORDERED
+
+    return {s.name: s for s in (ORDERED,)}
+
+
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def get_strategy(name: str) -> Strategy:
+    if not STRATEGIES:
+        STRATEGIES.update(_strategies())
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        known = ", ".join(sorted(STRATEGIES))
+        raise KeyError(f"Unknown routing strategy {name!r}; known: {known}") from None
+
+
+def strategy_choices() -> list[tuple[str, str]]:
+    get_strategy("ordered")  # fills the registry
+    return [(name, name) for name in sorted(STRATEGIES)]

@@ -1,0 +1,151 @@
+"""Shared fixtures: a real Redis database flushed per test, users, a seeded registry, and
+helpers that start real worker and web processes against the test database."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+from django.conf import settings
+from django.db import connection
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+
+from jobs import queueing, status_cache
+from orchestrator_site.redis import redis_client
+from routing import registry
+from routing.models import Backend, BackendKind, RoutingPolicy
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def redis_db() -> Iterator:
+    """A clean Redis database and clean per-process caches for every test."""
+    client = redis_client()
+    assert client.connection_pool.connection_kwargs.get("db", 0) != 0 or os.environ.get("TEST_REDIS_URL"), (
+        "refusing to flush Redis db 0; set TEST_REDIS_URL explicitly to use it"
+    )
+    client.flushdb()
+    registry._snapshot = None
+    queueing._queues.clear()
+    status_cache._script = None
+    yield client
+    client.flushdb()
+
+
+@pytest.fixture
+def user(django_user_model):
+    return django_user_model.objects.create_user("alice", password="pw-alice-123")
+
+
+@pytest.fixture
+def staff(django_user_model):
+    return django_user_model.objects.create_superuser("root", password="pw-root-123")
+
+
+def token_client(user) -> APIClient:
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.get_or_create(user=user)[0].key}")
+    return client
+
+
+@pytest.fixture
+def api(user) -> APIClient:
+    return token_client(user)
+
+
+@pytest.fixture
+def staff_api(staff) -> APIClient:
+    return token_client(staff)
+
+
+@pytest.fixture
+def dev_backend(db) -> Backend:
+    return Backend.objects.create(name="dev", kind=BackendKind.DEV, config={"latency_ms": 0})
+
+
+@pytest.fixture
+def policy(db, dev_backend) -> RoutingPolicy:
+    p = RoutingPolicy.objects.create(name="default", strategy="ordered", params={"order": ["dev"]})
+    p.activate()
+    return p
+
+
+# --- real processes ----------------------------------------------------------------
+def database_url() -> str:
+    """The URL of the test database as it exists now (call inside a transactional test)."""
+    s = connection.settings_dict
+    if s["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{s['NAME']}"
+    auth = quote(s["USER"] or "")
+    if s.get("PASSWORD"):
+        auth += ":" + quote(s["PASSWORD"])
+    return f"postgres://{auth}@{s['HOST'] or '127.0.0.1'}:{s['PORT'] or 5432}/{s['NAME']}"
+
+
+def process_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        DJANGO_SETTINGS_MODULE="orchestrator_site.settings",
+        DATABASE_URL=database_url(),
+        REDIS_URL=settings.REDIS_URL,
+        LOG_LEVEL=os.environ.get("TEST_PROCESS_LOG_LEVEL", "WARNING"),
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+def run_worker_burst(*queues: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+    """`manage.py rqworker <queues> --burst` in a real process: drains the queues, then exits."""
+    cmd = [sys.executable, "manage.py", "rqworker", *(queues or settings.JOB_QUEUES), "--burst"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=process_env(**env), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"worker exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def gunicorn_server(transactional_db) -> Iterator:
+    """Start gunicorn (several worker processes) on the test database; yields a base-URL factory."""
+    procs: list[subprocess.Popen] = []
+
+    def start(workers: int = 3) -> str:
+        port = free_port()
+        cmd = [sys.executable, "-m", "gunicorn", "orchestrator_site.wsgi", "-w", str(workers),
+               "-b", f"127.0.0.1:{port}", "--log-level", "warning"]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=process_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        procs.append(proc)
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    return base
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"gunicorn exited: {proc.stdout.read().decode()}") from None
+                time.sleep(0.1)
+        raise RuntimeError("gunicorn did not start within 30 s")
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -1,0 +1,64 @@
+"""The one small interface every backend kind implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What an adapter needs to run one job (no ORM object crosses this line)."""
+
+    job_id: str
+    messages: list[dict[str, Any]]
+    images: list[str] = field(default_factory=list)
+    model: str = ""
+    max_tokens: int | None = None
+    temperature: float | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    timeout_s: float = 60.0
+    attempt: int = 1
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    output: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    latency_ms: int
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """A backend record as an adapter sees it."""
+
+    name: str
+    kind: str
+    base_url: str = ""
+    model: str = ""
+    api_key: str = ""
+    timeout_s: float = 60.0
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+class BackendError(Exception):
+    """A failed backend call. ``retryable`` says whether trying again (here or elsewhere) may help."""
+
+    def __init__(self, message: str, *, retryable: bool, status: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.retryable = retryable
+        self.status = status
+
+    @classmethod
+    def from_status(cls, status: int, message: str) -> BackendError:
+        """HTTP semantics: 408, 429 and 5xx may pass; other 4xx will fail again the same way."""
+        return cls(message, retryable=status in (408, 429) or status >= 500, status=status)
+
+
+class Adapter(Protocol):
+    kind: str
+
+    def generate(self, backend: BackendConfig, request: GenerationRequest) -> GenerationResult: ...
