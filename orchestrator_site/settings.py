@@ -96,7 +96,6 @@ else:
     _db["CONN_MAX_AGE"] = env_int("DB_CONN_MAX_AGE", 600, minimum=0)
     _db["CONN_HEALTH_CHECKS"] = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
-FORMS_URLFIELD_ASSUME_HTTPS = True
 
 # --- Redis: cache, status mirror, idempotency keys and RQ queues share one pool ---
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")

@@ -86,11 +86,12 @@ class MessageSerializer(serializers.Serializer):
     role = serializers.ChoiceField(choices=ROLES)
     content = serializers.CharField(allow_blank=True, trim_whitespace=False)
 
-    def validate(self, attrs: dict) -> dict:
-        extra = set(self.initial_data) - set(self.fields) if isinstance(self.initial_data, dict) else set()
-        if extra:
-            raise serializers.ValidationError(f"Unknown message field(s): {', '.join(sorted(extra))}.")
-        return attrs
+    def to_internal_value(self, data: Any) -> dict:
+        if isinstance(data, dict):
+            extra = set(data) - set(self.fields)
+            if extra:
+                raise serializers.ValidationError({name: ["Unknown message field."] for name in sorted(extra)})
+        return super().to_internal_value(data)
 
 
 class JobCreateSerializer(serializers.Serializer):

@@ -30,13 +30,20 @@ class Command(BaseCommand):
         with transaction.atomic():
             backend, _ = Backend.objects.get_or_create(
                 name="dev",
-                defaults={"kind": BackendKind.DEV, "config": {"latency_ms": 50}, "max_concurrency": 64,
-                          "max_context_tokens": 32768},
+                defaults={
+                    "kind": BackendKind.DEV,
+                    "config": {"latency_ms": 50},
+                    "max_concurrency": 64,
+                    "max_context_tokens": 32768,
+                },
             )
             policy, _ = RoutingPolicy.objects.get_or_create(
                 name="default",
-                defaults={"strategy": "ordered", "params": {"order": [backend.name]},
-                          "description": "Seeded by bootstrap_demo: the dev backend first."},
+                defaults={
+                    "strategy": "ordered",
+                    "params": {"order": [backend.name]},
+                    "description": "Seeded by bootstrap_demo: the dev backend first.",
+                },
             )
             if not RoutingPolicy.objects.filter(is_active=True).exists():
                 policy.activate()

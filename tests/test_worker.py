@@ -1,0 +1,125 @@
+"""A job's whole path through real `manage.py rqworker` processes on the real Redis."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from django.conf import settings
+from rq.job import Job as RQJob
+
+from jobs.models import AttemptOutcome, Job, JobState
+from orchestrator_site.redis import redis_client
+from routing.models import Backend, BackendKind, RoutingPolicy
+from tests.conftest import ROOT, process_env, run_worker_burst
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+
+
+def submit(api, **body) -> str:
+    if "messages" not in body:
+        body.setdefault("prompt", "hello world")
+    r = api.post("/jobs", body, format="json")
+    assert r.status_code == 202, r.content
+    return r.json()["id"]
+
+
+def test_worker_runs_job_and_writes_result_usage_and_timings(api, policy):
+    job_id = submit(
+        api, messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "echo me back"}]
+    )
+    run_worker_burst()
+    job = Job.objects.get(pk=job_id)
+    assert job.state == JobState.SUCCEEDED
+    assert job.output == "echo me back"
+    assert (job.prompt_tokens, job.completion_tokens) == (5, 3)
+    assert job.created_at <= job.enqueued_at <= job.started_at <= job.finished_at
+    assert job.worker and job.latency_ms is not None and job.cost == 0
+    assert job.attempts.get().outcome == AttemptOutcome.SUCCEEDED
+    r = api.get(f"/jobs/{job_id}/result")
+    assert r.status_code == 200
+    assert r.json()["output"] == "echo me back" and r.json()["usage"] == {"prompt_tokens": 5, "completion_tokens": 3}
+
+
+def test_rq_job_carries_only_the_job_id_as_json(api, policy):
+    job_id = submit(api, priority="high")
+    raw = redis_client().hget(f"rq:job:{job_id}", "data")
+    payload = json.loads(__import__("zlib").decompress(raw))  # rq stores the serialized call zlib-compressed
+    assert payload[0] == "workers.tasks.run_job"
+    assert payload[2] == [job_id] and payload[3] == {}
+    assert RQJob.fetch(job_id, connection=redis_client(), serializer="rq.serializers.JSONSerializer").origin == "high"
+
+
+def test_priority_order_high_before_normal_before_low(api, policy):
+    ids = {p: submit(api, priority=p, prompt=p) for p in ("low", "normal", "high")}
+    run_worker_burst("high", "normal", "low")
+    started = {p: Job.objects.get(pk=i).started_at for p, i in ids.items()}
+    assert started["high"] < started["normal"] < started["low"]
+
+
+def test_cost_uses_the_backends_prices(api, db):
+    backend = Backend.objects.create(
+        name="priced", kind=BackendKind.DEV, cost_input_per_1k="2.0", cost_output_per_1k="4.0"
+    )
+    RoutingPolicy.objects.create(name="p", strategy="ordered", params={"order": ["priced"]}).activate()
+    job_id = submit(api, prompt="one two three four")
+    run_worker_burst()
+    job = Job.objects.get(pk=job_id)
+    assert job.backend == backend
+    assert float(job.cost) == pytest.approx((4 * 2.0 + 4 * 4.0) / 1000)
+
+
+@pytest.mark.parametrize(("status", "retryable"), [(503, True), (400, False)])
+def test_backend_error_fails_job_with_message_and_attempt(api, db, status, retryable):
+    Backend.objects.create(name="flaky", kind=BackendKind.DEV, config={"fail_rate": 1.0, "fail_status": status})
+    RoutingPolicy.objects.create(name="p", strategy="ordered", params={}).activate()
+    job_id = submit(api)
+    run_worker_burst()
+    job = Job.objects.get(pk=job_id)
+    assert job.state == JobState.FAILED
+    assert f"HTTP {status}" in job.error and "flaky" in job.error
+    attempt = job.attempts.get()
+    assert attempt.outcome == AttemptOutcome.FAILED and attempt.error
+    r = api.get(f"/jobs/{job_id}/result")
+    assert r.status_code == 200 and r.json()["state"] == "failed" and r.json()["error"] == job.error
+
+
+def test_job_over_its_deadline_fails_with_a_clear_error(api, db):
+    Backend.objects.create(name="slow", kind=BackendKind.DEV, config={"latency_ms": 3000})
+    RoutingPolicy.objects.create(name="p", strategy="ordered", params={}).activate()
+    job_id = submit(api, timeout_s=1)
+    t0 = time.monotonic()
+    run_worker_burst()
+    assert time.monotonic() - t0 < 20
+    job = Job.objects.get(pk=job_id)
+    assert job.state == JobState.FAILED and "timed out" in job.error
+
+
+def test_max_tokens_truncates_and_reports_length(api, policy):
+    job_id = submit(api, prompt="a b c d e f", max_tokens=2)
+    run_worker_burst()
+    job = Job.objects.get(pk=job_id)
+    assert (job.output, job.finish_reason, job.completion_tokens) == ("a b", "length", 2)
+
+
+def test_several_workers_and_the_api_write_sqlite_at_once_without_lock_errors(api, db):
+    """The embedded SQLite default under concurrent writers: WAL, busy timeout, IMMEDIATE."""
+    Backend.objects.create(name="dev", kind=BackendKind.DEV, config={"latency_ms": 0})
+    RoutingPolicy.objects.create(name="p", strategy="ordered", params={}).activate()
+    ids = [submit(api, prompt=f"job {i}") for i in range(60)]
+    cmd = [sys.executable, "manage.py", "rqworker", *settings.JOB_QUEUES, "--burst"]
+    workers = [
+        subprocess.Popen(cmd, cwd=ROOT, env=process_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(3)
+    ]
+    ids += [submit(api, prompt=f"late {i}") for i in range(30)]  # the API writes while workers write
+    logs = [w.communicate(timeout=120)[0] for w in workers]
+    run_worker_burst()  # whatever arrived after the first three went idle
+    assert all(w.returncode == 0 for w in workers), logs
+    assert not any("locked" in log for log in logs), logs
+    states = set(Job.objects.filter(pk__in=ids).values_list("state", flat=True))
+    assert states == {JobState.SUCCEEDED}
+    assert Job.objects.filter(pk__in=ids, attempt_count=1).count() == len(ids)
