@@ -134,7 +134,6 @@ RQ_SHOW_ADMIN_LINK = True
 # --- Jobs -------------------------------------------------------------------
 IDEMPOTENCY_TTL_S = env_int("IDEMPOTENCY_TTL_S", 24 * 3600, minimum=1)
 JOB_STATUS_CACHE_TTL_S = env_int("JOB_STATUS_CACHE_TTL_S", 3600, minimum=1)
-JOB_DEFAULT_TIMEOUT_S = env_int("JOB_DEFAULT_TIMEOUT_S", 120, minimum=1)
 JOB_LIMITS = {
     "prompt_chars": env_int("MAX_PROMPT_CHARS", 200_000, minimum=1),
     "messages": env_int("MAX_MESSAGES", 256, minimum=1),

@@ -125,8 +125,18 @@ def gunicorn_server(transactional_db) -> Iterator:
 
     def start(workers: int = 3) -> str:
         port = free_port()
-        cmd = [sys.executable, "-m", "gunicorn", "orchestrator_site.wsgi", "-w", str(workers),
-               "-b", f"127.0.0.1:{port}", "--log-level", "warning"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "orchestrator_site.wsgi",
+            "-w",
+            str(workers),
+            "-b",
+            f"127.0.0.1:{port}",
+            "--log-level",
+            "warning",
+        ]
         proc = subprocess.Popen(cmd, cwd=ROOT, env=process_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         procs.append(proc)
         base = f"http://127.0.0.1:{port}"

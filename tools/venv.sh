@@ -6,7 +6,20 @@ cd "$(dirname "$0")/.."
 req="${1:-requirements.txt}"
 VENV="${VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
-if [ ! -x "$VENV/bin/python" ]; then
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+  # Debian's python3 lacks ensurepip until python3-venv is installed; a failed attempt
+  # leaves a half-made venv behind, so start clean.
+  if ! "$PYTHON" -c 'import ensurepip' 2>/dev/null; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+      echo "==> installing python3-venv (apt-get)"
+      DEBIAN_FRONTEND=noninteractive apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+    else
+      echo "!! Python venv support is missing: sudo apt-get install python3-venv" >&2
+      exit 1
+    fi
+  fi
+  rm -rf "$VENV"
   echo "==> creating $VENV"
   "$PYTHON" -m venv "$VENV"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The script behind `make test`: lint, Django checks, then the suite on SQLite and on PostgreSQL.
+#   TEST_REDIS_URL     Redis database the tests flush (default redis://127.0.0.1:6379/15; never db 0)
+#   TEST_DATABASE_URL  PostgreSQL for the second run (default postgres://postgres@127.0.0.1:5432/test)
+#   REQUIRE_POSTGRES=1 fail instead of skipping the PostgreSQL run when it does not answer (CI sets it)
+# Extra arguments go to pytest, e.g. `make test` → all; `bash tools/test.sh -k idempotency`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${VENV:-.venv}"
+PY="$VENV/bin/python"
+export TEST_REDIS_URL="${TEST_REDIS_URL:-redis://127.0.0.1:6379/15}"
+PG_URL="${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
+
+# A Redis for the tests: the one at TEST_REDIS_URL, or a private one started (and stopped) here.
+REDIS_URL="$TEST_REDIS_URL" REDIS_PURPOSE="the tests" source tools/ensure_redis.sh
+trap 'stop_private_redis' EXIT
+
+echo "==> ruff"
+"$VENV/bin/ruff" check .
+"$VENV/bin/ruff" format --check .
+
+echo "==> manage.py check / makemigrations --check"
+DJANGO_SETTINGS_MODULE=tests.settings "$PY" manage.py check --fail-level WARNING
+DJANGO_SETTINGS_MODULE=tests.settings "$PY" manage.py makemigrations --check --dry-run
+
+echo "==> tests on SQLite"
+env -u DATABASE_URL "$VENV/bin/pytest" "$@"
+
+if "$PY" - "$PG_URL" <<'PYEOF' 2>/dev/null; then
+import sys, psycopg
+psycopg.connect(sys.argv[1], connect_timeout=3).close()
+PYEOF
+  echo "==> tests on PostgreSQL ($PG_URL)"
+  DATABASE_URL="$PG_URL" "$VENV/bin/pytest" "$@"
+elif [ "${REQUIRE_POSTGRES:-0}" = "1" ]; then
+  echo "PostgreSQL does not answer at $PG_URL and REQUIRE_POSTGRES=1" >&2
+  exit 1
+else
+  echo "==> SKIPPED the PostgreSQL run: nothing answers at $PG_URL (set TEST_DATABASE_URL)" >&2
+fi
