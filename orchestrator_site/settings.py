@@ -82,7 +82,10 @@ TEMPLATES = [
 # IMMEDIATE transactions take the write lock up front so two writers never
 # deadlock upgrading a read lock. Persistent connections (CONN_MAX_AGE=None)
 # avoid reopening the file on every request (~3x cheaper on our machines).
-DATABASE_URL = env_str("DATABASE_URL", f"sqlite:///{VAR_DIR / 'orchestrator.sqlite3'}")
+DATABASE_URL = env_str("DATABASE_URL", "")
+if not DATABASE_URL:
+    VAR_DIR.mkdir(parents=True, exist_ok=True)  # the embedded default lives in var/
+    DATABASE_URL = f"sqlite:///{VAR_DIR / 'orchestrator.sqlite3'}"
 DATABASES = {"default": dj_database_url.parse(DATABASE_URL)}
 _db = DATABASES["default"]
 if _db["ENGINE"] == "django.db.backends.sqlite3":

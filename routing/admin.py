@@ -18,7 +18,6 @@ class BackendForm(forms.ModelForm):
         help_text="Write-only. Leave blank to keep the current key.",
     )
     clear_api_key = forms.BooleanField(required=False, help_text="Remove the stored API key.")
-    base_url = forms.URLField(required=False, assume_scheme="http", max_length=500)
 
     class Meta:
         model = Backend

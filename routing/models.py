@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from urllib.parse import urlsplit
 
 from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
@@ -22,12 +23,23 @@ class BackendKind(models.TextChoices):
 POOLED_KINDS = {BackendKind.HF_LOCAL}
 
 
+def validate_base_url(value: str) -> None:
+    """An http(s) URL; single-label hosts (``http://ollama:11434``, a compose service) are fine."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018  (raises ValueError on a bad port)
+    except ValueError:
+        raise ValidationError("Enter a valid http(s) URL.") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in value):
+        raise ValidationError("Enter a valid http(s) URL.")
+
+
 class Backend(models.Model):
     """One place a job can run: an API endpoint or a model resident on a worker pool."""
 
     name = models.SlugField(max_length=64, unique=True)
     kind = models.CharField(max_length=16, choices=BackendKind.choices, default=BackendKind.DEV)
-    base_url = models.URLField(max_length=500, blank=True)
+    base_url = models.CharField(max_length=500, blank=True, validators=[validate_base_url])
     model = models.CharField(max_length=200, blank=True, help_text="Model name sent to the backend.")
     api_key = models.CharField(max_length=500, blank=True, help_text="Write-only: never shown or returned.")
     enabled = models.BooleanField(default=True)

@@ -70,6 +70,15 @@ class Base64ImageField(serializers.Field):
         return value
 
 
+class StrictCharField(serializers.CharField):
+    """A CharField that takes only JSON strings (DRF's would turn 123 into "123")."""
+
+    def to_internal_value(self, data: Any) -> str:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
 class JsonObjectField(serializers.DictField):
     """A JSON object with a size limit, so metadata cannot be used to smuggle megabytes."""
 
@@ -84,7 +93,7 @@ class JsonObjectField(serializers.DictField):
 
 class MessageSerializer(serializers.Serializer):
     role = serializers.ChoiceField(choices=ROLES)
-    content = serializers.CharField(allow_blank=True, trim_whitespace=False)
+    content = StrictCharField(allow_blank=True, trim_whitespace=False)
 
     def to_internal_value(self, data: Any) -> dict:
         if isinstance(data, dict):
@@ -110,7 +119,7 @@ class JobCreateSerializer(serializers.Serializer):
         super().__init__(*args, **kwargs)
         # Limits are settings, read when the serializer is built (so tests can override them).
         limits = _limits()
-        self.fields["prompt"] = serializers.CharField(
+        self.fields["prompt"] = StrictCharField(
             required=False, trim_whitespace=False, max_length=limits["prompt_chars"]
         )
         self.fields["images"] = serializers.ListField(

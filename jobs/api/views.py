@@ -31,6 +31,7 @@ class JobCursorPagination(CursorPagination):
     """Cursor paging stays fast on a table of millions (no COUNT, no OFFSET)."""
 
     ordering = "-created_at"
+    page_size = 50
     page_size_query_param = "page_size"
     max_page_size = 500
 

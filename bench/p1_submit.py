@@ -1,0 +1,457 @@
+#!/usr/bin/env python3
+"""P1: ``POST /jobs`` throughput and latency against a bare Django view, in one run.
+
+    .venv/bin/python bench/p1_submit.py [--duration 10] [--connections 8] [--workers 2] [--json out.json]
+
+What it does, all in a temporary directory that is removed at the end:
+
+* settings are production-like (``DEBUG=0``, ``SECRET_KEY``, ``ALLOWED_HOSTS``), SQLite at
+  ``<tmp>/bench.sqlite3``, Redis db 14 (flushed before and after; no other db is touched),
+  ``ROOT_URLCONF=bench.urls`` (the real site plus ``/bench/bare-submit``);
+* ``migrate`` + ``bootstrap_demo --json`` give the ``dev`` backend, an active policy and an API token;
+* ``gunicorn -w N`` (sync workers) serves on a free local port;
+* ``wrk --latency`` with ``bench/p1_post.lua`` loads each endpoint: a short warm-up each, then
+  baseline and API alternately (``--rounds`` times each); the report uses the medians.
+
+Goal (P1): API throughput >= 0.7x the baseline's and API p99 <= 3x the baseline's.
+Nothing drains the RQ queue during the run; db 14 is flushed at the end.
+Exit status: 0 PASS, 1 FAIL, 2 could not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import secrets
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LUA = ROOT / "bench" / "p1_post.lua"
+REDIS_DB = 14  # the only Redis database this script ever writes to or flushes
+API_PATH = "/jobs"
+BARE_PATH = "/bench/bare-submit"
+GOAL_THROUGHPUT_RATIO = 0.7
+GOAL_P99_RATIO = 3.0
+
+
+class BenchError(Exception):
+    """The benchmark could not run (not a performance failure)."""
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--duration", type=int, default=10, help="seconds per measured wrk run (default 10)")
+    p.add_argument("--connections", type=int, default=8, help="wrk connections (default 8)")
+    p.add_argument("--threads", type=int, default=0, help="wrk threads (default min(2, connections))")
+    p.add_argument("--workers", type=int, default=2, help="gunicorn sync workers (default 2)")
+    p.add_argument("--rounds", type=int, default=3, help="measured runs per endpoint, alternating (default 3)")
+    p.add_argument("--warmup", type=int, default=2, help="warm-up seconds per endpoint (default 2)")
+    p.add_argument("--json", dest="json_path", help="also write the results as JSON to this path")
+    p.add_argument("--redis-host", default="127.0.0.1")
+    p.add_argument("--redis-port", type=int, default=6379)
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, database)")
+    args = p.parse_args()
+    if args.duration < 1 or args.connections < 1 or args.workers < 1 or args.rounds < 1 or args.warmup < 0:
+        p.error("--duration, --connections, --workers and --rounds must be >= 1, --warmup >= 0")
+    args.threads = args.threads or min(2, args.connections)
+    if args.threads > args.connections:
+        p.error("--threads must not exceed --connections")
+    return args
+
+
+# --- Redis (db 14 only) ----------------------------------------------------------------------
+
+
+def redis_url(args: argparse.Namespace) -> str:
+    return f"redis://{args.redis_host}:{args.redis_port}/{REDIS_DB}"
+
+
+def redis_conn(args: argparse.Namespace):
+    try:
+        import redis
+    except ImportError:
+        raise BenchError(
+            f"the redis package is not importable by {sys.executable}; run with the project venv "
+            "(.venv/bin/python bench/p1_submit.py, or `make bench-p1`)"
+        ) from None
+    conn = redis.Redis(host=args.redis_host, port=args.redis_port, db=REDIS_DB, socket_connect_timeout=2)
+    try:
+        conn.ping()
+    except redis.RedisError as exc:
+        raise BenchError(f"Redis is not reachable at {args.redis_host}:{args.redis_port}: {exc}") from None
+    return conn
+
+
+def flush_bench_db(conn) -> None:
+    assert conn.connection_pool.connection_kwargs["db"] == REDIS_DB
+    conn.flushdb()
+
+
+# --- wrk -------------------------------------------------------------------------------------
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text.strip())
+    if not m:
+        raise ValueError(f"unparseable wrk latency {text!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_wrk(output: str) -> dict:
+    """Requests/s, p50/p90/p99 (ms), request and error counts from ``wrk --latency`` output."""
+    result: dict = {}
+    m = re.search(r"^Requests/sec:\s+([\d.]+)", output, re.M)
+    if not m:
+        raise BenchError(f"could not parse wrk output:\n{output}")
+    result["rps"] = float(m.group(1))
+    for pct in ("50", "75", "90", "99"):
+        m = re.search(rf"^\s+{pct}%\s+(\S+)", output, re.M)
+        result[f"p{pct}_ms"] = _ms(m.group(1)) if m else None
+    m = re.search(r"^\s+(\d+) requests in ([\d.]+)(\w+)", output, re.M)
+    result["requests"] = int(m.group(1)) if m else None
+    m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    result["non_2xx"] = int(m.group(1)) if m else 0
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    result["socket_errors"] = sum(int(g) for g in m.groups()) if m else 0
+    return result
+
+
+def run_wrk(args: argparse.Namespace, base: str, mode: str, token: str, seconds: int, nonce: str) -> dict:
+    path = API_PATH if mode == "api" else BARE_PATH
+    cmd = [
+        "wrk",
+        f"-t{args.threads}",
+        f"-c{args.connections}",
+        f"-d{seconds}s",
+        "--timeout",
+        "10s",
+        "--latency",
+        "-s",
+        str(LUA),
+        base + path,
+        "--",
+        mode,
+        token,
+        nonce,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30, check=False)
+    if proc.returncode != 0:
+        raise BenchError(f"wrk failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    result = parse_wrk(proc.stdout)
+    result["mode"] = mode
+    result["seconds"] = seconds
+    return result
+
+
+# --- the server ------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def manage(env: dict, *argv: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "manage.py"), *argv], cwd=ROOT, env=env, capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise BenchError(f"manage.py {' '.join(argv)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc.stdout
+
+
+def start_gunicorn(args: argparse.Namespace, env: dict, port: int, log_path: Path) -> subprocess.Popen:
+    cmd = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "-w",
+        str(args.workers),
+        "-k",
+        "sync",
+        "-b",
+        f"127.0.0.1:{port}",
+        "--chdir",
+        str(ROOT),
+        "--log-level",
+        "warning",
+        "orchestrator_site.wsgi:application",
+    ]
+    log = open(log_path, "wb")  # noqa: SIM115 (closed by the caller via proc.bench_log)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc.bench_log = log  # type: ignore[attr-defined]
+    return proc
+
+
+def stop_gunicorn(proc: subprocess.Popen | None) -> None:
+    if proc is None:
+        return
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)  # the master stops its workers
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session: only gunicorn and its workers
+            proc.wait(timeout=5)
+    proc.bench_log.close()  # type: ignore[attr-defined]
+
+
+def http(method: str, url: str, body: dict | None = None, headers: dict | None = None) -> tuple[int, dict]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    for k, v in (headers or {}).items():
+        req.add_header(k, v)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        return exc.code, {"error": exc.read().decode(errors="replace")[:2000]}
+
+
+def wait_ready(proc: subprocess.Popen, base: str, log_path: Path, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"gunicorn exited ({proc.returncode}):\n{log_path.read_text()[-4000:]}")
+        try:
+            status, _ = http("GET", base + "/readyz")
+            if status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise BenchError(f"gunicorn did not become ready in {timeout:.0f}s:\n{log_path.read_text()[-4000:]}")
+
+
+def smoke(base: str, token: str, nonce: str) -> None:
+    """One request each, so the load test measures the success path of both endpoints."""
+    body = {"prompt": "Say hello in one short sentence.", "priority": "normal"}
+    status, doc = http("POST", base + BARE_PATH, body)
+    if status != 202 or doc.get("state") != "queued":
+        raise BenchError(f"baseline smoke request answered {status}: {doc}")
+    headers = {"Authorization": f"Token {token}", "Idempotency-Key": f"{nonce}-smoke"}
+    status, doc = http("POST", base + API_PATH, body, headers)
+    if status != 202 or doc.get("state") != "queued" or doc.get("backend") != "dev":
+        raise BenchError(f"API smoke request answered {status}: {doc}")
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def median_of(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def summarize(runs: list[dict]) -> dict:
+    by = {mode: [r for r in runs if r["mode"] == mode] for mode in ("bare", "api")}
+    med = {mode: {k: median_of(rs, k) for k in ("rps", "p50_ms", "p90_ms", "p99_ms")} for mode, rs in by.items()}
+    throughput_ratio = med["api"]["rps"] / med["bare"]["rps"]
+    p99_ratio = med["api"]["p99_ms"] / med["bare"]["p99_ms"]
+    errors = sum(r["non_2xx"] + r["socket_errors"] for r in runs)
+    ok_t = throughput_ratio >= GOAL_THROUGHPUT_RATIO
+    ok_p = p99_ratio <= GOAL_P99_RATIO
+    return {
+        "median": med,
+        "throughput_ratio": throughput_ratio,
+        "p99_ratio": p99_ratio,
+        "errors": errors,
+        "pass_throughput": ok_t,
+        "pass_p99": ok_p,
+        "pass": ok_t and ok_p and errors == 0,
+    }
+
+
+def print_report(args: argparse.Namespace, runs: list[dict], summary: dict, db_counts: dict) -> None:
+    label = {"bare": "baseline", "api": "POST /jobs"}
+    print()
+    print(
+        f"P1: gunicorn -w {args.workers} (sync), wrk -t{args.threads} -c{args.connections} "
+        f"-d{args.duration}s, {args.rounds} rounds each, alternating; {os.cpu_count()} CPUs"
+    )
+    head = f"{'run':<16}{'req/s':>10}{'p50 ms':>10}{'p90 ms':>10}{'p99 ms':>10}{'requests':>10}{'errors':>8}"
+    print(head)
+    print("-" * len(head))
+    counts: dict[str, int] = {}
+    for r in runs:
+        counts[r["mode"]] = counts.get(r["mode"], 0) + 1
+        name = f"{label[r['mode']]} #{counts[r['mode']]}"
+        print(
+            f"{name:<16}{r['rps']:>10.1f}{r['p50_ms']:>10.2f}{r['p90_ms']:>10.2f}{r['p99_ms']:>10.2f}"
+            f"{r['requests']:>10}{r['non_2xx'] + r['socket_errors']:>8}"
+        )
+    print("-" * len(head))
+    for mode in ("bare", "api"):
+        m = summary["median"][mode]
+        name = f"{label[mode]} median"
+        print(f"{name:<16}{m['rps']:>10.1f}{m['p50_ms']:>10.2f}{m['p90_ms']:>10.2f}{m['p99_ms']:>10.2f}")
+    print()
+    t, p = summary["throughput_ratio"], summary["p99_ratio"]
+    print(
+        f"throughput ratio api/baseline: {t:.2f}  (goal >= {GOAL_THROUGHPUT_RATIO})  "
+        f"{'PASS' if summary['pass_throughput'] else 'FAIL'}"
+    )
+    print(
+        f"p99 ratio api/baseline:        {p:.2f}  (goal <= {GOAL_P99_RATIO})  "
+        f"{'PASS' if summary['pass_p99'] else 'FAIL'}"
+    )
+    if summary["errors"]:
+        print(f"errors (non-2xx or socket): {summary['errors']}  -> FAIL (results do not measure the success path)")
+    if db_counts:
+        print(
+            f"rows inserted: api {db_counts.get('api_rows')}, baseline {db_counts.get('bare_rows')}; "
+            f"RQ queue 'normal' holds {db_counts.get('rq_normal')} jobs"
+        )
+    print(f"P1: {'PASS' if summary['pass'] else 'FAIL'}")
+
+
+def count_rows(db_path: Path, conn) -> dict:
+    out: dict = {}
+    try:
+        with sqlite3.connect(db_path) as db:
+            api, bare = db.execute(
+                "SELECT SUM(created_by_id IS NOT NULL), SUM(created_by_id IS NULL) FROM jobs_job"
+            ).fetchone()
+        out["api_rows"], out["bare_rows"] = api or 0, bare or 0
+    except sqlite3.Error as exc:
+        out["error"] = str(exc)
+    out["rq_normal"] = conn.llen("rq:queue:normal")
+    return out
+
+
+# --- main ------------------------------------------------------------------------------------
+
+
+def _sigterm(signum, frame):  # pragma: no cover - signal path
+    raise KeyboardInterrupt
+
+
+def main() -> int:
+    args = parse_args()
+    if shutil.which("wrk") is None:
+        print(
+            "wrk is not installed. Install it with `apt-get install -y wrk` (Debian/Ubuntu) or "
+            "`brew install wrk` (macOS), then run this again.",
+            file=sys.stderr,
+        )
+        return 2
+    signal.signal(signal.SIGTERM, _sigterm)
+
+    tmp = Path(tempfile.mkdtemp(prefix="llmo-bench-p1-"))
+    log_path = tmp / "gunicorn.log"
+    conn = None
+    server = None
+    try:
+        conn = redis_conn(args)
+        flush_bench_db(conn)
+        env = {
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "orchestrator_site.settings",
+            "ROOT_URLCONF": "bench.urls",
+            "VAR_DIR": str(tmp),
+            "DATABASE_URL": f"sqlite:///{tmp / 'bench.sqlite3'}",
+            "REDIS_URL": redis_url(args),
+            "DEBUG": "0",
+            "SECRET_KEY": secrets.token_urlsafe(50),
+            "ALLOWED_HOSTS": "127.0.0.1,localhost",
+            "LOG_LEVEL": "WARNING",
+            "STATIC_ROOT": str(tmp / "static"),
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
+        (tmp / "static").mkdir()
+        t0 = time.monotonic()
+        manage(env, "migrate", "--noinput", "-v", "0")
+        creds = json.loads(manage(env, "bootstrap_demo", "--json").strip().splitlines()[-1])
+        token = creds["token"]
+
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        server = start_gunicorn(args, env, port, log_path)
+        wait_ready(server, base, log_path)
+        nonce = secrets.token_hex(4)
+        smoke(base, token, nonce)
+        print(f"setup {time.monotonic() - t0:.1f}s; gunicorn on {base}, warming up...", flush=True)
+
+        if args.warmup:
+            for mode in ("bare", "api"):
+                run_wrk(args, base, mode, token, args.warmup, f"{nonce}w")
+        runs = []
+        for i in range(args.rounds):
+            for mode in ("bare", "api"):
+                r = run_wrk(args, base, mode, token, args.duration, f"{nonce}r{i}")
+                runs.append(r)
+                print(
+                    f"  {mode:<5} round {i + 1}: {r['rps']:.1f} req/s, p50 {r['p50_ms']:.2f} ms, "
+                    f"p99 {r['p99_ms']:.2f} ms",
+                    flush=True,
+                )
+        if server.poll() is not None:
+            raise BenchError(f"gunicorn died during the run:\n{log_path.read_text()[-4000:]}")
+
+        summary = summarize(runs)
+        db_counts = count_rows(tmp / "bench.sqlite3", conn)
+        print_report(args, runs, summary, db_counts)
+        server_log = log_path.read_text().strip()
+        if server_log:
+            print(f"\ngunicorn log (last lines):\n{server_log[-2000:]}")
+        if args.json_path:
+            doc = {
+                "benchmark": "P1 POST /jobs vs bare Django view",
+                "config": {
+                    "duration_s": args.duration,
+                    "connections": args.connections,
+                    "threads": args.threads,
+                    "workers": args.workers,
+                    "rounds": args.rounds,
+                    "warmup_s": args.warmup,
+                },
+                "host": {
+                    "cpus": os.cpu_count(),
+                    "python": platform.python_version(),
+                    "platform": platform.platform(),
+                },
+                "goals": {"throughput_ratio_min": GOAL_THROUGHPUT_RATIO, "p99_ratio_max": GOAL_P99_RATIO},
+                "runs": runs,
+                "rows": db_counts,
+                **summary,
+            }
+            Path(args.json_path).write_text(json.dumps(doc, indent=2) + "\n")
+            print(f"results written to {args.json_path}")
+        return 0 if summary["pass"] else 1
+    except BenchError as exc:
+        print(f"benchmark could not run: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; cleaning up", file=sys.stderr)
+        return 130
+    finally:
+        stop_gunicorn(server)
+        if conn is not None:
+            try:
+                flush_bench_db(conn)
+            except Exception as exc:  # cleanup is best effort; say what was left behind
+                print(f"could not flush Redis db {REDIS_DB}: {exc}", file=sys.stderr)
+        if args.keep:
+            print(f"kept {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
