@@ -493,3 +493,19 @@ def test_health_endpoints_need_no_auth(client, path, status):
     resp = client.get(path)
     assert resp.status_code == 200
     assert resp.json()["status"] == status
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("path", ["/", "/jobs", "/backends", "/policies"])
+def test_browsable_api_pages_render_for_a_logged_in_operator(client, staff, policy, path):
+    client.force_login(staff)
+    r = client.get(path, HTTP_ACCEPT="text/html")
+    assert r.status_code == 200 and r["Content-Type"].startswith("text/html")
+
+
+@pytest.mark.django_db
+def test_openapi_schema_describes_the_job_endpoints(client, staff):
+    client.force_login(staff)
+    r = client.get("/api/schema", HTTP_ACCEPT="application/vnd.oai.openapi+json")
+    assert r.status_code == 200
+    assert b"/jobs/{job_id}/result" in r.content and b"Idempotency-Key" in r.content

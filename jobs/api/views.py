@@ -68,6 +68,9 @@ class JobListCreate(generics.GenericAPIView):
     serializer_class = JobCreateSerializer
     pagination_class = JobCursorPagination
 
+    def get_queryset(self):
+        return _visible(self.request)
+
     @extend_schema(
         request=JobCreateSerializer,
         responses={202: JobSerializer, 200: JobSerializer},
@@ -100,7 +103,7 @@ class JobListCreate(generics.GenericAPIView):
         summary="List jobs, newest first",
     )
     def get(self, request: Request) -> Response:
-        qs = _visible(request).select_related(None)
+        qs = self.get_queryset()
         for name, choices in (("state", JobState.values), ("priority", Priority.values)):
             value = request.query_params.get(name)
             if value:
