@@ -72,7 +72,12 @@ def publish(job: Job) -> None:
 
 
 def read(job_id: object) -> dict[str, Any] | None:
-    raw = redis_client().get(cache_key(job_id))
+    """The mirrored document, or None on a miss or when Redis does not answer (read the DB then)."""
+    try:
+        raw = redis_client().get(cache_key(job_id))
+    except RedisError as exc:
+        log.warning("status mirror unavailable; reading the database", extra={"job_id": str(job_id), "error": str(exc)})
+        return None
     if raw is None:
         return None
     _, _, payload = raw.partition(b"|")

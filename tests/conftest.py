@@ -4,6 +4,7 @@ helpers that start real worker and web processes against the test database."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -159,3 +160,10 @@ def gunicorn_server(transactional_db) -> Iterator:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """Remove the run's scratch folder (test SQLite file, static root) made by tests/settings.py."""
+    var = Path(settings.VAR_DIR)
+    if var.name.startswith("llmo-test-var-"):
+        shutil.rmtree(var, ignore_errors=True)
