@@ -28,7 +28,13 @@ env -u DATABASE_URL "$VENV/bin/pytest" "$@"
 
 if "$PY" - "$PG_URL" <<'PYEOF' 2>/dev/null; then
 import sys, psycopg
-psycopg.connect(sys.argv[1], connect_timeout=3).close()
+# The server must answer; the named database need not exist (pytest-django creates test_<name>).
+try:
+    psycopg.connect(sys.argv[1], connect_timeout=3).close()
+except psycopg.OperationalError as exc:
+    if "does not exist" not in str(exc):
+        raise
+    psycopg.connect(sys.argv[1], dbname="postgres", connect_timeout=3).close()
 PYEOF
   echo "==> tests on PostgreSQL ($PG_URL)"
   DATABASE_URL="$PG_URL" "$VENV/bin/pytest" "$@"
