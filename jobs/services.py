@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -40,7 +41,8 @@ def estimate_tokens(text: str) -> int:
     return math.ceil(len(text) / 4)
 
 
-def job_facts(data: dict[str, Any]) -> JobFacts:
+def job_facts(data: dict[str, Any], key: str = "") -> JobFacts:
+    """What routing may know of a request; ``key`` (the job id) makes seeded strategies replayable."""
     text = data.get("prompt") or "".join(str(m.get("content", "")) for m in data.get("messages") or [])
     return JobFacts(
         priority=data.get("priority", "normal"),
@@ -50,6 +52,7 @@ def job_facts(data: dict[str, Any]) -> JobFacts:
         pinned_backend=data.get("backend") or "",
         prompt_tokens=estimate_tokens(text),
         max_tokens=data.get("max_tokens") or 0,
+        key=key,
     )
 
 
@@ -75,8 +78,9 @@ def submit(data: dict[str, Any], *, user, body: Any, idempotency_key: str | None
 
     try:
         snap = registry.snapshot(registry.ensure_token(results[-1]))
-        decision = route(job_facts(data), snap)
-        job = _build(data, user, decision, snap.backends[decision.backend], idempotency_key, fp)
+        job_id = uuid.uuid4()
+        decision = route(job_facts(data, key=str(job_id)), snap)
+        job = _build(job_id, data, user, decision, snap.backends[decision.backend], idempotency_key, fp)
         doc = status_cache.document(job)
         try:
             with transaction.atomic():
@@ -97,10 +101,17 @@ def submit(data: dict[str, Any], *, user, body: Any, idempotency_key: str | None
 
 
 def _build(
-    data: dict[str, Any], user, decision: Decision, backend: Backend, idempotency_key: str | None, fp: str
+    job_id: uuid.UUID,
+    data: dict[str, Any],
+    user,
+    decision: Decision,
+    backend: Backend,
+    idempotency_key: str | None,
+    fp: str,
 ) -> Job:
     now = timezone.now()
     job = Job(
+        id=job_id,
         state=JobState.QUEUED,
         priority=data.get("priority", "normal"),
         prompt=data.get("prompt") or "",

@@ -153,6 +153,10 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = env_int(
     minimum=1024,
 )
 
+# --- Routing ----------------------------------------------------------------
+# How long a web process reuses the live backend figures it read (milliseconds; 0 = every decision).
+ROUTING_STATS_MAX_AGE_S = env_int("ROUTING_STATS_MAX_AGE_MS", 250, minimum=0, maximum=60_000) / 1000
+
 # --- Workers ----------------------------------------------------------------
 MAX_CONCURRENCY = env_int("MAX_CONCURRENCY", 8, minimum=1, maximum=1024)
 

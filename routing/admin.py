@@ -1,12 +1,25 @@
+"""Operators' pages: the backend registry with live figures, policies with audited activation,
+a dry-run of a policy over recent jobs, and the read-only audit log."""
+
 from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
 
 from django import forms
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
 from django.db import transaction
-from django.http import HttpRequest
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils.html import format_html, format_html_join
 
-from routing.models import Backend, RoutingPolicy
-from routing.strategies import strategy_choices
+from routing import audit
+from routing.models import Backend, PolicyAction, PolicyChange, RoutingPolicy
+from routing.services import read_live_stats
+from routing.simulate import DEFAULT_JOBS, simulate
+from routing.strategies import BackendStats, strategy_choices
 
 
 class BackendForm(forms.ModelForm):
@@ -63,10 +76,16 @@ class BackendAdmin(admin.ModelAdmin):
         "cost_output_per_1k",
         "api_key_status",
         "pool",
+        "live_in_flight",
+        "live_ewma",
+        "live_p95",
+        "live_error_rate",
+        "live_circuit",
+        "live_last_error",
     ]
     list_filter = ["kind", "enabled", "supports_multimodal"]
     search_fields = ["name", "model", "base_url"]
-    actions = ["enable", "disable"]
+    actions = ["enable", "disable", "probe_now", "multimodal_from_server"]
     fieldsets = [
         (None, {"fields": ["name", "kind", "enabled", "base_url", "model", "api_key", "clear_api_key"]}),
         (
@@ -75,7 +94,67 @@ class BackendAdmin(admin.ModelAdmin):
         ),
         ("Cost (per 1k tokens)", {"fields": ["cost_input_per_1k", "cost_output_per_1k"]}),
         ("Kind-specific", {"fields": ["config"]}),
+        ("Live figures (from the workers, via Redis)", {"fields": ["live_figures"]}),
     ]
+    readonly_fields = ["live_figures"]
+
+    # --- live figures: one Redis read per page, not one per cell --------------------------------
+    def get_changelist_instance(self, request: HttpRequest):
+        cl = super().get_changelist_instance(request)
+        rows = list(cl.result_list)  # evaluates the page; the template iterates these same objects
+        live = read_live_stats([b.name for b in rows], details=True)
+        for b in rows:
+            b._live = live.get(b.name, BackendStats())
+        return cl
+
+    def _live(self, obj: Backend) -> BackendStats:
+        live = getattr(obj, "_live", None)
+        if live is None:
+            live = obj._live = read_live_stats([obj.name], details=True).get(obj.name, BackendStats())
+        return live
+
+    @admin.display(description="in flight")
+    def live_in_flight(self, obj: Backend) -> str:
+        return f"{self._live(obj).in_flight}/{obj.max_concurrency}"
+
+    @admin.display(description="EWMA ms")
+    def live_ewma(self, obj: Backend) -> str:
+        return _ms(self._live(obj).ewma_latency_ms)
+
+    @admin.display(description="p95 ms")
+    def live_p95(self, obj: Backend) -> str:
+        return _ms(self._live(obj).p95_latency_ms)
+
+    @admin.display(description="errors")
+    def live_error_rate(self, obj: Backend) -> str:
+        live = self._live(obj)
+        return f"{live.error_rate:.1%} of {live.calls}" if live.calls else "—"
+
+    @admin.display(description="circuit")
+    def live_circuit(self, obj: Backend) -> str:
+        return self._live(obj).circuit_state
+
+    @admin.display(description="last error")
+    def live_last_error(self, obj: Backend) -> str:
+        live = self._live(obj)
+        if not live.last_error:
+            return "—"
+        return f"{_when(live.last_error_at)}: {live.last_error[:80]}"
+
+    @admin.display(description="Now")
+    def live_figures(self, obj: Backend | None) -> str:
+        if obj is None or obj.pk is None:
+            return "—"
+        live = self._live(obj)
+        rows = [
+            ("In flight", f"{live.in_flight} of max {obj.max_concurrency}"),
+            ("EWMA latency", _ms(live.ewma_latency_ms)),
+            ("p95 latency", _ms(live.p95_latency_ms)),
+            ("Error rate", f"{live.error_rate:.1%} over the last {live.calls} calls" if live.calls else "no calls yet"),
+            ("Circuit", live.circuit_state),
+            ("Last error", f"{_when(live.last_error_at)}: {live.last_error}" if live.last_error else "—"),
+        ]
+        return format_html("<table>{}</table>", format_html_join("", "<tr><th>{}</th><td>{}</td></tr>", rows))
 
     @admin.display(description="API key")
     def api_key_status(self, obj: Backend) -> str:
@@ -93,6 +172,42 @@ class BackendAdmin(admin.ModelAdmin):
             backend.enabled = False
             backend.save(update_fields=["enabled", "updated_at"])
 
+    @admin.action(description="Probe now (reachable? model there? capabilities)")
+    def probe_now(self, request: HttpRequest, queryset) -> None:
+        """Synchronous, 3 s per backend: an operator's check, so at most 10 backends per click."""
+        from workers.backends.health import probe
+
+        levels = {"ok": messages.SUCCESS, "loading": messages.WARNING}
+        for backend in queryset[:10]:
+            r = probe(backend.adapter_config(), timeout_s=3)
+            text = f"{backend.name}: {r.status} in {r.latency_ms} ms — {r.detail}"
+            if r.models:
+                text += f" Models: {', '.join(r.models[:5])}{' …' if len(r.models) > 5 else ''}."
+            if r.capabilities:
+                text += f" Capabilities: {', '.join(r.capabilities)}."
+            self.message_user(request, text, levels.get(r.status, messages.ERROR))
+
+    @admin.action(description="Set 'supports multimodal' from the server (Ollama 'vision' capability)")
+    def multimodal_from_server(self, request: HttpRequest, queryset) -> None:
+        from workers.backends.health import supports_multimodal
+
+        for backend in queryset[:10]:
+            answer = supports_multimodal(backend.adapter_config(), timeout_s=3)
+            if answer is None:
+                self.message_user(request, f"{backend.name}: the server cannot tell; unchanged.", messages.WARNING)
+                continue
+            backend.supports_multimodal = answer
+            backend.save(update_fields=["supports_multimodal", "updated_at"])  # save(): invalidates routing
+            self.message_user(request, f"{backend.name}: supports multimodal = {answer}.")
+
+
+def _ms(value: float | None) -> str:
+    return "—" if value is None else f"{value:.0f}"
+
+
+def _when(ts: float | None) -> str:
+    return "—" if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
 
 class RoutingPolicyForm(forms.ModelForm):
     strategy = forms.ChoiceField(choices=strategy_choices)
@@ -104,24 +219,167 @@ class RoutingPolicyForm(forms.ModelForm):
 
 @admin.register(RoutingPolicy)
 class RoutingPolicyAdmin(admin.ModelAdmin):
+    """Every write is audited; activation goes through a confirmation page (or the list action)."""
+
     form = RoutingPolicyForm
-    list_display = ["name", "strategy", "is_active", "version", "updated_at"]
+    list_display = ["name", "strategy", "is_active", "version", "updated_at", "activate_link"]
     list_filter = ["is_active", "strategy"]
     readonly_fields = ["is_active", "version", "created_at", "updated_at"]
     actions = ["activate_selected"]
+    change_form_template = "admin/routing/routingpolicy/change_form.html"
 
+    def get_urls(self):
+        def wrap(view):
+            return self.admin_site.admin_view(view)
+
+        return [
+            path("<path:object_id>/activate/", wrap(self.activate_view), name="routing_routingpolicy_activate"),
+            path("<path:object_id>/simulate/", wrap(self.simulate_view), name="routing_routingpolicy_simulate"),
+            *super().get_urls(),
+        ]
+
+    @admin.display(description="")
+    def activate_link(self, obj: RoutingPolicy) -> str:
+        if obj.is_active:
+            return "active"
+        return format_html('<a href="{}">Activate…</a>', reverse("admin:routing_routingpolicy_activate", args=[obj.pk]))
+
+    # --- audited writes ---------------------------------------------------------------------------
+    def save_model(self, request: HttpRequest, obj: RoutingPolicy, form, change: bool) -> None:
+        with transaction.atomic():
+            before = audit.policy_state(RoutingPolicy.objects.select_for_update().get(pk=obj.pk)) if change else {}
+            super().save_model(request, obj, form, change)
+            audit.record(
+                obj,
+                PolicyAction.UPDATE if change else PolicyAction.CREATE,
+                user=request.user,
+                source="admin",
+                before=before,
+                after=audit.policy_state(obj),
+            )
+
+    def delete_model(self, request: HttpRequest, obj: RoutingPolicy) -> None:
+        if obj.is_active:
+            self.message_user(request, "The active policy cannot be deleted.", messages.ERROR)
+            return
+        with transaction.atomic():
+            audit.record(
+                obj, PolicyAction.DELETE, user=request.user, source="admin", before=audit.policy_state(obj), after={}
+            )
+            super().delete_model(request, obj)
+
+    def delete_queryset(self, request: HttpRequest, queryset) -> None:
+        if queryset.filter(is_active=True).exists():
+            self.message_user(request, "The active policy cannot be deleted; it was kept.", messages.WARNING)
+        for obj in queryset.filter(is_active=False):
+            self.delete_model(request, obj)
+
+    # --- activation -------------------------------------------------------------------------------
     @admin.action(description="Activate the selected policy")
     def activate_selected(self, request: HttpRequest, queryset) -> None:
         if queryset.count() != 1:
             self.message_user(request, "Select exactly one policy to activate.", messages.ERROR)
             return
         policy = queryset.get()
-        with transaction.atomic():
-            policy.activate()
+        policy.activate(by=request.user, source="admin")
         self.message_user(request, f"Policy {policy.name!r} is now active (version {policy.version}).")
 
-    def delete_model(self, request: HttpRequest, obj: RoutingPolicy) -> None:
-        if obj.is_active:
-            self.message_user(request, "The active policy cannot be deleted.", messages.ERROR)
-            return
-        super().delete_model(request, obj)
+    def _policy_or_404(self, request: HttpRequest, object_id: str) -> RoutingPolicy:
+        policy = self.get_object(request, object_id)
+        if policy is None:
+            raise Http404("No such routing policy.")
+        return policy
+
+    def activate_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """GET: what will change, from the active policy to this one. POST: activate it."""
+        policy = self._policy_or_404(request, object_id)
+        if not self.has_change_permission(request, policy):
+            raise PermissionDenied
+        change_url = reverse("admin:routing_routingpolicy_change", args=[policy.pk])
+        if request.method == "POST":
+            policy.activate(by=request.user, source="admin")
+            self.message_user(request, f"Policy {policy.name!r} is now active (version {policy.version}).")
+            return HttpResponseRedirect(change_url)
+        current = RoutingPolicy.objects.filter(is_active=True).first()
+        before = audit.policy_state(current) if current else {}
+        rows = [
+            (field, _show(before.get(field)), _show(value))
+            for field, value in audit.policy_state(policy).items()
+            if field not in ("is_active", "version")
+        ]
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "title": f"Activate routing policy {policy.name!r}?",
+            "policy": policy,
+            "current": current,
+            "rows": rows,
+            "already_active": policy.is_active,
+            "change_url": change_url,
+        }
+        return TemplateResponse(request, "admin/routing/routingpolicy/activate_confirmation.html", context)
+
+    # --- dry run ----------------------------------------------------------------------------------
+    def simulate_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """Replay this policy over the last N finished jobs; read-only."""
+        policy = self._policy_or_404(request, object_id)
+        if not self.has_view_permission(request, policy):
+            raise PermissionDenied
+        try:
+            limit = int(request.GET.get("n", DEFAULT_JOBS))
+        except ValueError:
+            limit = DEFAULT_JOBS
+        sim = simulate(policy, limit=limit)
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "title": f"Simulate {policy.name!r} on recent jobs",
+            "policy": policy,
+            "sim": sim,
+            "limit": limit,
+            "change_url": reverse("admin:routing_routingpolicy_change", args=[policy.pk]),
+        }
+        return TemplateResponse(request, "admin/routing/routingpolicy/simulate.html", context)
+
+
+def _show(value) -> str:
+    if value is None:
+        return "—"
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+@admin.register(PolicyChange)
+class PolicyChangeAdmin(admin.ModelAdmin):
+    """The audit log: read-only, newest first."""
+
+    list_display = ["at", "action", "policy_name", "version", "username", "source", "summary"]
+    list_filter = ["action", "source"]
+    search_fields = ["policy_name", "username"]
+    date_hierarchy = "at"
+    list_select_related = ["policy"]
+    readonly_fields = ["at", "action", "policy", "policy_name", "version", "username", "source", "changes"]
+    fields = readonly_fields
+
+    @admin.display(description="what changed")
+    def summary(self, obj: PolicyChange) -> str:
+        if obj.action == PolicyAction.ACTIVATE:
+            return f"active: {obj.before.get('name', '(none)')} → {obj.after.get('name')}"
+        diff = audit.changed_fields(obj.before, obj.after)
+        return "; ".join(f"{f}: {_show(a)} → {_show(b)}" for f, a, b in diff)[:200] or "—"
+
+    @admin.display(description="from → to")
+    def changes(self, obj: PolicyChange) -> str:
+        diff = [(f, _show(a), _show(b)) for f, a, b in audit.changed_fields(obj.before, obj.after)]
+        return format_html(
+            "<table><tr><th>field</th><th>from</th><th>to</th></tr>{}</table>",
+            format_html_join("", "<tr><td>{}</td><td><code>{}</code></td><td><code>{}</code></td></tr>", diff),
+        )
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False

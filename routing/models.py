@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
 from django.db import IntegrityError, models, transaction
 from django.db.models import F, Q
+from django.utils import timezone
+
+if TYPE_CHECKING:
+    from workers.backends.base import BackendConfig
 
 
 class BackendKind(models.TextChoices):
@@ -77,6 +83,20 @@ class Backend(models.Model):
     def has_api_key(self) -> bool:
         return bool(self.api_key)
 
+    def adapter_config(self) -> BackendConfig:
+        """This row as adapters and probes see it (no ORM object crosses into workers.backends)."""
+        from workers.backends.base import BackendConfig
+
+        return BackendConfig(
+            name=self.name,
+            kind=self.kind,
+            base_url=self.base_url,
+            model=self.model,
+            api_key=self.api_key,
+            timeout_s=float(self.timeout_s),
+            config=dict(self.config),
+        )
+
     def queue_for(self, priority: str) -> str:
         """The RQ queue a job for this backend goes to: API kinds share high/normal/low."""
         return f"{self.pool}-{priority}" if self.pool else priority
@@ -130,21 +150,64 @@ class RoutingPolicy(models.Model):
         except ValueError as exc:
             raise ValidationError({"params": str(exc)}) from None
 
-    def activate(self) -> None:
+    def activate(self, *, by=None, source: str = "shell") -> None:
         """Make this the only active policy, atomically (the partial unique index backs it up).
 
         Two operators activating at once can collide on the index; the loser retries and wins last.
+        The audit entry (from the previously active policy to this one) commits with the switch.
         """
-        from routing import registry
+        from routing import audit, registry
 
         for attempt in range(3):
             try:
                 with transaction.atomic():
+                    previous = RoutingPolicy.objects.filter(is_active=True).exclude(pk=self.pk).first()
                     RoutingPolicy.objects.filter(is_active=True).exclude(pk=self.pk).update(is_active=False)
                     RoutingPolicy.objects.filter(pk=self.pk).update(is_active=True, version=F("version") + 1)
+                    self.refresh_from_db()
+                    audit.record(
+                        self,
+                        PolicyAction.ACTIVATE,
+                        user=by,
+                        source=source,
+                        before=audit.policy_state(previous) if previous else {},
+                        after=audit.policy_state(self),
+                    )
                     registry.invalidate()
                 break
             except IntegrityError:
                 if attempt == 2:
                     raise
-        self.refresh_from_db(fields=["is_active", "version"])
+
+
+class PolicyAction(models.TextChoices):
+    CREATE = "create"
+    UPDATE = "update"
+    ACTIVATE = "activate"
+    DELETE = "delete"
+
+
+class PolicyChange(models.Model):
+    """The audit log of routing policies: who changed which policy, when, from what to what.
+
+    Append-only. For ``activate``, ``before`` is the policy that was active until then.
+    Names are copied so an entry outlives its policy and its user.
+    """
+
+    policy = models.ForeignKey(RoutingPolicy, null=True, blank=True, on_delete=models.SET_NULL, related_name="changes")
+    policy_name = models.CharField(max_length=64)
+    action = models.CharField(max_length=16, choices=PolicyAction.choices)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    username = models.CharField(max_length=150, blank=True)
+    source = models.CharField(max_length=16, help_text="admin, api or shell.")
+    at = models.DateTimeField(default=timezone.now, db_index=True)
+    version = models.PositiveIntegerField(null=True, blank=True, help_text="The policy's version after the change.")
+    before = models.JSONField(default=dict, blank=True)
+    after = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["-at", "-id"]
+        verbose_name = "policy change"
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.policy_name} by {self.username or '(system)'} at {self.at:%Y-%m-%d %H:%M:%S}"

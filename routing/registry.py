@@ -12,11 +12,15 @@ for the current one.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 
 from django.db import transaction
+from redis.exceptions import RedisError
 
 from orchestrator_site.redis import key, redis_client
 from routing.models import Backend, RoutingPolicy
@@ -24,6 +28,10 @@ from routing.strategies import Candidate
 
 log = logging.getLogger(__name__)
 VERSION_KEY = key("routing", "version")
+# "<host>:<pid>" -> "<token> <unix time>": which registry each process loaded, and when.
+# Shows that a change reached every web process (admin, tests); one write per reload.
+LOADED_KEY = key("routing", "loaded")
+LOADED_TTL_S = 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -71,7 +79,33 @@ def snapshot(token: str) -> Snapshot:
         if _snapshot is None or _snapshot.token != token:
             _snapshot = _load(token)
             log.info("routing registry reloaded", extra={"event_kind": "routing.reload", "token": token})
+            _note_loaded(token)
         return _snapshot
+
+
+def _note_loaded(token: str) -> None:
+    try:
+        pipe = redis_client().pipeline(transaction=False)
+        pipe.hset(LOADED_KEY, f"{socket.gethostname()}:{os.getpid()}", f"{token} {time.time():.6f}")
+        pipe.expire(LOADED_KEY, LOADED_TTL_S)
+        pipe.execute()
+    except RedisError as exc:  # bookkeeping only; the snapshot itself is fine
+        log.warning("could not record the registry reload", extra={"error": str(exc)})
+
+
+def loaded_by_process() -> dict[str, tuple[str, float]]:
+    """Which registry token each process last loaded, and when (unix time)."""
+    out = {}
+    for proc, value in redis_client().hgetall(LOADED_KEY).items():
+        token, at = value.decode().split(" ", 1)
+        out[proc.decode()] = (token, float(at))
+    return out
+
+
+def current_names() -> list[str]:
+    """Backend names in this process's current snapshot (empty before the first load)."""
+    current = _snapshot
+    return [c.name for c in current.candidates] if current is not None else []
 
 
 def _load(token: str) -> Snapshot:

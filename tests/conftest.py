@@ -22,6 +22,7 @@ from rest_framework.test import APIClient
 from jobs import queueing, status_cache
 from orchestrator_site.redis import redis_client
 from routing import registry
+from routing import services as routing_services
 from routing.models import Backend, BackendKind, RoutingPolicy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,6 +37,7 @@ def redis_db() -> Iterator:
     )
     client.flushdb()
     registry._snapshot = None
+    routing_services._stats_cache.clear()
     queueing._queues.clear()
     status_cache._script = None
     yield client

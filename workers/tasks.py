@@ -10,13 +10,16 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 import traceback
 
 from django.db import close_old_connections
+from redis.exceptions import RedisError
 from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
 from jobs.models import AttemptOutcome, Job
+from routing import stats
 from workers.backends import get_adapter
 from workers.backends.base import BackendConfig, BackendError, GenerationRequest
 
@@ -65,16 +68,23 @@ def run_job(job_id: str) -> str:
         config=dict(backend.config),
     )
     log.info("job started", extra=ctx)
+    started = time.monotonic()
     try:
-        result = get_adapter(backend.kind).generate(config, request)
+        # The lease outlives the job's own deadline, so a SIGKILLed worker's call stops counting.
+        with stats.in_flight(backend.name, lease_s=job.timeout_s + 60):
+            result = get_adapter(backend.kind).generate(config, request)
     except BackendError as exc:
         status = f" (HTTP {exc.status})" if exc.status else ""
+        # A permanent error (bad input, 4xx) is the request's fault, not the backend's health.
+        _record(backend.name, started, ok=not exc.retryable, error=f"{exc.message}{status}")
         job.mark_failed(f"{backend.name}: {exc.message}{status}")
         log.info("job failed", extra={**ctx, "error": exc.message, "retryable": exc.retryable})
     except JobTimeoutException:
+        _record(backend.name, started, ok=False, error=f"timed out after {job.timeout_s}s")
         job.mark_failed(f"{backend.name}: timed out after {job.timeout_s}s")
         log.info("job timed out", extra=ctx)
     except Exception as exc:  # a bug in an adapter must not kill the worker or loop forever
+        _record(backend.name, started, ok=False, error=f"unexpected {type(exc).__name__}: {exc}")
         job.mark_failed(
             f"{backend.name}: unexpected {type(exc).__name__}: {exc}",
             outcome=AttemptOutcome.ERRORED,
@@ -82,6 +92,7 @@ def run_job(job_id: str) -> str:
         )
         log.exception("job errored", extra=ctx)
     else:
+        _record(backend.name, started, ok=True)
         won = job.mark_succeeded(
             output=result.output,
             finish_reason=result.finish_reason,
@@ -95,3 +106,11 @@ def run_job(job_id: str) -> str:
             extra={**ctx, "latency_ms": result.latency_ms},
         )
     return job.state
+
+
+def _record(backend_name: str, started: float, *, ok: bool, error: str = "") -> None:
+    """Feed the live figures routing reads; a Redis hiccup must not change the job's outcome."""
+    try:
+        stats.record_call(backend_name, latency_ms=(time.monotonic() - started) * 1000, ok=ok, error=error)
+    except RedisError as exc:
+        log.warning("backend stats not recorded", extra={"backend": backend_name, "error": str(exc)})

@@ -9,8 +9,9 @@ from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from routing import audit
 from routing.api.serializers import BackendSerializer, RoutingPolicySerializer
-from routing.models import Backend, RoutingPolicy
+from routing.models import Backend, PolicyAction, RoutingPolicy
 
 
 class IsStaffOrReadOnly(permissions.BasePermission):
@@ -27,9 +28,48 @@ class BackendViewSet(viewsets.ModelViewSet):
 
 
 class RoutingPolicyViewSet(viewsets.ModelViewSet):
+    """Policies; every write is kept in the audit log (``routing.PolicyChange``) with its user."""
+
     queryset = RoutingPolicy.objects.all()
     serializer_class = RoutingPolicySerializer
     permission_classes = [IsStaffOrReadOnly]
+
+    def perform_create(self, serializer) -> None:
+        with transaction.atomic():
+            policy = serializer.save()
+            audit.record(
+                policy,
+                PolicyAction.CREATE,
+                user=self.request.user,
+                source="api",
+                before={},
+                after=audit.policy_state(policy),
+            )
+
+    def perform_update(self, serializer) -> None:
+        with transaction.atomic():
+            before = audit.policy_state(RoutingPolicy.objects.select_for_update().get(pk=serializer.instance.pk))
+            policy = serializer.save()
+            audit.record(
+                policy,
+                PolicyAction.UPDATE,
+                user=self.request.user,
+                source="api",
+                before=before,
+                after=audit.policy_state(policy),
+            )
+
+    def perform_destroy(self, instance: RoutingPolicy) -> None:
+        with transaction.atomic():
+            audit.record(
+                instance,
+                PolicyAction.DELETE,
+                user=self.request.user,
+                source="api",
+                before=audit.policy_state(instance),
+                after={},
+            )
+            instance.delete()
 
     def destroy(self, request: Request, *args, **kwargs) -> Response:
         policy = self.get_object()
@@ -44,6 +84,5 @@ class RoutingPolicyViewSet(viewsets.ModelViewSet):
     @action(detail=True, methods=["post"])
     def activate(self, request: Request, pk: str | None = None) -> Response:
         policy = self.get_object()
-        with transaction.atomic():
-            policy.activate()
+        policy.activate(by=request.user, source="api")
         return Response(self.get_serializer(policy).data)

@@ -24,6 +24,9 @@ class JobFacts:
     pinned_backend: str = ""
     prompt_tokens: int = 0
     max_tokens: int = 0
+    # A stable identity for the job (its id, or its Idempotency-Key) so that a random
+    # strategy picks the same backend when the same job is routed or replayed again.
+    key: str = ""
 
     @property
     def needs_multimodal(self) -> bool:
@@ -49,17 +52,26 @@ class Candidate:
 
 @dataclass(frozen=True)
 class BackendStats:
-    """Live figures for one backend (filled by workers; empty until they report)."""
+    """Live figures for one backend (kept in Redis by the workers; empty until they report)."""
 
     in_flight: int = 0
     ewma_latency_ms: float | None = None
     p95_latency_ms: float | None = None
     error_rate: float = 0.0
     circuit_open: bool = False
+    calls: int = 0  # calls in the sliding window behind p95 and error_rate
+    last_error: str = ""
+    last_error_at: float | None = None  # unix time
+    circuit_state: str = "closed"
+
+
+NO_STATS = BackendStats()
 
 
 @dataclass(frozen=True)
 class Ranked:
+    """One backend's place in a ranking: lower ``score`` is better; ``reason`` shows the numbers."""
+
     name: str
     score: float
     reason: str
@@ -74,9 +86,13 @@ class Strategy:
 
 
 def _strategies() -> dict[str, Strategy]:
+    from routing.strategies.cheapest import CHEAPEST
+    from routing.strategies.fastest import FASTEST
+    from routing.strategies.least_busy import LEAST_BUSY
     from routing.strategies.ordered import ORDERED
+    from routing.strategies.weighted import WEIGHTED
 
-    return {s.name: s for s in (ORDERED,)}
+    return {s.name: s for s in (ORDERED, CHEAPEST, FASTEST, WEIGHTED, LEAST_BUSY)}
 
 
 STRATEGIES: dict[str, Strategy] = {}
@@ -90,6 +106,23 @@ def get_strategy(name: str) -> Strategy:
     except KeyError:
         known = ", ".join(sorted(STRATEGIES))
         raise KeyError(f"Unknown routing strategy {name!r}; known: {known}") from None
+
+
+def check_params(params: Mapping[str, Any], allowed: set[str], strategy: str) -> None:
+    """Reject parameters a strategy does not know: a typo must not silently change routing."""
+    unknown = set(params) - allowed
+    if unknown:
+        raise ValueError(f"unknown parameter(s) for {strategy}: {', '.join(sorted(unknown))}")
+
+
+def positive_number(params: Mapping[str, Any], name: str, *, integer: bool = False) -> None:
+    """``params[name]``, when present, must be a number > 0 (an int when ``integer``)."""
+    if name not in params:
+        return
+    value = params[name]
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
+        raise ValueError(f'"{name}" must be a positive {"integer" if integer else "number"}')
 
 
 def strategy_choices() -> list[tuple[str, str]]:

@@ -9,16 +9,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from routing.strategies import BackendStats, Candidate, JobFacts, Ranked, Strategy
+from routing.strategies import BackendStats, Candidate, JobFacts, Ranked, Strategy, check_params
 
 
 def validate_params(params: Mapping[str, Any]) -> None:
     order = params.get("order", [])
     if not isinstance(order, list) or not all(isinstance(n, str) for n in order):
         raise ValueError('"order" must be a list of backend names')
-    unknown = set(params) - {"order"}
-    if unknown:
-        raise ValueError(f"unknown parameter(s) for ordered: {', '.join(sorted(unknown))}")
+    check_params(params, {"order"}, "ordered")
 
 
 def rank(
