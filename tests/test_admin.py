@@ -134,3 +134,17 @@ def test_policy_form_rejects_unknown_strategy_and_bad_params(admin_client):
     assert r.status_code == 200 and not RoutingPolicy.objects.filter(name="x").exists()
     r = admin_client.post(url, {"name": "x", "strategy": "ordered", "params": '{"order": "dev"}', "description": ""})
     assert r.status_code == 200 and b"order" in r.content and not RoutingPolicy.objects.filter(name="x").exists()
+
+
+def test_probe_now_and_multimodal_from_server_ask_the_real_protocol(admin_client):
+    from tests.fakes.ollama_server import OllamaFake
+
+    with OllamaFake() as fake:
+        backend = Backend.objects.create(name="ol", kind=BackendKind.OLLAMA, base_url=fake.url, model="llava")
+        url = reverse("admin:routing_backend_changelist")
+        r = admin_client.post(url, {"action": "probe_now", "_selected_action": [backend.pk]}, follow=True)
+        text = " ".join(str(m) for m in r.context["messages"])
+        assert "ol: ok in" in text and "vision" in text, text
+        admin_client.post(url, {"action": "multimodal_from_server", "_selected_action": [backend.pk]})
+    backend.refresh_from_db()
+    assert backend.supports_multimodal is True

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from workers.backends.base import Adapter, BackendError
 from workers.backends.dev import DevAdapter
+from workers.backends.ollama import OllamaAdapter
+from workers.backends.openai import OpenAIAdapter
 
-_ADAPTERS: dict[str, type] = {"dev": DevAdapter}
+_ADAPTERS: dict[str, type] = {"dev": DevAdapter, "ollama": OllamaAdapter, "openai": OpenAIAdapter}
 _instances: dict[str, Adapter] = {}
 
 

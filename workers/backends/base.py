@@ -28,6 +28,8 @@ class GenerationResult:
     completion_tokens: int
     finish_reason: str
     latency_ms: int
+    # Server-side timings when the backend reports them (Ollama's *_duration fields, in ms).
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -44,18 +46,21 @@ class BackendConfig:
 
 
 class BackendError(Exception):
-    """A failed backend call. ``retryable`` says whether trying again (here or elsewhere) may help."""
+    """A failed backend call. ``retryable`` says whether trying again (here or elsewhere) may help;
+    ``retry_after_s`` is the server's own hint (``Retry-After``), which a retry should not undercut."""
 
-    def __init__(self, message: str, *, retryable: bool, status: int | None = None):
+    def __init__(self, message: str, *, retryable: bool, status: int | None = None, retry_after_s: float | None = None):
         super().__init__(message)
         self.message = message
         self.retryable = retryable
         self.status = status
+        self.retry_after_s = retry_after_s
 
     @classmethod
-    def from_status(cls, status: int, message: str) -> BackendError:
+    def from_status(cls, status: int, message: str, *, retry_after_s: float | None = None) -> BackendError:
         """HTTP semantics: 408, 429 and 5xx may pass; other 4xx will fail again the same way."""
-        return cls(message, retryable=status in (408, 429) or status >= 500, status=status)
+        retryable = status in (408, 429) or status >= 500
+        return cls(message, retryable=retryable, status=status, retry_after_s=retry_after_s)
 
 
 class Adapter(Protocol):

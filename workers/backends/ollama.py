@@ -1,0 +1,184 @@
+"""``ollama``: a local or remote Ollama server, through the official ``ollama`` client's ``/api/chat``.
+
+Request: ``model`` is the job's model or the backend's; ``messages`` as given, with the job's images
+(base64) attached to the last user message as Ollama expects; ``keep_alive`` from backend config.
+``options`` are merged, later winning: backend config ``options`` < the job's ``params`` < the job's own
+``max_tokens`` (as ``num_predict``) and ``temperature``. Job params are Ollama options (``top_p``,
+``seed``, ``stop``, ``num_ctx``...; ``max_tokens`` is accepted as ``num_predict``), except ``format``
+and ``think``, which are request fields; nothing in params can replace the model, messages or stream.
+
+We always stream, because Ollama reports a failure that happens after generation began as a 200 whose
+last NDJSON line is ``{"error": ...}``: every line is checked (the client raises on it), and a stream
+that ends without ``done: true`` is a truncated answer, i.e. an error, never a success.
+
+Deadline: the call's sockets are bounded by ``min(request.timeout_s, backend.timeout_s)`` and the
+stream is checked against the deadline on every line; RQ's job timeout is the hard backstop.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from typing import Any
+
+import httpx
+import ollama
+import pydantic
+
+from workers.backends.base import BackendConfig, BackendError, GenerationRequest, GenerationResult
+
+log = logging.getLogger(__name__)
+
+# Request fields a job's params may set directly; every other param is an Ollama option.
+REQUEST_FIELDS = ("format", "think")
+# Portable names other kinds use, mapped to Ollama's.
+OPTION_ALIASES = {"max_tokens": "num_predict"}
+MAX_CLIENTS = 32
+
+
+class OllamaAdapter:
+    """Runs jobs on Ollama; holds one pooled client per (base_url, timeout, key), shared by threads."""
+
+    kind = "ollama"
+
+    def __init__(self) -> None:
+        self._clients: OrderedDict[tuple[str, float, str], ollama.Client] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def client(self, backend: BackendConfig, timeout_s: float) -> ollama.Client:
+        """The cached client for this backend and timeout (the ``ollama`` client fixes its timeout at creation)."""
+        # The key's digest, not the key, goes into the cache key: nothing here should print a secret.
+        key_id = hashlib.sha256(backend.api_key.encode()).hexdigest()[:16] if backend.api_key else ""
+        cache_key = (backend.base_url, float(timeout_s), key_id)
+        with self._lock:
+            client = self._clients.get(cache_key)
+            if client is None:
+                headers = {"authorization": f"Bearer {backend.api_key}"} if backend.api_key else None
+                client = ollama.Client(host=backend.base_url, timeout=timeout_s, headers=headers)
+                self._clients[cache_key] = client
+                # Bounded: job timeouts vary. An evicted client is not closed here because another
+                # thread may be mid-call on it; the garbage collector closes its pool.
+                while len(self._clients) > MAX_CLIENTS:
+                    self._clients.popitem(last=False)
+            else:
+                self._clients.move_to_end(cache_key)
+            return client
+
+    def generate(self, backend: BackendConfig, request: GenerationRequest) -> GenerationResult:
+        started = time.monotonic()
+        timeout_s = min(request.timeout_s, backend.timeout_s)
+        deadline = started + timeout_s
+        model = request.model or backend.model
+        if not model:
+            raise BackendError("No model: set one on the backend or the job.", retryable=False)
+        if not backend.base_url:  # the client would silently fall back to OLLAMA_HOST or localhost
+            raise BackendError("The backend has no base URL.", retryable=False)
+        kwargs = build_chat_kwargs(backend, request, model)
+        client = self.client(backend, timeout_s)
+
+        try:  # the client validates the request eagerly; what it rejects will never pass
+            stream = client.chat(stream=True, **kwargs)
+        except (pydantic.ValidationError, ollama.RequestError) as exc:
+            raise BackendError(f"Invalid request for Ollama: {_first_error(exc)}", retryable=False) from None
+
+        parts: list[str] = []
+        final: ollama.ChatResponse | None = None
+        try:
+            with contextlib.closing(stream):
+                for chunk in stream:
+                    if chunk.message is not None and chunk.message.content:
+                        parts.append(chunk.message.content)
+                    if chunk.done:
+                        final = chunk
+                    if not chunk.done and time.monotonic() > deadline:
+                        raise BackendError(f"Timed out after {timeout_s:g}s (streaming).", retryable=True)
+        except ollama.ResponseError as exc:
+            raise classify_response_error(exc) from None
+        except httpx.TimeoutException:
+            raise BackendError(f"Timed out after {timeout_s:g}s.", retryable=True) from None
+        except (httpx.TransportError, ConnectionError) as exc:
+            raise BackendError(f"Connection failed: {type(exc).__name__}: {exc}", retryable=True) from None
+        except (json.JSONDecodeError, pydantic.ValidationError) as exc:
+            # Not Ollama's protocol (a proxy's error page, a cut line): the server side is broken, try again.
+            raise BackendError(f"Malformed stream from the server: {type(exc).__name__}", retryable=True) from None
+
+        if final is None:
+            raise BackendError("The stream ended without 'done': the answer is truncated.", retryable=True)
+        return GenerationResult(
+            output="".join(parts),
+            prompt_tokens=final.prompt_eval_count or 0,
+            completion_tokens=final.eval_count or 0,
+            finish_reason=final.done_reason or "stop",
+            latency_ms=int((time.monotonic() - started) * 1000),
+            timings={
+                k: v / 1e6  # Ollama reports nanoseconds
+                for k in ("total_duration", "load_duration", "prompt_eval_duration", "eval_duration")
+                if (v := getattr(final, k, None)) is not None
+            },
+        )
+
+
+def build_chat_kwargs(backend: BackendConfig, request: GenerationRequest, model: str) -> dict[str, Any]:
+    """The ``Client.chat`` arguments for a job (see the module docstring for the merge order)."""
+    options: dict[str, Any] = dict(backend.config.get("options") or {})
+    fields: dict[str, Any] = {}
+    for name, value in request.params.items():
+        if name in REQUEST_FIELDS:
+            fields[name] = value
+        elif name == "options" and isinstance(value, dict):
+            options.update(value)
+        else:
+            options[OPTION_ALIASES.get(name, name)] = value
+    if request.max_tokens is not None:
+        options["num_predict"] = request.max_tokens
+    if request.temperature is not None:
+        options["temperature"] = request.temperature
+
+    kwargs: dict[str, Any] = {"model": model, "messages": build_messages(request), **fields}
+    if options:
+        kwargs["options"] = options
+    keep_alive = backend.config.get("keep_alive")
+    if keep_alive is not None:
+        kwargs["keep_alive"] = keep_alive
+    return kwargs
+
+
+def build_messages(request: GenerationRequest) -> list[dict[str, Any]]:
+    """The job's messages, with its images on the last user message (a new one if there is none)."""
+    messages = [{"role": m.get("role", "user"), "content": m.get("content", "")} for m in request.messages]
+    if request.images:
+        # Decoded here and handed over as bytes: the client treats a *string* that names an existing
+        # file as a path and would upload that file, so user data never reaches it as a str.
+        try:
+            images = [base64.b64decode(img, validate=True) for img in request.images]
+        except (binascii.Error, ValueError):
+            raise BackendError("An image is not valid base64.", retryable=False) from None
+        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        if users:
+            messages[users[-1]]["images"] = images
+        else:
+            messages.append({"role": "user", "content": "", "images": images})
+    return messages
+
+
+def classify_response_error(exc: ollama.ResponseError) -> BackendError:
+    """Ollama's HTTP status decides; an ``{"error"}`` line inside a 200 stream (status -1) is retryable."""
+    message = str(exc.error) or "Ollama returned an error."
+    if exc.status_code is None or exc.status_code < 100:
+        # The server failed after it began answering (runner crash, out of memory): another try may pass.
+        return BackendError(f"Error during generation: {message}", retryable=True)
+    return BackendError.from_status(exc.status_code, message)
+
+
+def _first_error(exc: Exception) -> str:
+    if isinstance(exc, pydantic.ValidationError) and exc.errors():
+        first = exc.errors()[0]
+        return f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+    return str(exc)
