@@ -132,7 +132,15 @@ def parse_wrk(output: str) -> dict:
     return result
 
 
-def run_wrk(args: argparse.Namespace, base: str, mode: str, token: str, seconds: int, nonce: str) -> dict:
+def run_wrk(
+    args: argparse.Namespace,
+    base: str,
+    mode: str,
+    token: str,
+    seconds: int,
+    nonce: str,
+    workers: list[int] | None = None,
+) -> dict:
     path = API_PATH if mode == "api" else BARE_PATH
     cmd = [
         "wrk",
@@ -150,12 +158,26 @@ def run_wrk(args: argparse.Namespace, base: str, mode: str, token: str, seconds:
         token,
         nonce,
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30, check=False)
+    cpu_before = cpu_seconds(workers or [])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=seconds + 30)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"wrk did not finish within {seconds + 30}s") from None
+    finally:
+        if proc.poll() is None:  # interrupted or timed out: leave no wrk behind
+            proc.kill()
+            proc.wait()
+    cpu_after = cpu_seconds(workers or [])
     if proc.returncode != 0:
-        raise BenchError(f"wrk failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    result = parse_wrk(proc.stdout)
+        raise BenchError(f"wrk failed ({proc.returncode}):\n{out}\n{err}")
+    result = parse_wrk(out)
     result["mode"] = mode
     result["seconds"] = seconds
+    # Server CPU per request: what the application costs, much less sensitive to a noisy
+    # machine than req/s (which also pays for wrk, Redis and the kernel on the same CPUs).
+    ok = cpu_before is not None and cpu_after is not None and result["requests"]
+    result["server_cpu_ms_per_req"] = (cpu_after - cpu_before) * 1e3 / result["requests"] if ok else None
     return result
 
 
@@ -213,6 +235,34 @@ def stop_gunicorn(proc: subprocess.Popen | None) -> None:
     proc.bench_log.close()  # type: ignore[attr-defined]
 
 
+def worker_pids(master: int) -> list[int]:
+    """The gunicorn workers: processes whose parent is the master (Linux /proc; [] elsewhere)."""
+    pids = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == master:
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def cpu_seconds(pids: list[int]) -> float | None:
+    """User + system CPU time of ``pids``; None when any of them is gone or /proc is missing."""
+    if not pids:
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
 def http(method: str, url: str, body: dict | None = None, headers: dict | None = None) -> tuple[int, dict]:
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
@@ -255,15 +305,26 @@ def smoke(base: str, token: str, nonce: str) -> None:
 # --- report ----------------------------------------------------------------------------------
 
 
-def median_of(runs: list[dict], key: str) -> float:
-    return statistics.median(r[key] for r in runs)
+def _fmt(value: float | None, spec: str = ".2f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def median_of(runs: list[dict], key: str) -> float | None:
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.median(values) if values else None
 
 
 def summarize(runs: list[dict]) -> dict:
     by = {mode: [r for r in runs if r["mode"] == mode] for mode in ("bare", "api")}
-    med = {mode: {k: median_of(rs, k) for k in ("rps", "p50_ms", "p90_ms", "p99_ms")} for mode, rs in by.items()}
+    keys = ("rps", "p50_ms", "p90_ms", "p99_ms", "server_cpu_ms_per_req")
+    med = {mode: {k: median_of(rs, k) for k in keys} for mode, rs in by.items()}
     throughput_ratio = med["api"]["rps"] / med["bare"]["rps"]
     p99_ratio = med["api"]["p99_ms"] / med["bare"]["p99_ms"]
+    cpu = med["api"]["server_cpu_ms_per_req"], med["bare"]["server_cpu_ms_per_req"]
+    # Each API run against the baseline run just before it: a slow spell on a shared
+    # machine hits both of a pair, so the spread of these shows how noisy the run was.
+    pair_ratios = [a["rps"] / b["rps"] for b, a in zip(by["bare"], by["api"], strict=True)]
+    spread = {mode: max(r["rps"] for r in rs) / min(r["rps"] for r in rs) for mode, rs in by.items()}
     errors = sum(r["non_2xx"] + r["socket_errors"] for r in runs)
     ok_t = throughput_ratio >= GOAL_THROUGHPUT_RATIO
     ok_p = p99_ratio <= GOAL_P99_RATIO
@@ -271,6 +332,10 @@ def summarize(runs: list[dict]) -> dict:
         "median": med,
         "throughput_ratio": throughput_ratio,
         "p99_ratio": p99_ratio,
+        "pair_throughput_ratios": pair_ratios,
+        "server_cpu_ratio": cpu[0] / cpu[1] if None not in cpu else None,
+        "rps_spread": spread,
+        "noisy": any(v > 1.25 for v in spread.values()),
         "errors": errors,
         "pass_throughput": ok_t,
         "pass_p99": ok_p,
@@ -278,14 +343,17 @@ def summarize(runs: list[dict]) -> dict:
     }
 
 
-def print_report(args: argparse.Namespace, runs: list[dict], summary: dict, db_counts: dict) -> None:
+def print_report(args: argparse.Namespace, runs: list[dict], summary: dict, db_counts: dict, load: float) -> None:
     label = {"bare": "baseline", "api": "POST /jobs"}
     print()
     print(
         f"P1: gunicorn -w {args.workers} (sync), wrk -t{args.threads} -c{args.connections} "
-        f"-d{args.duration}s, {args.rounds} rounds each, alternating; {os.cpu_count()} CPUs"
+        f"-d{args.duration}s, {args.rounds} rounds each, alternating; {os.cpu_count()} CPUs "
+        f"(load average before start {load:.2f})"
     )
-    head = f"{'run':<16}{'req/s':>10}{'p50 ms':>10}{'p90 ms':>10}{'p99 ms':>10}{'requests':>10}{'errors':>8}"
+    head = (
+        f"{'run':<18}{'req/s':>9}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'cpu ms/req':>12}{'requests':>10}{'errors':>8}"
+    )
     print(head)
     print("-" * len(head))
     counts: dict[str, int] = {}
@@ -293,14 +361,17 @@ def print_report(args: argparse.Namespace, runs: list[dict], summary: dict, db_c
         counts[r["mode"]] = counts.get(r["mode"], 0) + 1
         name = f"{label[r['mode']]} #{counts[r['mode']]}"
         print(
-            f"{name:<16}{r['rps']:>10.1f}{r['p50_ms']:>10.2f}{r['p90_ms']:>10.2f}{r['p99_ms']:>10.2f}"
-            f"{r['requests']:>10}{r['non_2xx'] + r['socket_errors']:>8}"
+            f"{name:<18}{r['rps']:>9.1f}{r['p50_ms']:>9.2f}{r['p90_ms']:>9.2f}{r['p99_ms']:>9.2f}"
+            f"{_fmt(r['server_cpu_ms_per_req']):>12}{r['requests']:>10}{r['non_2xx'] + r['socket_errors']:>8}"
         )
     print("-" * len(head))
     for mode in ("bare", "api"):
         m = summary["median"][mode]
         name = f"{label[mode]} median"
-        print(f"{name:<16}{m['rps']:>10.1f}{m['p50_ms']:>10.2f}{m['p90_ms']:>10.2f}{m['p99_ms']:>10.2f}")
+        print(
+            f"{name:<18}{m['rps']:>9.1f}{m['p50_ms']:>9.2f}{m['p90_ms']:>9.2f}{m['p99_ms']:>9.2f}"
+            f"{_fmt(m['server_cpu_ms_per_req']):>12}"
+        )
     print()
     t, p = summary["throughput_ratio"], summary["p99_ratio"]
     print(
@@ -311,6 +382,20 @@ def print_report(args: argparse.Namespace, runs: list[dict], summary: dict, db_c
         f"p99 ratio api/baseline:        {p:.2f}  (goal <= {GOAL_P99_RATIO})  "
         f"{'PASS' if summary['pass_p99'] else 'FAIL'}"
     )
+    pairs = ", ".join(f"{x:.2f}" for x in summary["pair_throughput_ratios"])
+    print(f"per-round throughput ratios:   {pairs}")
+    if summary["server_cpu_ratio"] is not None:
+        print(
+            f"server CPU per request:        api {summary['median']['api']['server_cpu_ms_per_req']:.2f} ms, "
+            f"baseline {summary['median']['bare']['server_cpu_ms_per_req']:.2f} ms "
+            f"(x{summary['server_cpu_ratio']:.2f}; gunicorn workers only)"
+        )
+    if summary["noisy"]:
+        spread = ", ".join(f"{label[k]} x{v:.2f}" for k, v in summary["rps_spread"].items())
+        print(
+            f"WARNING: the machine looks busy (req/s max/min across rounds: {spread}); wrk, gunicorn "
+            "and Redis share these CPUs, so rerun on a quiet machine before trusting the ratio"
+        )
     if summary["errors"]:
         print(f"errors (non-2xx or socket): {summary['errors']}  -> FAIL (results do not measure the success path)")
     if db_counts:
@@ -324,10 +409,13 @@ def print_report(args: argparse.Namespace, runs: list[dict], summary: dict, db_c
 def count_rows(db_path: Path, conn) -> dict:
     out: dict = {}
     try:
-        with sqlite3.connect(db_path) as db:
+        db = sqlite3.connect(db_path)
+        try:
             api, bare = db.execute(
                 "SELECT SUM(created_by_id IS NOT NULL), SUM(created_by_id IS NULL) FROM jobs_job"
             ).fetchone()
+        finally:
+            db.close()
         out["api_rows"], out["bare_rows"] = api or 0, bare or 0
     except sqlite3.Error as exc:
         out["error"] = str(exc)
@@ -352,7 +440,9 @@ def main() -> int:
         )
         return 2
     signal.signal(signal.SIGTERM, _sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
 
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     tmp = Path(tempfile.mkdtemp(prefix="llmo-bench-p1-"))
     log_path = tmp / "gunicorn.log"
     conn = None
@@ -360,8 +450,9 @@ def main() -> int:
     try:
         conn = redis_conn(args)
         flush_bench_db(conn)
+        inherited = {k: v for k, v in os.environ.items() if k not in ("SECRET_KEY_FILE", "DATABASE_URL")}
         env = {
-            **os.environ,
+            **inherited,
             "DJANGO_SETTINGS_MODULE": "orchestrator_site.settings",
             "ROOT_URLCONF": "bench.urls",
             "VAR_DIR": str(tmp),
@@ -386,6 +477,7 @@ def main() -> int:
         wait_ready(server, base, log_path)
         nonce = secrets.token_hex(4)
         smoke(base, token, nonce)
+        workers = worker_pids(server.pid)
         print(f"setup {time.monotonic() - t0:.1f}s; gunicorn on {base}, warming up...", flush=True)
 
         if args.warmup:
@@ -394,11 +486,11 @@ def main() -> int:
         runs = []
         for i in range(args.rounds):
             for mode in ("bare", "api"):
-                r = run_wrk(args, base, mode, token, args.duration, f"{nonce}r{i}")
+                r = run_wrk(args, base, mode, token, args.duration, f"{nonce}r{i}", workers)
                 runs.append(r)
                 print(
                     f"  {mode:<5} round {i + 1}: {r['rps']:.1f} req/s, p50 {r['p50_ms']:.2f} ms, "
-                    f"p99 {r['p99_ms']:.2f} ms",
+                    f"p99 {r['p99_ms']:.2f} ms, server CPU {_fmt(r['server_cpu_ms_per_req'])} ms/req",
                     flush=True,
                 )
         if server.poll() is not None:
@@ -406,7 +498,7 @@ def main() -> int:
 
         summary = summarize(runs)
         db_counts = count_rows(tmp / "bench.sqlite3", conn)
-        print_report(args, runs, summary, db_counts)
+        print_report(args, runs, summary, db_counts, load)
         server_log = log_path.read_text().strip()
         if server_log:
             print(f"\ngunicorn log (last lines):\n{server_log[-2000:]}")
@@ -423,6 +515,7 @@ def main() -> int:
                 },
                 "host": {
                     "cpus": os.cpu_count(),
+                    "load_average_before": load,
                     "python": platform.python_version(),
                     "platform": platform.platform(),
                 },

@@ -160,6 +160,32 @@ class JobCreateSerializer(serializers.Serializer):
         return attrs
 
 
+_submission_validator: tuple[tuple, JobCreateSerializer] | None = None
+
+
+def validate_submission(data: Any) -> dict:
+    """``JobCreateSerializer(data=data)``'s validated data, from one serializer per process.
+
+    Building the serializer (DRF deep-copies every declared field, then four more are
+    made) cost more than validating a body; ``run_validation`` keeps no per-call state, so
+    one instance per set of limits is reused. Invalid bodies take the ordinary path, so
+    their error document is exactly ``is_valid(raise_exception=True)``'s.
+    """
+    global _submission_validator
+    limits = tuple(sorted(_limits().items()))
+    cached = _submission_validator
+    if cached is None or cached[0] != limits:
+        validator = JobCreateSerializer()
+        validator.fields  # noqa: B018 (build and bind the fields now, once)
+        cached = _submission_validator = (limits, validator)
+    try:
+        return cached[1].run_validation(data)
+    except serializers.ValidationError:
+        serializer = JobCreateSerializer(data=data)
+        serializer.is_valid(raise_exception=True)
+        raise
+
+
 class JobSerializer(serializers.ModelSerializer):
     """The status document: what ``GET /jobs/<id>`` answers and what Redis mirrors."""
 

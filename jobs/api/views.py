@@ -20,6 +20,7 @@ from jobs.api.serializers import (
     JobCreateSerializer,
     JobSerializer,
     public,
+    validate_submission,
 )
 from jobs.models import TERMINAL_STATES, Job, JobState, Priority
 
@@ -81,11 +82,8 @@ class JobListCreate(generics.GenericAPIView):
         key = request.headers.get(IDEMPOTENCY_HEADER)
         if key is not None and not (0 < len(key.strip()) <= MAX_IDEMPOTENCY_KEY):
             raise ValidationError({IDEMPOTENCY_HEADER: [f"Must be 1 to {MAX_IDEMPOTENCY_KEY} characters."]})
-        serializer = JobCreateSerializer(data=request.data)
-        serializer.is_valid(raise_exception=True)
-        submission = services.submit(
-            serializer.validated_data, user=request.user, body=request.data, idempotency_key=key
-        )
+        data = validate_submission(request.data)
+        submission = services.submit(data, user=request.user, body=request.data, idempotency_key=key)
         doc = submission.document
         headers = {"Location": request.build_absolute_uri(f"/jobs/{doc['id']}")}
         if not submission.created:
