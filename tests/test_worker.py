@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -37,7 +38,7 @@ def test_worker_runs_job_and_writes_result_usage_and_timings(api, policy):
     assert job.output == "echo me back"
     assert (job.prompt_tokens, job.completion_tokens) == (5, 3)
     assert job.created_at <= job.enqueued_at <= job.started_at <= job.finished_at
-    assert job.worker and job.latency_ms is not None and job.cost == 0
+    assert job.worker.startswith(f"{socket.gethostname()}.") and job.latency_ms is not None and job.cost == 0
     assert job.attempts.get().outcome == AttemptOutcome.SUCCEEDED
     r = api.get(f"/jobs/{job_id}/result")
     assert r.status_code == 200

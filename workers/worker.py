@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from typing import Any
 
 from rq.serializers import JSONSerializer
@@ -19,4 +21,6 @@ class OrchestratorWorker(SimpleWorker):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["serializer"] = JSONSerializer
+        # host.pid instead of RQ's random hex, so a job's `worker` says where it ran.
+        kwargs["name"] = kwargs.get("name") or f"{socket.gethostname()}.{os.getpid()}"
         super().__init__(*args, **kwargs)
