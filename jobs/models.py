@@ -169,6 +169,40 @@ class Job(models.Model):
             )
         return True
 
+    def start_attempt(self, backend, worker: str, *, reuse_current: bool = False) -> bool:
+        """The next try of a running job (a retry, or a fallback to ``backend``); False when it stopped running.
+
+        ``reuse_current`` relabels the attempt ``mark_running`` opened instead of opening another (the
+        first call goes to a fallback). A CAS on ``running``: a job canceled during a backoff stops here.
+        """
+        now = timezone.now()
+        fields: dict[str, Any] = {
+            "backend": backend,
+            "backend_name": backend.name,
+            "version": F("version") + 1,
+            "updated_at": now,
+        }
+        if not reuse_current:
+            fields["attempt_count"] = F("attempt_count") + 1
+        with transaction.atomic():
+            if not Job.objects.filter(pk=self.pk, state=JobState.RUNNING).update(**fields):
+                self.refresh_from_db()
+                return False
+            self.refresh_from_db()
+            if reuse_current:
+                JobAttempt.objects.filter(job=self, number=self.attempt_count, outcome=AttemptOutcome.RUNNING).update(
+                    backend_name=backend.name, started_at=now
+                )
+            else:
+                JobAttempt.objects.create(
+                    job=self, number=self.attempt_count, backend_name=backend.name, worker=worker, started_at=now
+                )
+            from jobs import status_cache
+
+            job = self
+            transaction.on_commit(lambda: status_cache.publish(job))
+        return True
+
     def mark_succeeded(
         self,
         *,

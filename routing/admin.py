@@ -14,8 +14,9 @@ from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
+from redis.exceptions import RedisError
 
-from routing import audit
+from routing import audit, circuit
 from routing.models import Backend, PolicyAction, PolicyChange, RoutingPolicy
 from routing.services import read_live_stats
 from routing.simulate import DEFAULT_JOBS, simulate
@@ -38,6 +39,7 @@ class BackendForm(forms.ModelForm):
             "name",
             "kind",
             "enabled",
+            "drain",
             "base_url",
             "model",
             "api_key",
@@ -69,6 +71,7 @@ class BackendAdmin(admin.ModelAdmin):
         "kind",
         "model",
         "enabled",
+        "drain",
         "supports_multimodal",
         "max_concurrency",
         "weight",
@@ -83,11 +86,19 @@ class BackendAdmin(admin.ModelAdmin):
         "live_circuit",
         "live_last_error",
     ]
-    list_filter = ["kind", "enabled", "supports_multimodal"]
+    list_filter = ["kind", "enabled", "drain", "supports_multimodal"]
     search_fields = ["name", "model", "base_url"]
-    actions = ["enable", "disable", "probe_now", "multimodal_from_server"]
+    actions = [
+        "enable",
+        "disable",
+        "drain_selected",
+        "undrain_selected",
+        "close_circuit",
+        "probe_now",
+        "multimodal_from_server",
+    ]
     fieldsets = [
-        (None, {"fields": ["name", "kind", "enabled", "base_url", "model", "api_key", "clear_api_key"]}),
+        (None, {"fields": ["name", "kind", "enabled", "drain", "base_url", "model", "api_key", "clear_api_key"]}),
         (
             "Capabilities",
             {"fields": ["supports_multimodal", "max_context_tokens", "max_concurrency", "weight", "timeout_s", "pool"]},
@@ -95,8 +106,9 @@ class BackendAdmin(admin.ModelAdmin):
         ("Cost (per 1k tokens)", {"fields": ["cost_input_per_1k", "cost_output_per_1k"]}),
         ("Kind-specific", {"fields": ["config"]}),
         ("Live figures (from the workers, via Redis)", {"fields": ["live_figures"]}),
+        ("Circuit breaker (shared by all workers, via Redis)", {"fields": ["circuit_panel"]}),
     ]
-    readonly_fields = ["live_figures"]
+    readonly_fields = ["live_figures", "circuit_panel"]
 
     # --- live figures: one Redis read per page, not one per cell --------------------------------
     def get_changelist_instance(self, request: HttpRequest):
@@ -156,6 +168,33 @@ class BackendAdmin(admin.ModelAdmin):
         ]
         return format_html("<table>{}</table>", format_html_join("", "<tr><th>{}</th><td>{}</td></tr>", rows))
 
+    @admin.display(description="Circuit")
+    def circuit_panel(self, obj: Backend | None) -> str:
+        """State, why it opened, and the recent transitions, newest first."""
+        if obj is None or obj.pk is None:
+            return "—"
+        try:
+            c = circuit.status(obj.name)
+        except RedisError as exc:
+            return f"unavailable: {exc}"
+        rows = [("State", c.state), ("Consecutive failures", str(c.failures))]
+        if c.state != "closed":
+            rows += [
+                ("Opened", _when(c.opened_at)),
+                ("Cool-down until", _when(c.open_until)),
+                ("Reason", c.reason or "—"),
+            ]
+        history = format_html_join(
+            "",
+            "<tr><td>{}</td><td>{} → {}</td><td>{}</td></tr>",
+            ((_when(t.at), t.from_state, t.to_state, t.reason) for t in c.history),
+        )
+        return format_html(
+            "<table>{}</table><h4>History</h4><table><tr><th>when</th><th>change</th><th>why</th></tr>{}</table>",
+            format_html_join("", "<tr><th>{}</th><td>{}</td></tr>", rows),
+            history or format_html("<tr><td colspan=3>{}</td></tr>", "no transitions yet"),
+        )
+
     @admin.display(description="API key")
     def api_key_status(self, obj: Backend) -> str:
         return "set" if obj.has_api_key else "not set"
@@ -171,6 +210,26 @@ class BackendAdmin(admin.ModelAdmin):
         for backend in queryset:
             backend.enabled = False
             backend.save(update_fields=["enabled", "updated_at"])
+
+    @admin.action(description="Drain selected backends (no new jobs; queued ones finish)")
+    def drain_selected(self, request: HttpRequest, queryset) -> None:
+        for backend in queryset:  # save() per row so routing snapshots are invalidated
+            backend.drain = True
+            backend.save(update_fields=["drain", "updated_at"])
+        self.message_user(request, f"Draining {len(queryset)} backend(s): routing sends them no new jobs.")
+
+    @admin.action(description="Undrain selected backends")
+    def undrain_selected(self, request: HttpRequest, queryset) -> None:
+        for backend in queryset:
+            backend.drain = False
+            backend.save(update_fields=["drain", "updated_at"])
+        self.message_user(request, f"{len(queryset)} backend(s) take new jobs again.")
+
+    @admin.action(description="Close the circuit of selected backends (the backend is known to be back)")
+    def close_circuit(self, request: HttpRequest, queryset) -> None:
+        for backend in queryset:
+            circuit.reset(backend.name, reason=f"closed by {request.user.get_username()} in the admin")
+        self.message_user(request, f"Circuit closed for {len(queryset)} backend(s).")
 
     @admin.action(description="Probe now (reachable? model there? capabilities)")
     def probe_now(self, request: HttpRequest, queryset) -> None:

@@ -11,6 +11,8 @@ def reject_reason(job: JobFacts, c: Candidate, stats: BackendStats | None) -> st
     """Why ``c`` cannot run ``job``, or None when it can."""
     if not c.enabled:
         return "disabled"
+    if c.drained:
+        return "draining"
     if stats is not None and stats.circuit_open:
         return "circuit open"
     if job.needs_multimodal and not c.supports_multimodal:

@@ -49,6 +49,10 @@ class Backend(models.Model):
     model = models.CharField(max_length=200, blank=True, help_text="Model name sent to the backend.")
     api_key = models.CharField(max_length=500, blank=True, help_text="Write-only: never shown or returned.")
     enabled = models.BooleanField(default=True)
+    drain = models.BooleanField(
+        default=False,
+        help_text="Draining: routing sends it no new jobs and no fallbacks; jobs already queued for it still run.",
+    )
     supports_multimodal = models.BooleanField(default=False)
     max_context_tokens = models.PositiveIntegerField(default=8192, validators=[MinValueValidator(1)])
     max_concurrency = models.PositiveIntegerField(default=16, validators=[MinValueValidator(1)])

@@ -127,6 +127,7 @@ def to_candidate(backend: Backend) -> Candidate:
         kind=backend.kind,
         model=backend.model,
         enabled=backend.enabled,
+        drained=backend.drain,
         supports_multimodal=backend.supports_multimodal,
         max_context_tokens=backend.max_context_tokens,
         max_concurrency=backend.max_concurrency,

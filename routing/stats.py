@@ -7,8 +7,9 @@ Per backend (``<name>`` is the backend's name):
 - ``llmo:stats:<name>:window``  list of the last ``WINDOW`` calls as ``"<ok 1|0>:<latency ms>"``;
 - ``llmo:inflight:<name>``      sorted set of in-flight call leases scored by their expiry, so a
   worker killed mid-call stops counting once its lease runs out (no counter to leak);
-- ``llmo:circuit:<name>``       hash with ``state`` = closed|open|half_open, written by the
-  circuit breaker; read here only.
+- ``llmo:circuit:<name>``       hash with ``state`` = closed|open|half_open and ``open_until``, written
+  by the circuit breaker (``routing.circuit``); read here only. An ``open`` state whose ``open_until``
+  has passed is reported as ``half_open``: the breaker moves there lazily, on the next call it allows.
 
 Writes are one Lua call (one round trip, atomic: two workers finishing at once cannot lose an
 update), and so is the read of any number of backends: routing runs on every submission. The
@@ -94,6 +95,7 @@ redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2])) + 60)
 _READ = """
 local t = redis.call('TIME')
 local now = '(' .. t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
+local now_s = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local fields = {'ewma_ms', 'p95_ms', 'error_rate', 'calls'}
 if ARGV[1] == '1' then
   fields[5] = 'last_error_at'
@@ -105,7 +107,12 @@ for i = 1, #KEYS, 3 do
   for j = 1, #fields do f[j] = f[j] or '' end
   out[#out + 1] = table.concat(f, '\\t')
   out[#out + 1] = redis.call('ZCOUNT', KEYS[i + 1], now, '+inf')
-  out[#out + 1] = redis.call('HGET', KEYS[i + 2], 'state') or ''
+  -- An open circuit past its cool-down reads half_open: routing lets jobs through so that one can
+  -- be the trial (routing.circuit.allow grants exactly one; the rest fall back in the worker).
+  local c = redis.call('HMGET', KEYS[i + 2], 'state', 'open_until')
+  local state = c[1] or ''
+  if state == 'open' and c[2] and tonumber(c[2]) <= now_s then state = 'half_open' end
+  out[#out + 1] = state
 end
 return out
 """

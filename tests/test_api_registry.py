@@ -359,3 +359,18 @@ def test_activation_governs_the_next_job_in_every_web_process(gunicorn_server, s
 
         after = burst(24)  # no pause, no restart
         assert {(job["policy"], job["backend"]) for job in after} == {("alt", "dev2")}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_draining_a_backend_through_the_api_stops_new_jobs_going_to_it(staff_api, api, policy):
+    other = Backend.objects.create(name="spare", kind=BackendKind.DEV)
+    r = staff_api.patch(f"/backends/{policy_backend_id()}", {"drain": True}, format="json")
+    assert r.status_code == 200 and r.json()["drain"] is True
+    job = api.post("/jobs", {"prompt": "hi"}, format="json").json()
+    assert job["backend"] == other.name
+    r = api.post("/jobs", {"prompt": "hi", "backend": "dev"}, format="json")
+    assert r.status_code == 422 and "draining" in r.json()["backend"][0]
+
+
+def policy_backend_id() -> int:
+    return Backend.objects.get(name="dev").pk

@@ -73,17 +73,20 @@ def test_cost_uses_the_backends_prices(api, db):
     assert float(job.cost) == pytest.approx((4 * 2.0 + 4 * 4.0) / 1000)
 
 
-@pytest.mark.parametrize(("status", "retryable"), [(503, True), (400, False)])
-def test_backend_error_fails_job_with_message_and_attempt(api, db, status, retryable):
-    Backend.objects.create(name="flaky", kind=BackendKind.DEV, config={"fail_rate": 1.0, "fail_status": status})
+@pytest.mark.parametrize(("status", "tries"), [(503, 3), (400, 1)])
+def test_backend_error_fails_job_with_message_and_attempts(api, db, status, tries):
+    """A retryable error is tried 1 + retry_max times (default 2 retries); a permanent one once."""
+    config = {"fail_rate": 1.0, "fail_status": status, "retry_base_ms": 1}
+    Backend.objects.create(name="flaky", kind=BackendKind.DEV, config=config)
     RoutingPolicy.objects.create(name="p", strategy="ordered", params={}).activate()
     job_id = submit(api)
     run_worker_burst()
     job = Job.objects.get(pk=job_id)
     assert job.state == JobState.FAILED
     assert f"HTTP {status}" in job.error and "flaky" in job.error
-    attempt = job.attempts.get()
-    assert attempt.outcome == AttemptOutcome.FAILED and attempt.error
+    assert job.attempts.count() == job.attempt_count == tries
+    for attempt in job.attempts.all():
+        assert attempt.outcome == AttemptOutcome.FAILED and f"HTTP {status}" in attempt.error
     r = api.get(f"/jobs/{job_id}/result")
     assert r.status_code == 200 and r.json()["state"] == "failed" and r.json()["error"] == job.error
 

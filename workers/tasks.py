@@ -1,8 +1,21 @@
-"""The RQ task: load the row, claim it, run the adapter, record the outcome.
+"""The RQ task: load the row, claim it, run it on its backend (retrying, then falling back), record the outcome.
 
 The RQ job carries only the job id. A duplicate delivery or a job canceled while
 queued loses the compare-and-set in ``mark_running`` and does nothing; a result that
 arrives after a cancel loses the CAS in ``mark_succeeded`` and is discarded.
+
+Failure handling, all inside one run and under one deadline (``job.timeout_s`` caps every
+attempt and every sleep together):
+
+- a retryable ``BackendError`` (timeout, connection, 429, 5xx, truncated answer) is retried on
+  the same backend after a jittered backoff (``workers.retry``) that never undercuts the
+  server's ``Retry-After``, up to the backend's ``retry_max``;
+- then the run falls back to the next backend the policy ranked (``job.routing["candidates"]``)
+  that is still usable now: enabled, not drained, its circuit allowing a call, and runnable
+  in this worker (a pooled kind only on its own pool's queue);
+- a permanent error (4xx, bad input) fails the job at once with the backend's message;
+- every call is its own ``JobAttempt`` (backend, error, latency) and feeds both the live
+  figures routing reads (``routing.stats``) and the shared circuit breaker (``routing.circuit``).
 """
 
 from __future__ import annotations
@@ -12,18 +25,25 @@ import os
 import socket
 import time
 import traceback
+from dataclasses import dataclass, field
 
 from django.db import close_old_connections
+from django.utils import timezone
 from redis.exceptions import RedisError
 from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
-from jobs.models import AttemptOutcome, Job
-from routing import stats
+from jobs.models import AttemptOutcome, Job, JobAttempt
+from routing import circuit, stats
+from routing.models import POOLED_KINDS, Backend
 from workers.backends import get_adapter
-from workers.backends.base import BackendConfig, BackendError, GenerationRequest
+from workers.backends.base import BackendError, GenerationRequest
+from workers.retry import Deadline, RetryPolicy
 
 log = logging.getLogger(__name__)
+
+# Leave at least this much of the deadline for a call; less is not worth starting.
+MIN_CALL_S = 0.05
 
 
 def worker_name() -> str:
@@ -39,60 +59,165 @@ def run_job(job_id: str) -> str:
     except Job.DoesNotExist:
         log.warning("job row missing; dropping queue entry", extra={"job_id": job_id})
         return "missing"
-    if not job.mark_running(worker_name()):
+    worker = worker_name()
+    if not job.mark_running(worker):
         log.info("job not claimable; skipped", extra={"job_id": job_id, "state": job.state})
         return f"skipped:{job.state}"
-    ctx = {"job_id": job_id, "backend": job.backend_name, "policy": job.policy_name, "attempt": job.attempt_count}
-    backend = job.backend
-    if backend is None:
-        job.mark_failed(f"Backend {job.backend_name!r} was deleted before the job ran.")
-        return job.state
-    request = GenerationRequest(
-        job_id=job_id,
-        messages=job.chat_messages(),
-        images=list(job.images),
-        model=job.model,
-        max_tokens=job.max_tokens,
-        temperature=job.temperature,
-        params=dict(job.params),
-        timeout_s=float(job.timeout_s),
-        attempt=job.attempt_count,
-    )
-    config = BackendConfig(
-        name=backend.name,
-        kind=backend.kind,
-        base_url=backend.base_url,
-        model=backend.model,
-        api_key=backend.api_key,
-        timeout_s=float(backend.timeout_s),
-        config=dict(backend.config),
-    )
-    log.info("job started", extra=ctx)
-    started = time.monotonic()
-    try:
-        # The lease outlives the job's own deadline, so a SIGKILLed worker's call stops counting.
-        with stats.in_flight(backend.name, lease_s=job.timeout_s + 60):
-            result = get_adapter(backend.kind).generate(config, request)
-    except BackendError as exc:
-        status = f" (HTTP {exc.status})" if exc.status else ""
-        # A permanent error (bad input, 4xx) is the request's fault, not the backend's health.
-        _record(backend.name, started, ok=not exc.retryable, error=f"{exc.message}{status}")
-        job.mark_failed(f"{backend.name}: {exc.message}{status}")
-        log.info("job failed", extra={**ctx, "error": exc.message, "retryable": exc.retryable})
-    except JobTimeoutException:
-        _record(backend.name, started, ok=False, error=f"timed out after {job.timeout_s}s")
-        job.mark_failed(f"{backend.name}: timed out after {job.timeout_s}s")
-        log.info("job timed out", extra=ctx)
-    except Exception as exc:  # a bug in an adapter must not kill the worker or loop forever
-        _record(backend.name, started, ok=False, error=f"unexpected {type(exc).__name__}: {exc}")
-        job.mark_failed(
-            f"{backend.name}: unexpected {type(exc).__name__}: {exc}",
-            outcome=AttemptOutcome.ERRORED,
-            traceback=traceback.format_exc(),
+    return JobRun(job, worker, Deadline(float(job.timeout_s))).run()
+
+
+class _Finished(Exception):
+    """The job reached its final state (or stopped being ours); stop trying."""
+
+
+@dataclass
+class JobRun:
+    """One delivery of a job: the backends to try, in order, under one deadline."""
+
+    job: Job
+    worker: str
+    deadline: Deadline
+    calls: int = 0
+    tried: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    last_error: str = ""
+    # Set when a retry was given up for lack of time: then the deadline, not the budget, ended the run.
+    out_of_time: bool = False
+    # mark_running opened attempt #n before we knew whether its backend would take a call.
+    attempt_unused: bool = True
+
+    def run(self) -> str:
+        try:
+            for index, name in enumerate(self.plan()):
+                if self.deadline.remaining() < MIN_CALL_S:
+                    break
+                backend = self.job.backend if index == 0 else Backend.objects.filter(name=name).first()
+                why = self.unusable(backend, first=index == 0)
+                if why:
+                    self.skipped[name] = why
+                    continue
+                self.run_on(backend)
+            self.fail_exhausted()
+        except _Finished:
+            pass
+        return self.job.state
+
+    def plan(self) -> list[str]:
+        """The routed backend first, then the rest of the policy's ranking, each once."""
+        names = [self.job.backend_name]
+        for c in (self.job.routing or {}).get("candidates") or []:
+            name = c.get("backend") if isinstance(c, dict) else None
+            if name and name not in names:
+                names.append(name)
+        return names
+
+    def unusable(self, backend: Backend | None, *, first: bool) -> str | None:
+        """Why this worker must not call ``backend`` for this job now (the registry is reread per fallback)."""
+        if backend is None:
+            return "deleted"
+        if not backend.enabled:
+            return "disabled"
+        # A drained backend finishes what was queued for it, but takes no one else's job.
+        if backend.drain and not first:
+            return "draining"
+        if backend.kind in POOLED_KINDS and backend.queue_for(self.job.priority) != self.job.queue:
+            return f"runs only in pool {backend.pool!r} workers"
+        try:
+            get_adapter(backend.kind)
+        except BackendError:
+            return f"no {backend.kind} adapter in this worker"
+        return None
+
+    # --- one backend: tries with backoff ---------------------------------------------------------
+    def run_on(self, backend: Backend) -> None:
+        """Call ``backend`` up to its budget; returns to fall back, raises _Finished when the job is done."""
+        policy = RetryPolicy.from_config(backend.config)
+        breaker = circuit.CircuitConfig.from_config(backend.config)
+        retry_after: float | None = None
+        self.out_of_time = False  # about the last backend tried: an earlier one's Retry-After is not the story
+        for n in range(policy.retries + 1):
+            if n:
+                wait = policy.delay_s(n, retry_after)
+                if not self.deadline.allows_wait(wait, min_call_s=MIN_CALL_S):
+                    self.out_of_time = True
+                    log.info("no time left to retry here", extra={**self.ctx(backend), "wait_s": round(wait, 3)})
+                    return
+                time.sleep(wait)
+            if not self._allowed(backend):
+                if n == 0:
+                    self.skipped[backend.name] = "circuit open"
+                return
+            self.begin_attempt(backend)
+            exc = self.call(backend, breaker)
+            retry_after = exc.retry_after_s
+            if self.deadline.remaining() < MIN_CALL_S:
+                return
+
+    def _allowed(self, backend: Backend) -> bool:
+        """Ask the shared breaker; if Redis cannot answer, call anyway (losing Redis must not stop work)."""
+        try:
+            allowed, state = circuit.allow(backend.name, trial_lease_s=self.deadline.remaining() + 30)
+        except RedisError as exc:
+            log.warning("circuit unavailable; calling anyway", extra={**self.ctx(backend), "error": str(exc)})
+            return True
+        if not allowed:
+            log.info("circuit does not allow a call", extra={**self.ctx(backend), "circuit": state})
+        return allowed
+
+    def call(self, backend: Backend, breaker: circuit.CircuitConfig) -> BackendError:
+        """One call; returns the retryable error, or raises _Finished when the job reached its end."""
+        job = self.job
+        self.calls += 1
+        if backend.name not in self.tried:
+            self.tried.append(backend.name)
+        request = GenerationRequest(
+            job_id=str(job.pk),
+            messages=job.chat_messages(),
+            images=list(job.images),
+            model=job.model,
+            max_tokens=job.max_tokens,
+            temperature=job.temperature,
+            params=dict(job.params),
+            timeout_s=self.deadline.remaining(),
+            attempt=job.attempt_count,
         )
-        log.exception("job errored", extra=ctx)
-    else:
-        _record(backend.name, started, ok=True)
+        ctx = self.ctx(backend)
+        log.info("attempt started", extra=ctx)
+        started = time.monotonic()
+        try:
+            # The lease outlives the call's own deadline, so a SIGKILLed worker's call stops counting.
+            with stats.in_flight(backend.name, lease_s=request.timeout_s + 60):
+                result = get_adapter(backend.kind).generate(backend.adapter_config(), request)
+        except BackendError as exc:
+            status = f" (HTTP {exc.status})" if exc.status else ""
+            error = f"{backend.name}: {exc.message}{status}"
+            # A permanent error (bad input, 4xx) is the request's fault, not the backend's health.
+            self._record(backend, breaker, started, ok=not exc.retryable, error=f"{exc.message}{status}")
+            if not exc.retryable:
+                job.mark_failed(error, latency_ms=_ms_since(started))
+                log.info("job failed (permanent error)", extra={**ctx, "error": exc.message})
+                raise _Finished from None
+            self.last_error = error
+            self.close_attempt(error, started)
+            log.info("attempt failed (retryable)", extra={**ctx, "error": exc.message})
+            return exc
+        except JobTimeoutException:
+            self._record(backend, breaker, started, ok=False, error=f"timed out after {job.timeout_s}s")
+            job.mark_failed(f"{backend.name}: timed out after {job.timeout_s}s", latency_ms=_ms_since(started))
+            log.info("job timed out", extra=ctx)
+            raise _Finished from None
+        except Exception as exc:  # a bug in an adapter must not kill the worker or loop forever
+            error = f"unexpected {type(exc).__name__}: {exc}"
+            self._record(backend, breaker, started, ok=False, error=error)
+            job.mark_failed(
+                f"{backend.name}: {error}",
+                outcome=AttemptOutcome.ERRORED,
+                traceback=traceback.format_exc(),
+                latency_ms=_ms_since(started),
+            )
+            log.exception("job errored", extra=ctx)
+            raise _Finished from None
+        self._record(backend, breaker, started, ok=True)
         won = job.mark_succeeded(
             output=result.output,
             finish_reason=result.finish_reason,
@@ -105,12 +230,70 @@ def run_job(job_id: str) -> str:
             "job succeeded" if won else "result discarded (job no longer running)",
             extra={**ctx, "latency_ms": result.latency_ms},
         )
-    return job.state
+        raise _Finished
+
+    # --- attempts: race-safe rows while the job stays running ------------------------------------
+    def begin_attempt(self, backend: Backend) -> None:
+        """Open the attempt row for the next call on ``backend`` and point the job at it.
+
+        The first call reuses the attempt ``mark_running`` opened (relabelled if a fallback takes
+        it). The UPDATE is a compare-and-set on ``running``, so a job canceled during a backoff
+        stops here; inside one transaction, a concurrent cancel waits for the row and then
+        closes the attempt that now exists.
+        """
+        job = self.job
+        if self.attempt_unused and backend.name == job.backend_name:
+            self.attempt_unused = False
+            return
+        if not job.start_attempt(backend, self.worker, reuse_current=self.attempt_unused):
+            log.info("job no longer running; stopping", extra={"job_id": str(job.pk), "state": job.state})
+            raise _Finished
+        self.attempt_unused = False
+
+    def close_attempt(self, error: str, started: float) -> None:
+        """Close the current attempt with its own error (the job's final error is written separately)."""
+        JobAttempt.objects.filter(job=self.job, number=self.job.attempt_count, outcome=AttemptOutcome.RUNNING).update(
+            outcome=AttemptOutcome.FAILED,
+            error=error[:10_000],
+            latency_ms=_ms_since(started),
+            finished_at=timezone.now(),
+        )
+
+    def fail_exhausted(self) -> None:
+        """Every candidate was tried or skipped, or the deadline passed: fail with the whole story."""
+        if self.out_of_time or self.deadline.remaining() < MIN_CALL_S:
+            n = self.calls
+            error = f"deadline exceeded after {n} attempt{'s' if n != 1 else ''} (timeout_s={self.job.timeout_s})"
+            if self.last_error:
+                error += f"; last error: {self.last_error}"
+        elif self.calls:
+            error = f"{self.last_error} (gave up after {self.calls} attempts on {', '.join(self.tried)})"
+        else:
+            error = "No backend could take the job"
+        if self.skipped:
+            error += "; skipped: " + ", ".join(f"{n}: {why}" for n, why in self.skipped.items())
+        self.job.mark_failed(error)
+        log.info("job failed", extra={"job_id": str(self.job.pk), "error": error, "attempts": self.calls})
+
+    # --- bookkeeping -----------------------------------------------------------------------------
+    def ctx(self, backend: Backend) -> dict:
+        job = self.job
+        return {"job_id": str(job.pk), "backend": backend.name, "policy": job.policy_name, "attempt": job.attempt_count}
+
+    def _record(
+        self, backend: Backend, breaker: circuit.CircuitConfig, started: float, *, ok: bool, error: str = ""
+    ) -> None:
+        """Feed the live figures and the breaker; a Redis hiccup must not change the job's outcome."""
+        latency_ms = (time.monotonic() - started) * 1000
+        try:
+            stats.record_call(backend.name, latency_ms=latency_ms, ok=ok, error=error)
+        except RedisError as exc:
+            log.warning("backend stats not recorded", extra={"backend": backend.name, "error": str(exc)})
+        try:
+            circuit.record(backend.name, ok=ok, config=breaker, error=error)
+        except RedisError as exc:
+            log.warning("circuit outcome not recorded", extra={"backend": backend.name, "error": str(exc)})
 
 
-def _record(backend_name: str, started: float, *, ok: bool, error: str = "") -> None:
-    """Feed the live figures routing reads; a Redis hiccup must not change the job's outcome."""
-    try:
-        stats.record_call(backend_name, latency_ms=(time.monotonic() - started) * 1000, ok=ok, error=error)
-    except RedisError as exc:
-        log.warning("backend stats not recorded", extra={"backend": backend_name, "error": str(exc)})
+def _ms_since(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)

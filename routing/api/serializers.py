@@ -40,6 +40,7 @@ class BackendSerializer(_ModelCleanMixin, serializers.ModelSerializer):
             "api_key",
             "has_api_key",
             "enabled",
+            "drain",
             "supports_multimodal",
             "max_context_tokens",
             "max_concurrency",

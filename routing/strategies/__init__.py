@@ -41,6 +41,7 @@ class Candidate:
     kind: str
     model: str = ""
     enabled: bool = True
+    drained: bool = False  # an operator is draining it: no new jobs
     supports_multimodal: bool = False
     max_context_tokens: int = 8192
     max_concurrency: int = 16
