@@ -30,8 +30,12 @@ def get_queue(name: str) -> Queue:
     return queue
 
 
-def enqueue(job: Job, pipeline: Pipeline | None = None) -> None:
-    """Push ``job`` onto its queue; with ``pipeline``, nothing is sent until the caller executes it."""
+def enqueue(job: Job, pipeline: Pipeline | None = None, meta: dict[str, str] | None = None) -> None:
+    """Push ``job`` onto its queue; with ``pipeline``, nothing is sent until the caller executes it.
+
+    ``meta`` rides in the RQ job's meta hash, not its payload (the payload stays the bare job id):
+    the W3C trace context (``traceparent``) when tracing is on, so the worker continues the trace.
+    """
     get_queue(job.queue).enqueue_call(
         TASK,
         args=(str(job.pk),),
@@ -41,4 +45,5 @@ def enqueue(job: Job, pipeline: Pipeline | None = None) -> None:
         failure_ttl=7 * 24 * 3600,
         description=f"llm job {job.pk} ({job.priority})",
         pipeline=pipeline,
+        meta=meta,
     )

@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 
 from jobs import idempotency, queueing, status_cache
 from jobs.models import Job, JobState
+from orchestrator_site import metrics, tracing
 from orchestrator_site.redis import redis_client
 from routing import registry
 from routing.models import Backend
@@ -145,7 +146,8 @@ def _build(
 def _after_commit(job: Job, doc: dict[str, Any], rkey: str, fp: str) -> None:
     """One round trip: the RQ job, the idempotency answer and the status mirror."""
     pipe = redis_client().pipeline()
-    queueing.enqueue(job, pipeline=pipe)
+    queueing.enqueue(job, pipeline=pipe, meta=tracing.inject())  # observability: trace context (issue 7)
+    metrics.record_submission(pipe, priority=job.priority, policy=job.policy_name, backend=job.backend_name)
     if rkey:
         pipe.set(rkey, f"{fp}:{job.pk}", ex=idempotency.ttl_s())
     status_cache.write(job, doc, pipeline=pipe)

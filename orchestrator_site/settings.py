@@ -231,3 +231,16 @@ LOGGING = {
         "rq.worker": {"level": LOG_LEVEL},
     },
 }
+
+# --- Observability (issue 7): metrics, traces; see orchestrator_site/metrics.py and tracing.py ---
+# /metrics answers a bearer token equal to METRICS_TOKEN (or METRICS_TOKEN_FILE), or a staff session.
+METRICS_TOKEN = env_secret("METRICS_TOKEN")
+# Tracing is on only when OTEL_EXPORTER_OTLP_ENDPOINT is set (read by orchestrator_site.tracing at start-up).
+INSTALLED_APPS += ["orchestrator_site.apps.ObservabilityConfig"]
+# django-prometheus: HTTP request/response/latency metrics of this process (or of every gunicorn
+# worker on the host when PROMETHEUS_MULTIPROC_DIR is set). Outermost, so it times everything.
+MIDDLEWARE = [
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
+    *MIDDLEWARE,
+    "django_prometheus.middleware.PrometheusAfterMiddleware",
+]

@@ -7,6 +7,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from orchestrator_site.health import healthz, readyz
+from orchestrator_site.metrics import metrics_view
 
 
 @api_view(["GET"])
@@ -22,6 +23,7 @@ def api_root(request: Request) -> Response:
             "admin": request.build_absolute_uri("/admin/"),
             "health": request.build_absolute_uri("/healthz"),
             "ready": request.build_absolute_uri("/readyz"),
+            "metrics": request.build_absolute_uri("/metrics"),
         }
     )
 
@@ -33,6 +35,7 @@ urlpatterns = [
     re_path(r"^api/schema/?$", SpectacularAPIView.as_view(), name="schema"),
     re_path(r"^healthz/?$", healthz, name="healthz"),
     re_path(r"^readyz/?$", readyz, name="readyz"),
+    re_path(r"^metrics/?$", metrics_view, name="metrics"),
     path("", include("jobs.api.urls")),
     path("", include("routing.api.urls")),
 ]
