@@ -17,6 +17,7 @@ run: venv
 	@VENV=$(VENV) bash tools/run.sh
 
 test: venv-dev
+	@PYTHON=$(PYTHON) VENV=$(VENV) bash tools/venv.sh requirements-gpu.txt
 	@VENV=$(VENV) bash tools/test.sh
 
 lint: venv-dev

@@ -118,13 +118,16 @@ CACHES = {
 
 JOB_QUEUES = ("high", "normal", "low")  # dequeue order: high before normal before low
 JOB_TIMEOUT_S = env_int("JOB_TIMEOUT_S", 600, minimum=1)
+# Pools of resident-model workers (an hf_local backend names its pool): each pool has its own
+# '<pool>-high|normal|low' queues, so `manage.py rqworker gpu-high gpu-normal gpu-low` finds them.
+WORKER_POOLS = env_list("WORKER_POOLS", ["gpu"])
 RQ_QUEUES = {
     name: {
         "USE_REDIS_CACHE": "default",
         "DEFAULT_TIMEOUT": JOB_TIMEOUT_S + 60,
         "SERIALIZER": "rq.serializers.JSONSerializer",
     }
-    for name in JOB_QUEUES
+    for name in [*JOB_QUEUES, *(f"{pool}-{p}" for pool in WORKER_POOLS for p in JOB_QUEUES)]
 }
 RQ = {
     # Our worker class forces the JSON serializer and runs jobs without forking;
@@ -159,6 +162,11 @@ ROUTING_STATS_MAX_AGE_S = env_int("ROUTING_STATS_MAX_AGE_MS", 250, minimum=0, ma
 
 # --- Workers ----------------------------------------------------------------
 MAX_CONCURRENCY = env_int("MAX_CONCURRENCY", 8, minimum=1, maximum=1024)
+# GPU worker (workers/gpu_worker.py): dynamic batching of the waiting hf_local jobs.
+BATCH_MAX = env_int("BATCH_MAX", 64, minimum=1, maximum=1024)  # jobs in one batch
+BATCH_WAIT_MS = env_int("BATCH_WAIT_MS", 10, minimum=0, maximum=10_000)  # how long to wait for more jobs
+# New tokens per batch round: a late job waits at most one round; a longer job continues in the next.
+BATCH_ROUND_TOKENS = env_int("BATCH_ROUND_TOKENS", 128, minimum=1, maximum=32_768)
 
 # --- API --------------------------------------------------------------------
 REST_FRAMEWORK = {

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from workers.backends.base import Adapter, BackendError
 from workers.backends.dev import DevAdapter
+from workers.backends.hf_local import HFLocalAdapter
 from workers.backends.ollama import OllamaAdapter
 from workers.backends.openai import OpenAIAdapter
 
-_ADAPTERS: dict[str, type] = {"dev": DevAdapter, "ollama": OllamaAdapter, "openai": OpenAIAdapter}
+_ADAPTERS: dict[str, type] = {
+    "dev": DevAdapter,
+    "ollama": OllamaAdapter,
+    "openai": OpenAIAdapter,
+    "hf_local": HFLocalAdapter,
+}
 _instances: dict[str, Adapter] = {}
 
 

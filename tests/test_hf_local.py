@@ -1,0 +1,130 @@
+"""The hf_local adapter on a tiny random Llama built offline and loaded through ``from_pretrained``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.gpu_model import save_tiny_model
+from workers.backends import get_adapter, hf_local
+from workers.backends.base import BackendConfig, BackendError, GenerationRequest
+from workers.backends.hf_local import HFLocalAdapter
+
+# Optional dependencies (requirements-gpu.txt): without them this module is skipped.
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture
+def backend(tiny_model_dir) -> BackendConfig:
+    return BackendConfig(name="tiny", kind="hf_local", model=str(tiny_model_dir), config={"device": "cpu"})
+
+
+def req(prompt: str, max_tokens: int | None = 6, **kw) -> GenerationRequest:
+    return GenerationRequest(
+        job_id=f"job-{prompt[:8]}", messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, **kw
+    )
+
+
+def test_adapter_is_registered_for_the_hf_local_kind():
+    assert isinstance(get_adapter("hf_local"), HFLocalAdapter)
+
+
+def test_model_is_loaded_once_and_stays_resident(backend):
+    first = hf_local.load(backend)
+    HFLocalAdapter().generate(backend, req("hello"))
+    HFLocalAdapter().generate(backend, req("again"))
+    assert hf_local.load(backend) is first
+    assert [k for k in hf_local._MODELS if k[0] == backend.model] == [(backend.model, "float32", "cpu")]
+    assert first.model.device.type == "cpu" and first.model.dtype == torch.float32
+    assert any(m["path"] == backend.model for m in hf_local.resident_models())
+
+
+def test_single_generation_reports_usage_finish_reason_and_timing(backend):
+    result = HFLocalAdapter().generate(backend, req("héllo", max_tokens=5))
+    assert result.prompt_tokens == len("héllo".encode())  # byte-level: one token per byte
+    assert result.finish_reason in ("length", "stop")
+    if result.finish_reason == "length":
+        assert result.completion_tokens == 5
+    assert result.latency_ms >= 0 and result.timings["batch_size"] == 1 and result.timings["rounds"] == 1
+
+
+def test_batch_gives_each_request_its_own_output_same_as_alone(backend):
+    adapter = HFLocalAdapter()
+    requests = [req("a", 3), req("a much longer prompt here", 7), req("mid length", 5), req("zz", None)]
+    batched = adapter.generate_batch(backend, requests)
+    alone = [adapter.generate(backend, r) for r in requests]
+    assert [b.output for b in batched] == [a.output for a in alone]
+    assert [b.prompt_tokens for b in batched] == [1, 25, 10, 2]
+    assert [b.completion_tokens for b in batched] == [a.completion_tokens for a in alone]
+    assert batched[3].completion_tokens <= hf_local.DEFAULT_MAX_TOKENS
+    assert all(b.timings["batch_size"] == 4 for b in batched)
+
+
+def test_bounded_rounds_continue_where_they_stopped(backend):
+    adapter = HFLocalAdapter()
+    requests = [req("round one", 9), req("two", 4)]
+    whole = adapter.generate_batch(backend, requests)
+    rounds = adapter.generate_batch(backend, requests, round_tokens=2)
+    assert [r.output for r in rounds] == [w.output for w in whole]
+    assert rounds[0].timings["rounds"] >= 2
+
+
+def test_bad_request_fails_alone_without_failing_the_batch(backend):
+    too_long = req("x" * 300, 5)  # the tiny model's context is 256 tokens
+    with_image = req("look", 5, images=["aGVsbG8="])
+    outcomes = HFLocalAdapter().generate_batch(backend, [req("fine", 4), too_long, with_image, req("also fine", 4)])
+    assert isinstance(outcomes[1], BackendError) and not outcomes[1].retryable
+    assert "exceeds the model's context of 256 tokens" in outcomes[1].message
+    assert isinstance(outcomes[2], BackendError) and "text-only" in outcomes[2].message
+    assert outcomes[0].output == HFLocalAdapter().generate(backend, req("fine", 4)).output
+    assert not isinstance(outcomes[3], BackendError)
+
+
+def test_eos_stops_a_sequence_with_finish_reason_stop(backend, tmp_path):
+    from transformers import GenerationConfig
+
+    plain = HFLocalAdapter().start(backend, req("stop here", 8))
+    HFLocalAdapter().step(backend, [plain])
+    tokens = plain.generated
+    k = tokens.index(tokens[3])  # where that token first appears
+    # Same weights, but that token also counts as end-of-sequence.
+    stop_dir = save_tiny_model(tmp_path / "stop")
+    gen = GenerationConfig.from_pretrained(stop_dir)
+    gen.eos_token_id = [2, tokens[3]]
+    gen.save_pretrained(stop_dir)
+    stopped = HFLocalAdapter().generate(
+        BackendConfig(name="stop", kind="hf_local", model=str(stop_dir)), req("stop here", 8)
+    )
+    assert stopped.finish_reason == "stop" and stopped.completion_tokens == k
+
+
+def test_dtype_and_device_come_from_the_backend_record(tiny_model_dir):
+    cfg = BackendConfig(
+        name="bf", kind="hf_local", model="display-name", config={"path": str(tiny_model_dir), "dtype": "bf16"}
+    )
+    assert hf_local.resolve(cfg) == (str(tiny_model_dir), "bfloat16", "cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        assert hf_local.load(cfg).model.dtype == torch.bfloat16
+        assert HFLocalAdapter().generate(cfg, req("bf16 on cpu", 2)).prompt_tokens == 11
+
+
+@pytest.mark.parametrize(
+    ("config", "model", "message"),
+    [
+        ({"dtype": "int3"}, "x", "is not one of bf16, fp16, fp32"),
+        ({}, "", "names no model path"),
+        ({"device": "cpu"}, "/nonexistent/model", "cannot load"),
+    ],
+)
+def test_bad_backend_config_is_a_permanent_error(config, model, message):
+    cfg = BackendConfig(name="bad", kind="hf_local", model=model, config=config)
+    with pytest.raises(BackendError, match=message) as info:
+        HFLocalAdapter().generate(cfg, req("hi"))
+    assert not info.value.retryable

@@ -1,0 +1,339 @@
+"""``hf_local``: a Hugging Face causal LM held resident in the worker process, run in batches.
+
+The backend record names the model and how to hold it:
+
+- ``model``: the local directory ``from_pretrained`` reads (or ``config.path``, when ``model`` is a
+  display name that routing matches against jobs' ``model``). Loading is ``local_files_only``:
+  a worker never downloads weights at run time.
+- ``config.dtype``: ``bf16`` / ``fp16`` / ``fp32`` (default: bf16 on CUDA, fp32 on CPU, where
+  bf16 matmuls are slow). ``config.device``: ``cuda``, ``cuda:1``, ``cpu`` (default: CUDA when
+  available). ``config.max_context``: overrides the model's ``max_position_embeddings``.
+  ``config.default_max_tokens``: new tokens for a job that names none (default 256).
+
+A model is loaded once per process and kept (``_MODELS``, keyed by path, dtype and device):
+loading a 1B model takes seconds, generating one answer tens of milliseconds per token. The
+worker must therefore not fork after loading (CUDA does not survive ``fork``): see
+``workers.gpu_worker``.
+
+Generation is split into three calls so the GPU worker can batch dynamically:
+``start`` (tokenize and validate one request, which fails alone), ``step`` (one left-padded
+``model.generate`` for many sequences, up to ``round_tokens`` new tokens each) and ``result``.
+``generate_batch`` and ``generate`` are the plain forms built on them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from workers.backends.base import BackendConfig, BackendError, GenerationRequest, GenerationResult
+
+DEFAULT_MAX_TOKENS = 256
+_DTYPES = {
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+    "half": "float16",
+    "fp32": "float32",
+    "float32": "float32",
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model and tokenizer resident in this process, with what generation needs to know about them."""
+
+    path: str
+    dtype: str
+    device: str
+    model: Any
+    tokenizer: Any
+    max_context: int
+    eos_ids: frozenset[int]
+    pad_id: int
+    load_s: float
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_MODELS: dict[tuple[str, str, str], LoadedModel] = {}
+_load_lock = threading.Lock()
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError:  # a worker without requirements-gpu.txt: the job fails with a reason
+        raise BackendError(
+            "hf_local needs torch and transformers (pip install -r requirements-gpu.txt)", retryable=False
+        ) from None
+    return torch
+
+
+def resolve(backend: BackendConfig) -> tuple[str, str, str]:
+    """(path, dtype name, device) for ``backend``; bad config is a permanent error."""
+    torch = _torch()
+    cfg = backend.config
+    path = str(cfg.get("path") or backend.model or "").strip()
+    if not path:
+        raise BackendError(f"hf_local backend {backend.name!r} names no model path", retryable=False)
+    device = str(cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BackendError(f"hf_local backend {backend.name!r} wants {device}; no CUDA here", retryable=False)
+    raw = str(cfg.get("dtype") or ("bf16" if device.startswith("cuda") else "fp32")).lower()
+    if raw not in _DTYPES:
+        raise BackendError(f"hf_local dtype {raw!r} is not one of bf16, fp16, fp32", retryable=False)
+    return path, _DTYPES[raw], device
+
+
+def load(backend: BackendConfig) -> LoadedModel:
+    """The resident model for ``backend``, loading it on first use (once per process)."""
+    key = resolve(backend)
+    loaded = _MODELS.get(key)
+    if loaded is not None:
+        return loaded
+    with _load_lock:  # two threads asking at once load it once
+        loaded = _MODELS.get(key)
+        if loaded is None:
+            loaded = _MODELS[key] = _load(*key, backend=backend)
+    return loaded
+
+
+def _load(path: str, dtype: str, device: str, *, backend: BackendConfig) -> LoadedModel:
+    torch = _torch()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a worker's log is JSON lines, not progress bars
+
+    started = time.monotonic()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise BackendError(f"hf_local cannot load {path!r}: {exc}", retryable=False) from None
+    model = model.to(device).eval()
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    eos_ids = frozenset(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = next(iter(sorted(eos_ids)), 0)
+    max_context = int(backend.config.get("max_context") or getattr(model.config, "max_position_embeddings", 2048))
+    loaded = LoadedModel(path, dtype, device, model, tokenizer, max_context, eos_ids, pad_id, 0.0)
+    _warm_up(loaded, tokenizer.bos_token_id)
+    loaded.load_s = time.monotonic() - started
+    return loaded
+
+
+def _warm_up(m: LoadedModel, bos_id: int | None) -> None:
+    """Run prefill and decode once, padded, at two batch sizes, here rather than in the first jobs.
+
+    On an H100 the first ``generate`` of a fresh process took ~4 s longer than the next ones
+    (CUDA context, cuBLAS/cuDNN handles, kernel selection for the decode path): a first batch
+    would pay it in every job's latency. A 1-token generate does not cover the decode steps.
+    """
+    torch = _torch()
+    token = m.pad_id if bos_id is None else bos_id
+    for rows in (1, 16):
+        ids = torch.full((rows, 16), token, dtype=torch.long, device=m.device)
+        mask = torch.ones_like(ids)
+        mask[1:, :4] = 0  # some rows left-padded, as in real batches
+        with torch.inference_mode():
+            m.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=4,
+                min_new_tokens=4,
+                do_sample=False,
+                pad_token_id=m.pad_id,
+            )
+    if m.device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def resident_models() -> list[dict[str, Any]]:
+    """What this process holds, for worker status reports."""
+    return [
+        {"path": m.path, "dtype": m.dtype, "device": m.device, "load_s": round(m.load_s, 3)} for m in _MODELS.values()
+    ]
+
+
+def render_prompt(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
+    """The chat as one prompt: the tokenizer's chat template when it has one, else plain lines.
+
+    A single user message is sent as-is (a completion-style prompt), so a bare prompt costs
+    exactly its own tokens.
+    """
+    chat = [{"role": str(m.get("role", "user")), "content": _text(m.get("content", ""))} for m in messages]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    if len(chat) == 1 and chat[0]["role"] == "user":
+        return chat[0]["content"]
+    return "".join(f"{m['role']}: {m['content']}\n" for m in chat) + "assistant:"
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, list):  # OpenAI-style parts: keep the text ones
+        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return str(content)
+
+
+@dataclass
+class Sequence:
+    """One request inside a batch: its prompt ids, what it generated so far, and its budget.
+
+    A sequence can span several batch rounds: each round re-feeds prompt + generated ids
+    (greedy decoding continues exactly where it stopped).
+    """
+
+    request: GenerationRequest
+    loaded: LoadedModel = field(repr=False)
+    prompt_ids: list[int]
+    max_new: int
+    sampling: tuple[float, float] | None  # (temperature, top_p); None = greedy
+    started: float
+    deadline: float
+    generated: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    rounds: int = 0
+    generate_ms: float = 0.0
+    batch_sizes: list[int] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def remaining(self) -> int:
+        return self.max_new - len(self.generated)
+
+
+class HFLocalAdapter:
+    kind = "hf_local"
+
+    # --- the Adapter interface ------------------------------------------------------------------
+    def generate(self, backend: BackendConfig, request: GenerationRequest) -> GenerationResult:
+        """One request: a batch of one."""
+        outcome = self.generate_batch(backend, [request])[0]
+        if isinstance(outcome, BackendError):
+            raise outcome
+        return outcome
+
+    def generate_batch(
+        self, backend: BackendConfig, requests: list[GenerationRequest], *, round_tokens: int | None = None
+    ) -> list[GenerationResult | BackendError]:
+        """Run ``requests`` together; each gets its own result, or its own error if it alone is bad."""
+        outcomes: list[GenerationResult | BackendError | None] = [None] * len(requests)
+        live: list[tuple[int, Sequence]] = []
+        for i, request in enumerate(requests):
+            try:
+                live.append((i, self.start(backend, request)))
+            except BackendError as exc:
+                outcomes[i] = exc
+        while any(not s.done for _, s in live):
+            self.step(backend, [s for _, s in live if not s.done], round_tokens=round_tokens)
+        for i, seq in live:
+            outcomes[i] = self.result(seq)
+        return outcomes  # type: ignore[return-value]
+
+    # --- the batching primitives ----------------------------------------------------------------
+    def start(self, backend: BackendConfig, request: GenerationRequest) -> Sequence:
+        """Tokenize and check one request; raises a permanent BackendError for a bad one."""
+        if request.images:
+            raise BackendError("hf_local serves text-only models; the job has images", retryable=False)
+        m = load(backend)
+        text = render_prompt(m.tokenizer, request.messages)
+        ids = list(m.tokenizer(text, add_special_tokens=True)["input_ids"])
+        if not ids:
+            if m.tokenizer.bos_token_id is None:
+                raise BackendError("the prompt is empty", retryable=False)
+            ids = [m.tokenizer.bos_token_id]
+        max_new = request.max_tokens
+        if max_new is None:  # none asked: the default, as far as the context allows
+            max_new = min(int(backend.config.get("default_max_tokens", DEFAULT_MAX_TOKENS)), m.max_context - len(ids))
+        if max_new < 1 or len(ids) + max_new > m.max_context:
+            raise BackendError(
+                f"prompt is {len(ids)} tokens; with max_tokens {max_new} it exceeds the model's "
+                f"context of {m.max_context} tokens",
+                retryable=False,
+            )
+        sampling = None
+        if request.temperature:  # None or 0: greedy
+            sampling = (float(request.temperature), float(request.params.get("top_p", 1.0)))
+        now = time.monotonic()
+        return Sequence(request, m, ids, max_new, sampling, started=now, deadline=now + request.timeout_s)
+
+    def step(self, backend: BackendConfig, seqs: list[Sequence], *, round_tokens: int | None = None) -> None:
+        """One round: a ``model.generate`` per sampling setting, up to ``round_tokens`` new tokens each.
+
+        Exceptions (CUDA OOM, a bug) propagate: the caller decides how to isolate them.
+        """
+        groups: dict[tuple[int, tuple[float, float] | None], list[Sequence]] = defaultdict(list)
+        for seq in seqs:
+            if not seq.done:
+                groups[(id(seq.loaded), seq.sampling)].append(seq)
+        for (_, sampling), group in groups.items():
+            self._generate(group[0].loaded, group, sampling, round_tokens)
+
+    def _generate(
+        self, m: LoadedModel, group: list[Sequence], sampling: tuple[float, float] | None, round_tokens: int | None
+    ) -> None:
+        torch = _torch()
+        inputs = [s.prompt_ids + s.generated for s in group]
+        width = max(len(x) for x in inputs)
+        # Left padding: every row's last real token sits in the last column, so the new tokens
+        # of all rows start at the same position.
+        ids = torch.full((len(group), width), m.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for row, x in enumerate(inputs):
+            ids[row, width - len(x) :] = torch.tensor(x, dtype=torch.long)
+            mask[row, width - len(x) :] = 1
+        new = max(s.remaining for s in group)
+        if round_tokens:
+            new = min(new, round_tokens)
+        kwargs: dict[str, Any] = {"do_sample": False}
+        if sampling is not None:
+            kwargs = {"do_sample": True, "temperature": sampling[0], "top_p": sampling[1], "top_k": 0}
+        started = time.monotonic()
+        with m.lock, torch.inference_mode():
+            out = m.model.generate(
+                input_ids=ids.to(m.device),
+                attention_mask=mask.to(m.device),
+                max_new_tokens=new,
+                pad_token_id=m.pad_id,
+                eos_token_id=sorted(m.eos_ids) or None,
+                **kwargs,
+            )
+        tokens = out[:, width:].tolist()
+        elapsed_ms = (time.monotonic() - started) * 1000
+        for seq, row in zip(group, tokens, strict=True):
+            seq.rounds += 1
+            seq.generate_ms += elapsed_ms
+            seq.batch_sizes.append(len(group))
+            for token in row[: seq.remaining]:
+                if token in m.eos_ids:
+                    seq.finish_reason = "stop"
+                    break
+                seq.generated.append(token)
+            if seq.finish_reason is None and seq.remaining <= 0:
+                seq.finish_reason = "length"
+
+    def result(self, seq: Sequence) -> GenerationResult:
+        """The finished sequence's own output, usage and timing (its EOS is not counted or shown)."""
+        return GenerationResult(
+            output=seq.loaded.tokenizer.decode(seq.generated, skip_special_tokens=True),
+            prompt_tokens=len(seq.prompt_ids),
+            completion_tokens=len(seq.generated),
+            finish_reason=seq.finish_reason or "length",
+            latency_ms=int((time.monotonic() - seq.started) * 1000),
+            timings={
+                "generate_ms": round(seq.generate_ms, 1),
+                "rounds": float(seq.rounds),
+                "batch_size": float(max(seq.batch_sizes, default=1)),
+            },
+        )
