@@ -61,6 +61,13 @@ def token_client(user) -> APIClient:
 
 
 @pytest.fixture
+def admin_client(client, staff):
+    """The Django test client logged in as the `staff` superuser (replaces pytest-django's own)."""
+    client.force_login(staff)
+    return client
+
+
+@pytest.fixture
 def api(user) -> APIClient:
     return token_client(user)
 

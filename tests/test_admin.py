@@ -13,12 +13,6 @@ from tests.factories import make_job
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-@pytest.fixture
-def admin_client(client, staff):
-    client.force_login(staff)
-    return client
-
-
 def test_admin_needs_a_staff_login(client, user):
     assert client.get("/admin/").status_code == 302
     client.force_login(user)

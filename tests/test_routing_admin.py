@@ -18,12 +18,6 @@ from tests.factories import make_job
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-@pytest.fixture
-def admin_client(client, staff):
-    client.force_login(staff)
-    return client
-
-
 # --- live figures ------------------------------------------------------------------------------------
 def test_backend_list_and_page_show_the_live_figures(admin_client, dev_backend):
     for ms in (100, 200, 300):
