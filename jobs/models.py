@@ -249,6 +249,17 @@ class Job(models.Model):
                 self._close_attempt(AttemptOutcome.CANCELED)
         return won
 
+    def requeue_lost(self, reason: str) -> bool:
+        """running -> queued after its worker died: the open attempt is closed as errored with ``reason``."""
+        with transaction.atomic():
+            number = self.attempt_count
+            won = self.transition(JobState.QUEUED, started_at=None, enqueued_at=timezone.now(), worker="")
+            if won:
+                JobAttempt.objects.filter(job=self, number=number, outcome=AttemptOutcome.RUNNING).update(
+                    outcome=AttemptOutcome.ERRORED, error=reason[:10_000], finished_at=timezone.now()
+                )
+        return won
+
     def requeue(self) -> bool:
         """failed|canceled -> queued (operator retry): clears the outcome, keeps the attempt history."""
         return self.transition(

@@ -162,6 +162,11 @@ ROUTING_STATS_MAX_AGE_S = env_int("ROUTING_STATS_MAX_AGE_MS", 250, minimum=0, ma
 
 # --- Workers ----------------------------------------------------------------
 MAX_CONCURRENCY = env_int("MAX_CONCURRENCY", 8, minimum=1, maximum=1024)
+# Crash recovery (workers/heartbeat.py): a running job whose worker stopped beating is re-queued.
+WORKER_HEARTBEAT_S = env_int("WORKER_HEARTBEAT_MS", 3000, minimum=50) / 1000
+WORKER_LEASE_TTL_S = env_int("WORKER_LEASE_TTL_MS", 15000, minimum=1000) / 1000
+RECONCILE_INTERVAL_S = env_int("RECONCILE_INTERVAL_MS", 15000, minimum=0) / 1000  # 0: only `manage.py reconcile`
+MAX_DELIVERIES = env_int("MAX_DELIVERIES", 5, minimum=1)  # a job whose workers keep dying fails after this
 # GPU worker (workers/gpu_worker.py): dynamic batching of the waiting hf_local jobs.
 BATCH_MAX = env_int("BATCH_MAX", 64, minimum=1, maximum=1024)  # jobs in one batch
 BATCH_WAIT_MS = env_int("BATCH_WAIT_MS", 10, minimum=0, maximum=10_000)  # how long to wait for more jobs

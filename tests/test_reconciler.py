@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from django.core.management import call_command
+from django.utils import timezone
 
 from jobs.models import Job, JobState
 from orchestrator_site.redis import redis_client
@@ -38,3 +41,34 @@ def test_reconcile_leaves_enqueued_and_young_jobs_alone(api, policy, capsys):
     call_command("reconcile", min_age=60)
     assert "re-enqueued 0 job(s)" in capsys.readouterr().out  # too young to judge
     assert redis_client().llen("rq:queue:normal") == 0
+
+
+def _running_on_a_dead_worker(api, attempts: int) -> Job:
+    job_id = api.post("/jobs", {"prompt": "orphan"}, format="json").json()["id"]
+    job = Job.objects.get(pk=job_id)
+    for n in range(attempts):
+        if n:
+            job.requeue_lost("earlier loss")
+        job.mark_running("ghost.1")  # no heartbeat key: this worker is gone
+    Job.objects.filter(pk=job.pk).update(started_at=timezone.now() - timedelta(minutes=5))
+    return Job.objects.get(pk=job.pk)
+
+
+def test_running_job_of_a_dead_worker_is_requeued(api, policy, capsys):
+    job = _running_on_a_dead_worker(api, attempts=1)
+    call_command("reconcile", min_age=0)
+    assert "recovered 1 running job(s) from lost workers; failed 0" in capsys.readouterr().out
+    job.refresh_from_db()
+    assert job.state == JobState.QUEUED and job.worker == ""
+    assert job.attempts.get().outcome == "errored"
+    run_worker_burst()
+    assert Job.objects.get(pk=job.pk).state == JobState.SUCCEEDED
+
+
+def test_a_job_whose_workers_keep_dying_fails_after_max_deliveries(api, policy, settings, capsys):
+    settings.MAX_DELIVERIES = 3
+    job = _running_on_a_dead_worker(api, attempts=3)
+    call_command("reconcile", min_age=0)
+    assert "failed 1" in capsys.readouterr().out
+    job.refresh_from_db()
+    assert job.state == JobState.FAILED and "gave up after 3 deliveries" in job.error

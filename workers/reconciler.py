@@ -1,4 +1,4 @@
-"""Re-enqueue jobs the database says are waiting but Redis has forgotten.
+"""Re-enqueue jobs the database says are waiting but Redis has forgotten, and jobs lost with a worker.
 
 The database is the system of record; Redis can lose a queue entry (FLUSHALL, a restart
 without persistence, an enqueue that failed after the row committed). Any ``queued`` job
@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
+from django.conf import settings
 from django.utils import timezone
 
 from jobs import queueing
 from jobs.models import Job, JobState
 from orchestrator_site.redis import redis_client
+from workers import heartbeat
 
 log = logging.getLogger(__name__)
 BATCH = 500
@@ -49,3 +51,44 @@ def requeue_lost_jobs(min_age_s: float = 5.0) -> int:
             )
             pushed += len(missing)
             log.warning("re-enqueued jobs lost by Redis", extra={"count": len(missing)})
+
+
+def requeue_orphaned_running() -> tuple[int, int]:
+    """Running jobs whose worker stopped beating: re-queue them, or fail them after MAX_DELIVERIES.
+
+    Returns (re-queued, failed). A worker that is alive keeps its key however slow its job is, so
+    nothing is stolen from it; the CAS in ``requeue_lost`` makes a late finish by a revived worker
+    and this pass exclusive.
+    """
+    cutoff = timezone.now() - timedelta(seconds=settings.WORKER_LEASE_TTL_S)
+    running = list(
+        Job.objects.filter(state=JobState.RUNNING, started_at__lte=cutoff).only(
+            "id", "priority", "queue", "rq_job_id", "timeout_s", "worker", "attempt_count", "version"
+        )
+    )
+    if not running:
+        return 0, 0
+    alive = heartbeat.alive(sorted({job.worker for job in running if job.worker}))
+    requeued = failed = 0
+    for job in running:
+        if alive.get(job.worker):
+            continue
+        job.refresh_from_db()
+        reason = f"worker {job.worker or '?'} was lost while running this job (no heartbeat)"
+        if job.attempt_count >= settings.MAX_DELIVERIES:
+            if job.mark_failed(f"{reason}; gave up after {job.attempt_count} deliveries"):
+                failed += 1
+            continue
+        if job.requeue_lost(reason):
+            queueing.enqueue(job)
+            requeued += 1
+    if requeued or failed:
+        log.warning("recovered jobs lost with their worker", extra={"requeued": requeued, "failed": failed})
+    return requeued, failed
+
+
+def reconcile(min_age_s: float = 5.0) -> tuple[int, int, int]:
+    """One pass: (queued jobs re-enqueued, running jobs re-queued, running jobs failed)."""
+    pushed = requeue_lost_jobs(min_age_s=min_age_s)
+    requeued, failed = requeue_orphaned_running()
+    return pushed, requeued, failed

@@ -37,6 +37,17 @@ class OrchestratorWorker(SimpleWorker):
             kwargs["name"] = kwargs.get("name") or f"{socket.gethostname()}.{os.getpid()}"
         super().__init__(*args, **kwargs)
 
+    def work(self, *args: Any, **kwargs: Any) -> bool:
+        """Beat a liveness key while working, so the jobs of a killed worker are recovered in seconds."""
+        from workers.heartbeat import Heartbeat
+
+        beat = Heartbeat(self.name)
+        beat.start()
+        try:
+            return super().work(*args, **kwargs)
+        finally:
+            beat.stop()
+
     # --- observability hook (issue 7): trace context in, fleet metrics out -------------------
     def perform_job(self, job: RQJob, queue: Queue, execution: Execution) -> bool:
         """Run the job inside a span continuing the request's trace, then record what it did.

@@ -2,11 +2,11 @@ import time
 
 from django.core.management.base import BaseCommand
 
-from workers.reconciler import requeue_lost_jobs
+from workers.reconciler import reconcile
 
 
 class Command(BaseCommand):
-    help = "Re-enqueue queued jobs whose RQ entry Redis lost (after a flush or restart). --loop to keep going."
+    help = "Re-enqueue queued jobs Redis lost and running jobs whose worker died. --loop to keep going."
 
     def add_arguments(self, parser) -> None:
         parser.add_argument("--min-age", type=float, default=5.0, help="Leave jobs younger than this (seconds).")
@@ -14,8 +14,9 @@ class Command(BaseCommand):
 
     def handle(self, *args, min_age: float, loop: float, **options) -> None:
         while True:
-            pushed = requeue_lost_jobs(min_age_s=min_age)
+            pushed, requeued, failed = reconcile(min_age_s=min_age)
             self.stdout.write(f"re-enqueued {pushed} job(s)")
+            self.stdout.write(f"recovered {requeued} running job(s) from lost workers; failed {failed}")
             if not loop:
                 return
             time.sleep(loop)
