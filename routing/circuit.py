@@ -37,6 +37,7 @@ from typing import Any
 from redis.commands.core import Script
 
 from orchestrator_site.redis import key, redis_client
+from routing.models import config_number
 from routing.stats import circuit_key
 
 log = logging.getLogger(__name__)
@@ -62,21 +63,12 @@ class CircuitConfig:
         config = config or {}
         d = cls()
         return cls(
-            failures=int(_number(config, "circuit_failures", d.failures, minimum=1)),
-            cooldown_s=_number(config, "circuit_cooldown_s", d.cooldown_s, minimum=0.0),
-            window=int(_number(config, "circuit_window", d.window, minimum=1)),
-            min_calls=int(_number(config, "circuit_min_calls", d.min_calls, minimum=1)),
-            error_rate=_number(config, "circuit_error_rate", d.error_rate, minimum=0.0, maximum=1.0),
+            failures=int(config_number(config, "circuit_failures", d.failures, minimum=1)),
+            cooldown_s=config_number(config, "circuit_cooldown_s", d.cooldown_s, minimum=0.0),
+            window=int(config_number(config, "circuit_window", d.window, minimum=1)),
+            min_calls=int(config_number(config, "circuit_min_calls", d.min_calls, minimum=1)),
+            error_rate=config_number(config, "circuit_error_rate", d.error_rate, minimum=0.0, maximum=1.0),
         )
-
-
-def _number(config: Mapping[str, Any], name: str, default: float, *, minimum: float, maximum: float | None = None):
-    """An operator's typo in the JSON config must not crash every worker: log it and use the default."""
-    value = config.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
-        log.warning("bad circuit setting; using the default", extra={"setting": name, "value": repr(value)})
-        return default
-    return min(value, maximum) if maximum is not None else value
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from decimal import Decimal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from django.conf import settings
@@ -17,6 +19,9 @@ if TYPE_CHECKING:
     from workers.backends.base import BackendConfig
 
 
+log = logging.getLogger(__name__)
+
+
 class BackendKind(models.TextChoices):
     DEV = "dev", "Dev (built-in, deterministic)"
     OLLAMA = "ollama", "Ollama"
@@ -27,6 +32,18 @@ class BackendKind(models.TextChoices):
 # Kinds that hold a model in a worker process's memory; they run only in workers
 # started for their pool (see Backend.queue_for).
 POOLED_KINDS = {BackendKind.HF_LOCAL}
+
+
+def config_number(
+    config: Mapping[str, Any], name: str, default: float, *, minimum: float = 0.0, maximum: float | None = None
+) -> float:
+    """A number from a backend's ``config`` JSON; an operator's typo must not crash every worker:
+    log it and use the default."""
+    value = config.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
+        log.warning("bad backend config setting; using the default", extra={"setting": name, "value": repr(value)})
+        return default
+    return min(value, maximum) if maximum is not None else value
 
 
 def validate_base_url(value: str) -> None:

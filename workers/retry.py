@@ -8,14 +8,13 @@ a second wave (AWS Architecture Blog, "Exponential Backoff And Jitter"). A serve
 
 from __future__ import annotations
 
-import logging
 import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-log = logging.getLogger(__name__)
+from routing.models import config_number
 
 
 @dataclass(frozen=True)
@@ -32,9 +31,9 @@ class RetryPolicy:
         config = config or {}
         d = cls()
         return cls(
-            retries=int(_number(config, "retry_max", d.retries)),
-            base_s=_number(config, "retry_base_ms", d.base_s * 1000) / 1000,
-            cap_s=_number(config, "retry_cap_ms", d.cap_s * 1000) / 1000,
+            retries=int(config_number(config, "retry_max", d.retries)),
+            base_s=config_number(config, "retry_base_ms", d.base_s * 1000) / 1000,
+            cap_s=config_number(config, "retry_cap_ms", d.cap_s * 1000) / 1000,
         )
 
     def backoff_s(self, retry: int, rng: random.Random | None = None) -> float:
@@ -45,15 +44,6 @@ class RetryPolicy:
     def delay_s(self, retry: int, retry_after_s: float | None = None, rng: random.Random | None = None) -> float:
         """The wait before retry ``retry``: the jittered backoff, never less than the server asked."""
         return max(self.backoff_s(retry, rng), retry_after_s or 0.0)
-
-
-def _number(config: Mapping[str, Any], name: str, default: float) -> float:
-    """An operator's typo in the JSON config must not crash every worker: log it and use the default."""
-    value = config.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        log.warning("bad retry setting; using the default", extra={"setting": name, "value": repr(value)})
-        return default
-    return value
 
 
 class Deadline:
