@@ -51,6 +51,7 @@ class AttemptOutcome(models.TextChoices):
     FAILED = "failed"
     CANCELED = "canceled"
     ERRORED = "errored"  # the adapter crashed (unexpected exception); traceback saved
+    INTERRUPTED = "interrupted"  # its worker stopped (shutdown, crash) before it ended; the job ran again
 
 
 class Job(models.Model):
@@ -112,6 +113,8 @@ class Job(models.Model):
             models.Index(fields=["state", "created_at"], name="job_state_created"),
             models.Index(fields=["backend_name", "created_at"], name="job_backend_created"),
             models.Index(fields=["priority", "created_at"], name="job_priority_created"),
+            # The live dashboard's "jobs per backend under the active policy, last hour": an index-only range scan.
+            models.Index(fields=["created_at", "policy_name", "backend_name"], name="job_created_policy_backend"),
         ]
         constraints = [
             models.UniqueConstraint(
@@ -137,14 +140,17 @@ class Job(models.Model):
         return list(self.messages) if self.messages else [{"role": "user", "content": self.prompt}]
 
     # --- state machine -------------------------------------------------------------
-    def transition(self, target: str, **fields: Any) -> bool:
+    def transition(self, target: str, *, fence: bool = False, **fields: Any) -> bool:
         """Move to ``target`` if the current DB state allows it; returns whether this call won.
 
         ``fields`` are written in the same UPDATE. On success the instance is refreshed
-        and the Redis status mirror is rewritten after commit.
+        and the Redis status mirror is rewritten after commit. ``fence`` also requires the
+        attempt this instance knows to be the current one: a worker that lost its job (re-queued
+        after a shutdown or a lost heartbeat, then claimed again elsewhere) cannot end the new run.
         """
         allowed = TRANSITIONS[target]
-        updated = Job.objects.filter(pk=self.pk, state__in=allowed).update(
+        match = {"attempt_count": self.attempt_count} if fence else {}
+        updated = Job.objects.filter(pk=self.pk, state__in=allowed, **match).update(
             state=target, version=F("version") + 1, updated_at=timezone.now(), **fields
         )
         if not updated:
@@ -216,6 +222,7 @@ class Job(models.Model):
         with transaction.atomic():
             won = self.transition(
                 JobState.SUCCEEDED,
+                fence=True,
                 output=output,
                 finish_reason=finish_reason,
                 prompt_tokens=prompt_tokens,
@@ -234,7 +241,7 @@ class Job(models.Model):
     ) -> bool:
         with transaction.atomic():
             won = self.transition(
-                JobState.FAILED, error=error[:10_000], finished_at=timezone.now(), latency_ms=latency_ms
+                JobState.FAILED, fence=True, error=error[:10_000], finished_at=timezone.now(), latency_ms=latency_ms
             )
             if won:
                 self._close_attempt(outcome, error=error, traceback=traceback, latency_ms=latency_ms)
@@ -247,16 +254,24 @@ class Job(models.Model):
             won = self.transition(JobState.CANCELED, finished_at=timezone.now())
             if won and was_running:
                 self._close_attempt(AttemptOutcome.CANCELED)
+                from jobs import cancellation
+
+                job_id = str(self.pk)
+                transaction.on_commit(lambda: cancellation.request_stop(job_id))
         return won
 
     def requeue_lost(self, reason: str) -> bool:
-        """running -> queued after its worker died: the open attempt is closed as errored with ``reason``."""
+        """running -> queued when its worker died or shut down before the job ended.
+
+        The open attempt is closed as ``interrupted`` with ``reason``. Fenced on the attempt, so a
+        stale copy cannot re-queue a run that was already recovered and claimed again.
+        """
         with transaction.atomic():
             number = self.attempt_count
-            won = self.transition(JobState.QUEUED, started_at=None, enqueued_at=timezone.now(), worker="")
+            won = self.transition(JobState.QUEUED, fence=True, started_at=None, enqueued_at=timezone.now(), worker="")
             if won:
                 JobAttempt.objects.filter(job=self, number=number, outcome=AttemptOutcome.RUNNING).update(
-                    outcome=AttemptOutcome.ERRORED, error=reason[:10_000], finished_at=timezone.now()
+                    outcome=AttemptOutcome.INTERRUPTED, error=reason[:10_000], finished_at=timezone.now()
                 )
         return won
 

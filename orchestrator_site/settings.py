@@ -161,7 +161,12 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = env_int(
 ROUTING_STATS_MAX_AGE_S = env_int("ROUTING_STATS_MAX_AGE_MS", 250, minimum=0, maximum=60_000) / 1000
 
 # --- Workers ----------------------------------------------------------------
+# Jobs one `rqworker` process runs at once, in threads (I/O-bound API backends; GPU workers batch instead).
 MAX_CONCURRENCY = env_int("MAX_CONCURRENCY", 8, minimum=1, maximum=1024)
+# SIGTERM: stop taking jobs, let in-flight ones finish for this long, re-queue the rest, exit 0.
+WORKER_SHUTDOWN_GRACE_S = env_int("WORKER_SHUTDOWN_GRACE_MS", 25_000, minimum=0) / 1000
+# How often a worker checks its running jobs for cancels and passed deadlines.
+WORKER_WATCH_S = env_int("WORKER_WATCH_MS", 250, minimum=10, maximum=10_000) / 1000
 # Crash recovery (workers/heartbeat.py): a running job whose worker stopped beating is re-queued.
 WORKER_HEARTBEAT_S = env_int("WORKER_HEARTBEAT_MS", 3000, minimum=50) / 1000
 WORKER_LEASE_TTL_S = env_int("WORKER_LEASE_TTL_MS", 15000, minimum=1000) / 1000

@@ -5,8 +5,8 @@ Per backend (``<name>`` is the backend's name):
 - ``llmo:stats:<name>``         hash: ``ewma_ms``, ``p95_ms``, ``error_rate``, ``calls``,
   ``last_error``, ``last_error_at``, ``updated_at``;
 - ``llmo:stats:<name>:window``  list of the last ``WINDOW`` calls as ``"<ok 1|0>:<latency ms>"``;
-- ``llmo:inflight:<name>``      sorted set of in-flight call leases scored by their expiry, so a
-  worker killed mid-call stops counting once its lease runs out (no counter to leak);
+- ``llmo:inflight:<name>``      sorted set of in-flight call leases scored by their expiry, written by
+  ``routing.capacity`` (the fleet-wide ``max_concurrency`` semaphore); counted here;
 - ``llmo:circuit:<name>``       hash with ``state`` = closed|open|half_open and ``open_until``, written
   by the circuit breaker (``routing.circuit``); read here only. An ``open`` state whose ``open_until``
   has passed is reported as ``half_open``: the breaker moves there lazily, on the next call it allows.
@@ -21,16 +21,13 @@ hosts with skewed clocks agree about lease expiry.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
-import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from redis.client import Pipeline
 from redis.commands.core import Script
-from redis.exceptions import RedisError
 
 from orchestrator_site.redis import key, redis_client
 from routing.strategies import BackendStats
@@ -40,7 +37,6 @@ log = logging.getLogger(__name__)
 WINDOW = 200  # calls behind p95 and error_rate
 EWMA_ALPHA = 0.2  # weight of the newest call: ~the last 10 calls dominate
 TTL_S = 7 * 24 * 3600  # figures of a backend nobody calls any more fade away
-DEFAULT_LEASE_S = 900.0  # longest a call may count as in flight without its worker's release
 ERROR_TEXT_MAX = 500
 
 _RECORD = """
@@ -79,14 +75,6 @@ end
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 redis.call('EXPIRE', KEYS[2], ARGV[6])
-"""
-
-_ENTER = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.6f', now))
-redis.call('ZADD', KEYS[1], string.format('%.6f', now + tonumber(ARGV[2])), ARGV[1])
-redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2])) + 60)
 """
 
 # Read-only: expired leases are not counted (ZCOUNT from now); ENTER prunes them. The reply is
@@ -137,7 +125,7 @@ def circuit_key(name: str) -> str:
 @functools.cache
 def _scripts() -> dict[str, Script]:
     client = redis_client()
-    sources = {"record": _RECORD, "enter": _ENTER, "read": _READ}
+    sources = {"record": _RECORD, "read": _READ}
     return {name: client.register_script(src) for name, src in sources.items()}
 
 
@@ -147,29 +135,6 @@ def record_call(backend_name: str, *, latency_ms: float, ok: bool, error: str = 
         keys=[stats_key(backend_name), window_key(backend_name)],
         args=["1" if ok else "0", f"{max(latency_ms, 0.0):.3f}", error[:ERROR_TEXT_MAX], WINDOW, EWMA_ALPHA, TTL_S],
     )
-
-
-@contextlib.contextmanager
-def in_flight(backend_name: str, *, lease_s: float = DEFAULT_LEASE_S) -> Iterator[None]:
-    """Count a call as in flight for its duration.
-
-    Each call holds a lease that expires after ``lease_s`` (use more than the call's timeout):
-    a worker killed by SIGKILL never releases it, and it stops counting when it expires.
-    Redis trouble is logged, never raised: losing a figure must not fail the job.
-    """
-    lease = uuid.uuid4().hex
-    zkey = inflight_key(backend_name)
-    try:
-        _scripts()["enter"](keys=[zkey], args=[lease, lease_s])
-    except RedisError as exc:
-        log.warning("in-flight lease not taken", extra={"backend": backend_name, "error": str(exc)})
-    try:
-        yield
-    finally:
-        try:
-            redis_client().zrem(zkey, lease)
-        except RedisError as exc:
-            log.warning("in-flight lease not released", extra={"backend": backend_name, "error": str(exc)})
 
 
 def _num(raw: bytes) -> float | None:

@@ -72,7 +72,7 @@ def test_job_of_a_sigkilled_worker_is_rerun_by_another_and_finishes_once(api, sl
     assert time.monotonic() - killed_at < 60
     assert job.output == "survive this" and job.attempt_count == 2
     attempts = list(job.attempts.values_list("number", "outcome", "worker", "error"))
-    assert attempts[0][:3] == (1, AttemptOutcome.ERRORED, lost) and "was lost" in attempts[0][3]
+    assert attempts[0][:3] == (1, AttemptOutcome.INTERRUPTED, lost) and "was lost" in attempts[0][3]
     assert attempts[1][:2] == (2, AttemptOutcome.SUCCEEDED) and attempts[1][2] != lost
     time.sleep(2)  # a few more reconcile passes: nothing runs it a third time
     assert Job.objects.get(pk=job_id).attempt_count == 2

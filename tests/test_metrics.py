@@ -14,8 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from jobs.models import Job, JobState
 from orchestrator_site import metrics
 from orchestrator_site.redis import redis_client
+from routing import capacity
 from routing.models import Backend, BackendKind, RoutingPolicy
-from routing.stats import circuit_key, in_flight, record_call
+from routing.stats import circuit_key, record_call
 from tests.conftest import run_worker_burst
 from workers.worker import OrchestratorWorker
 
@@ -120,7 +121,7 @@ def test_backend_health_gauges_read_live_figures(dev_backend):
     record_call("dev", latency_ms=120.0, ok=True)
     record_call("dev", latency_ms=80.0, ok=False, error="boom")
     redis_client().hset(circuit_key("dev"), "state", "open")
-    with in_flight("dev", lease_s=60):
+    with capacity.slot("dev", 16):
         s = scrape("fleet")
     assert value(s, P + "backend_in_flight", backend="dev") == 1
     assert value(s, P + "backend_error_rate", backend="dev") == 0.5

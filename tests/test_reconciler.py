@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import pytest
@@ -11,6 +12,7 @@ from django.utils import timezone
 from jobs.models import Job, JobState
 from orchestrator_site.redis import redis_client
 from tests.conftest import run_worker_burst
+from workers import heartbeat, reconciler
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -51,7 +53,35 @@ def _running_on_a_dead_worker(api, attempts: int) -> Job:
             job.requeue_lost("earlier loss")
         job.mark_running("ghost.1")  # no heartbeat key: this worker is gone
     Job.objects.filter(pk=job.pk).update(started_at=timezone.now() - timedelta(minutes=5))
+    # An earlier pass saw its key missing a minute ago: the grace has passed.
+    redis_client().set(reconciler.missing_key("ghost.1"), f"{time.time() - 60:.6f}")
     return Job.objects.get(pk=job.pk)
+
+
+def test_a_worker_whose_key_just_vanished_is_given_a_grace_before_its_jobs_move(api, policy, settings):
+    """Right after a Redis restart no liveness key exists; a live worker writes its key back within a beat."""
+    job = _running_on_a_dead_worker(api, attempts=1)
+    redis_client().delete(reconciler.missing_key("ghost.1"))  # first pass to notice
+    assert reconciler.reconcile(min_age_s=0)[1:] == (0, 0)
+    heartbeat.beat("ghost.1")  # the worker is back
+    assert reconciler.reconcile(min_age_s=0)[1:] == (0, 0)
+    assert not redis_client().exists(reconciler.missing_key("ghost.1"))  # the next absence starts afresh
+    redis_client().delete(heartbeat.alive_key("ghost.1"))
+    settings.WORKER_HEARTBEAT_S = 0.2
+    assert reconciler.reconcile(min_age_s=0)[1:] == (0, 0)
+    time.sleep(1.1)  # the grace is two beats, at least 1 s
+    assert reconciler.reconcile(min_age_s=0)[1:] == (1, 0)
+    job.refresh_from_db()
+    assert job.state == JobState.QUEUED
+
+
+def test_a_queued_job_popped_by_a_worker_that_died_before_claiming_it_is_pushed_again(api, policy, capsys):
+    job_id = api.post("/jobs", {"prompt": "popped"}, format="json").json()["id"]
+    assert redis_client().lpop("rq:queue:normal") == job_id.encode()  # the worker popped it, then died
+    call_command("reconcile", min_age=0)
+    assert "re-enqueued 1 job(s)" in capsys.readouterr().out
+    run_worker_burst()
+    assert Job.objects.get(pk=job_id).state == JobState.SUCCEEDED
 
 
 def test_running_job_of_a_dead_worker_is_requeued(api, policy, capsys):
@@ -60,7 +90,7 @@ def test_running_job_of_a_dead_worker_is_requeued(api, policy, capsys):
     assert "recovered 1 running job(s) from lost workers; failed 0" in capsys.readouterr().out
     job.refresh_from_db()
     assert job.state == JobState.QUEUED and job.worker == ""
-    assert job.attempts.get().outcome == "errored"
+    assert job.attempts.get().outcome == "interrupted"
     run_worker_burst()
     assert Job.objects.get(pk=job.pk).state == JobState.SUCCEEDED
 

@@ -69,27 +69,6 @@ def test_the_window_slides():
     assert redis_client().llen(stats.window_key("b")) == stats.WINDOW
 
 
-def test_in_flight_counts_calls_and_releases_them_even_on_error():
-    with stats.in_flight("b"), stats.in_flight("b"):
-        assert stats.read_stats(["b"])["b"].in_flight == 2
-    assert stats.read_stats(["b"])["b"].in_flight == 0
-    with pytest.raises(RuntimeError), stats.in_flight("b"):
-        assert stats.read_stats(["b"])["b"].in_flight == 1
-        raise RuntimeError("adapter crashed")
-    assert stats.read_stats(["b"])["b"].in_flight == 0
-
-
-def test_a_lease_left_by_a_killed_worker_stops_counting_when_it_expires():
-    leaked = stats.in_flight("b", lease_s=0.2)
-    leaked.__enter__()  # never exited: the worker died
-    with stats.in_flight("b"):
-        assert stats.read_stats(["b"])["b"].in_flight == 2
-        time.sleep(0.3)
-        assert stats.read_stats(["b"])["b"].in_flight == 1
-    with stats.in_flight("b"):  # entering prunes expired leases
-        assert redis_client().zcard(stats.inflight_key("b")) == 1
-
-
 @pytest.mark.parametrize("state, is_open", [("open", True), ("half_open", False), ("closed", False)])
 def test_circuit_state_is_read_from_the_breakers_key(state, is_open):
     redis_client().hset("llmo:circuit:b", "state", state)

@@ -56,7 +56,7 @@ def test_rq_job_carries_only_the_job_id_as_json(api, policy):
 
 def test_priority_order_high_before_normal_before_low(api, policy):
     ids = {p: submit(api, priority=p, prompt=p) for p in ("low", "normal", "high")}
-    run_worker_burst("high", "normal", "low")
+    run_worker_burst("high", "normal", "low", MAX_CONCURRENCY="1")
     started = {p: Job.objects.get(pk=i).started_at for p, i in ids.items()}
     assert started["high"] < started["normal"] < started["low"]
 

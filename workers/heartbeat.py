@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 from django.conf import settings
 from django.db import close_old_connections
@@ -46,14 +47,16 @@ def alive(worker_names: list[str]) -> dict[str, bool]:
 class Heartbeat:
     """The daemon thread of one worker process: liveness key, and the periodic reconcile."""
 
-    def __init__(self, worker_name: str) -> None:
+    def __init__(self, worker_name: str, on_beat: Callable[[], None] | None = None) -> None:
         self.worker_name = worker_name
+        self.on_beat = on_beat
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{worker_name}", daemon=True)
         self._since_reconcile = 0.0
 
     def start(self) -> None:
         beat(self.worker_name)  # alive before the first job can be claimed
+        self._extras()
         self._thread.start()
 
     def stop(self) -> None:
@@ -72,10 +75,20 @@ class Heartbeat:
             except RedisError as exc:
                 log.warning("heartbeat failed", extra={"worker": self.worker_name, "error": str(exc)})
                 continue
+            self._extras()
             self._since_reconcile += interval
             if settings.RECONCILE_INTERVAL_S and self._since_reconcile >= settings.RECONCILE_INTERVAL_S:
                 self._since_reconcile = 0.0
                 self._reconcile()
+
+    def _extras(self) -> None:
+        """The worker's own per-beat duties (slot leases, status); never fatal to the heartbeat."""
+        if self.on_beat is None:
+            return
+        try:
+            self.on_beat()
+        except Exception as exc:
+            log.warning("heartbeat duty failed", extra={"worker": self.worker_name, "error": str(exc)})
 
     def _reconcile(self) -> None:
         from workers.reconciler import reconcile

@@ -1,10 +1,16 @@
 """Re-enqueue jobs the database says are waiting but Redis has forgotten, and jobs lost with a worker.
 
 The database is the system of record; Redis can lose a queue entry (FLUSHALL, a restart
-without persistence, an enqueue that failed after the row committed). Any ``queued`` job
-whose RQ job hash is gone is pushed again. Jobs younger than ``min_age_s`` are left alone:
-their enqueue may still be in flight right after commit. A duplicate push is harmless
-(the worker's compare-and-set makes the second delivery a no-op).
+without persistence, an enqueue that failed after the row committed, a worker stopped between
+popping a job and claiming it). Any ``queued`` job whose RQ job is gone, or is on no queue, is
+pushed again. Jobs younger than ``min_age_s`` are left alone: their enqueue may still be in
+flight right after commit. A duplicate push is harmless (the worker's compare-and-set makes the
+second delivery a no-op).
+
+A ``running`` job is re-queued when its worker's liveness key has been missing for a grace of two
+heartbeats, measured from when a pass first saw it missing (``llmo:worker-missing:<name>``): right
+after a Redis restart every key is gone, and a live worker writes its key back within one beat,
+so a restart never steals a job from a worker that is still running it.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from django.utils import timezone
 
 from jobs import queueing
 from jobs.models import Job, JobState
-from orchestrator_site.redis import redis_client
+from orchestrator_site.redis import key, redis_client
 from workers import heartbeat
 
 log = logging.getLogger(__name__)
@@ -31,6 +37,7 @@ def requeue_lost_jobs(min_age_s: float = 5.0) -> int:
     queued = Job.objects.filter(state=JobState.QUEUED, created_at__lte=cutoff).order_by("created_at")
     pushed = 0
     last_created = None
+    on_queues: dict[str, set[str]] = {}  # queue name -> RQ job ids waiting on it (read once per pass)
     while True:
         page = queued if last_created is None else queued.filter(created_at__gt=last_created)
         batch = list(page.only("id", "priority", "queue", "rq_job_id", "timeout_s", "created_at")[:BATCH])
@@ -40,7 +47,14 @@ def requeue_lost_jobs(min_age_s: float = 5.0) -> int:
         pipe = client.pipeline(transaction=False)
         for job in batch:
             pipe.exists(queueing.get_queue(job.queue).job_class.key_for(job.rq_job_id))
-        missing = [job for job, exists in zip(batch, pipe.execute(), strict=True) if not exists]
+        exists = pipe.execute()
+        for name in {job.queue for job in batch} - on_queues.keys():
+            on_queues[name] = {_text(i) for i in client.lrange(queueing.get_queue(name).key, 0, -1)}
+        missing = [
+            job
+            for job, found in zip(batch, exists, strict=True)
+            if not found or job.rq_job_id not in on_queues[job.queue]
+        ]
         if missing:
             pipe = client.pipeline()
             for job in missing:
@@ -51,6 +65,33 @@ def requeue_lost_jobs(min_age_s: float = 5.0) -> int:
             )
             pushed += len(missing)
             log.warning("re-enqueued jobs lost by Redis", extra={"count": len(missing)})
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+def missing_key(worker_name: str) -> str:
+    return key("worker-missing", worker_name)
+
+
+def dead_workers(names: list[str]) -> set[str]:
+    """Workers whose liveness key has been missing for at least two heartbeats (see the module doc)."""
+    client = redis_client()
+    alive = heartbeat.alive(names)
+    grace_s = max(2 * float(settings.WORKER_HEARTBEAT_S), 1.0)
+    secs, micros = client.time()
+    now = secs + micros / 1e6
+    dead = set()
+    for name in names:
+        if alive.get(name):
+            client.delete(missing_key(name))  # back (or never gone): the next absence starts a new grace
+            continue
+        client.set(missing_key(name), f"{now:.6f}", nx=True, ex=24 * 3600)
+        since = float(client.get(missing_key(name)) or now)
+        if now - since >= grace_s:
+            dead.add(name)
+    return dead
 
 
 def requeue_orphaned_running() -> tuple[int, int]:
@@ -68,10 +109,10 @@ def requeue_orphaned_running() -> tuple[int, int]:
     )
     if not running:
         return 0, 0
-    alive = heartbeat.alive(sorted({job.worker for job in running if job.worker}))
+    dead = dead_workers(sorted({job.worker for job in running if job.worker}))
     requeued = failed = 0
     for job in running:
-        if alive.get(job.worker):
+        if job.worker and job.worker not in dead:
             continue
         job.refresh_from_db()
         reason = f"worker {job.worker or '?'} was lost while running this job (no heartbeat)"

@@ -15,14 +15,22 @@ attempt and every sleep together):
   in this worker (a pooled kind only on its own pool's queue);
 - a permanent error (4xx, bad input) fails the job at once with the backend's message;
 - every call is its own ``JobAttempt`` (backend, error, latency) and feeds both the live
-  figures routing reads (``routing.stats``) and the shared circuit breaker (``routing.circuit``).
+  figures routing reads (``routing.stats``) and the shared circuit breaker (``routing.circuit``);
+- every call holds one of its backend's ``max_concurrency`` slots (``routing.capacity``, shared by
+  all workers). A backend with no free slot is passed over for the next candidate; when every
+  usable candidate is full, the job waits for the first slot to free on any of them, best-ranked
+  first, until its deadline;
+- a cancel (``JobRun.cancel``, set by the worker when the job is canceled while running or
+  abandoned past its deadline) stops the backoff and any adapter that can stop early.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -34,16 +42,18 @@ from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
 from jobs.models import AttemptOutcome, Job, JobAttempt
-from routing import circuit, stats
+from routing import capacity, circuit, stats
 from routing.models import POOLED_KINDS, Backend
 from workers.backends import get_adapter
-from workers.backends.base import BackendError, GenerationRequest
+from workers.backends.base import BackendError, GenerationRequest, JobCanceled
 from workers.retry import Deadline, RetryPolicy
 
 log = logging.getLogger(__name__)
 
 # Leave at least this much of the deadline for a call; less is not worth starting.
 MIN_CALL_S = 0.05
+# How often a job waiting for a backend slot asks again (plus up to as much jitter).
+SLOT_POLL_S = 0.02
 
 
 def worker_name() -> str:
@@ -53,6 +63,8 @@ def worker_name() -> str:
 
 
 def run_job(job_id: str) -> str:
+    from workers import inflight
+
     close_old_connections()
     try:
         job = Job.objects.select_related("backend").get(pk=job_id)
@@ -63,7 +75,7 @@ def run_job(job_id: str) -> str:
     if not job.mark_running(worker):
         log.info("job not claimable; skipped", extra={"job_id": job_id, "state": job.state})
         return f"skipped:{job.state}"
-    return JobRun(job, worker, Deadline(float(job.timeout_s))).run()
+    return JobRun(job, worker, Deadline(float(job.timeout_s)), cancel=inflight.cancel_event()).run()
 
 
 class _Finished(Exception):
@@ -77,6 +89,8 @@ class JobRun:
     job: Job
     worker: str
     deadline: Deadline
+    # Set by the worker when the job is canceled while running or abandoned past its deadline.
+    cancel: threading.Event = field(default_factory=threading.Event)
     calls: int = 0
     tried: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
@@ -88,6 +102,7 @@ class JobRun:
 
     def run(self) -> str:
         try:
+            full: list[Backend] = []  # usable, but every slot was taken when its turn came
             for index, name in enumerate(self.plan()):
                 if self.deadline.remaining() < MIN_CALL_S:
                     break
@@ -96,11 +111,24 @@ class JobRun:
                 if why:
                     self.skipped[name] = why
                     continue
-                self.run_on(backend)
+                if not self.run_on(backend):
+                    full.append(backend)
+            self.wait_for_slots(full)
             self.fail_exhausted()
         except _Finished:
             pass
         return self.job.state
+
+    def wait_for_slots(self, full: list[Backend]) -> None:
+        """Every free candidate was tried: take the first slot that frees on the full ones (best-ranked first)."""
+        while full and self.deadline.remaining() >= MIN_CALL_S:
+            if self.cancel.wait(SLOT_POLL_S * (1 + random.random())):
+                raise _Finished  # canceled (or abandoned) while waiting
+            for backend in list(full):
+                if self.run_on(backend):
+                    full.remove(backend)
+        for backend in full:
+            self.skipped[backend.name] = f"all {backend.max_concurrency} slots busy until the deadline"
 
     def plan(self) -> list[str]:
         """The routed backend first, then the rest of the policy's ranking, each once."""
@@ -129,8 +157,12 @@ class JobRun:
         return None
 
     # --- one backend: tries with backoff ---------------------------------------------------------
-    def run_on(self, backend: Backend) -> None:
-        """Call ``backend`` up to its budget; returns to fall back, raises _Finished when the job is done."""
+    def run_on(self, backend: Backend) -> bool:
+        """Call ``backend`` up to its budget; raises _Finished when the job is done.
+
+        Returns False when its first call found every slot taken (nothing was tried: the caller
+        may come back), True when it tried and the run should fall back.
+        """
         policy = RetryPolicy.from_config(backend.config)
         breaker = circuit.CircuitConfig.from_config(backend.config)
         retry_after: float | None = None
@@ -141,17 +173,37 @@ class JobRun:
                 if not self.deadline.allows_wait(wait, min_call_s=MIN_CALL_S):
                     self.out_of_time = True
                     log.info("no time left to retry here", extra={**self.ctx(backend), "wait_s": round(wait, 3)})
-                    return
-                time.sleep(wait)
-            if not self._allowed(backend):
-                if n == 0:
-                    self.skipped[backend.name] = "circuit open"
-                return
-            self.begin_attempt(backend)
-            exc = self.call(backend, breaker)
+                    return True
+                if self.cancel.wait(wait):
+                    raise _Finished
+            lease = self.take_slot(backend, wait=n > 0)
+            if lease is None:
+                return n > 0
+            try:
+                if not self._allowed(backend):
+                    if n == 0:
+                        self.skipped[backend.name] = "circuit open"
+                    return True
+                self.begin_attempt(backend)
+                exc = self.call(backend, breaker)
+            finally:
+                capacity.release(lease)
             retry_after = exc.retry_after_s
             if self.deadline.remaining() < MIN_CALL_S:
-                return
+                return True
+        return True
+
+    def take_slot(self, backend: Backend, *, wait: bool) -> str | None:
+        """A lease on one of ``backend``'s slots; with ``wait`` (a retry here), poll until the deadline."""
+        while True:
+            lease = capacity.try_acquire(backend.name, backend.max_concurrency, owner=str(self.job.pk))
+            if lease is not None or not wait:
+                return lease
+            if self.deadline.remaining() < MIN_CALL_S + SLOT_POLL_S:
+                self.out_of_time = True
+                return None
+            if self.cancel.wait(SLOT_POLL_S * (1 + random.random())):
+                raise _Finished
 
     def _allowed(self, backend: Backend) -> bool:
         """Ask the shared breaker; if Redis cannot answer, call anyway (losing Redis must not stop work)."""
@@ -180,14 +232,18 @@ class JobRun:
             params=dict(job.params),
             timeout_s=self.deadline.remaining(),
             attempt=job.attempt_count,
+            cancel=self.cancel,
         )
         ctx = self.ctx(backend)
         log.info("attempt started", extra=ctx)
         started = time.monotonic()
         try:
-            # The lease outlives the call's own deadline, so a SIGKILLed worker's call stops counting.
-            with stats.in_flight(backend.name, lease_s=request.timeout_s + 60):
-                result = get_adapter(backend.kind).generate(backend.adapter_config(), request)
+            result = get_adapter(backend.kind).generate(backend.adapter_config(), request)
+        except JobCanceled:
+            # Canceled (the cancel closed the attempt) or abandoned past its deadline (failed by the
+            # watchdog): either way the job's outcome is written and this call is not the backend's fault.
+            log.info("call stopped: job canceled", extra=ctx)
+            raise _Finished from None
         except BackendError as exc:
             status = f" (HTTP {exc.status})" if exc.status else ""
             error = f"{backend.name}: {exc.message}{status}"

@@ -1,33 +1,66 @@
-"""The worker class behind ``manage.py rqworker`` (set in ``settings.RQ['WORKER_CLASS']``)."""
+"""The worker class behind ``manage.py rqworker`` (set in ``settings.RQ['WORKER_CLASS']``).
+
+One process runs up to ``MAX_CONCURRENCY`` jobs at once in a pool of threads
+(``workers.inflight``); RQ's loop in the main thread dequeues only when a slot is free, so
+priority order holds for every free slot.
+
+Shutdown (SIGTERM or SIGINT, as Kubernetes and systemd send it): stop taking jobs, let the
+running ones finish for ``WORKER_SHUTDOWN_GRACE_S``, then put the rest back on their queues
+(``running -> queued``, the attempt closed as ``interrupted``) and exit 0. A second signal
+re-queues at once. A job whose thread outlives the re-queue cannot write an outcome: the
+process exits, and the fenced compare-and-set would refuse it anyway.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import socket
+import time
 from datetime import datetime
 from typing import Any
 
+from django.conf import settings
+from django.db import close_old_connections
 from django.utils import timezone
+from rq.exceptions import StopRequested
 from rq.executions import Execution
 from rq.job import Job as RQJob
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
-from rq.worker import SimpleWorker
+from rq.timeouts import BaseDeathPenalty
+from rq.worker import SimpleWorker, WorkerStatus
 
 from orchestrator_site import metrics, tracing
 
 log = logging.getLogger(__name__)
 
 
+class NoDeathPenalty(BaseDeathPenalty):
+    """RQ's SIGALRM death penalty works only in the main thread; our jobs run in pool threads.
+
+    Deadlines are ours instead: the job's own (``workers.retry.Deadline``, passed to the adapter
+    as its timeout) and the watcher's hard deadline (``workers.inflight``).
+    """
+
+    def setup_death_penalty(self) -> None:
+        pass
+
+    def cancel_death_penalty(self) -> None:
+        pass
+
+
 class OrchestratorWorker(SimpleWorker):
-    """Runs jobs in the worker process itself, with the JSON serializer.
+    """Runs jobs in threads of the worker process itself, with the JSON serializer.
 
     No fork per job: forking costs most of RQ's per-job time (~69 vs ~267 no-op jobs/s
     on our machines), drops the process's warm DB and Redis connections, and breaks
     CUDA. ``rqworker`` passes its own ``--serializer`` default (pickle); we always use
     JSON because our RQ jobs carry only a job id and pickle is never needed.
     """
+
+    death_penalty_class = NoDeathPenalty
+    max_concurrency: int | None = None  # None: settings.MAX_CONCURRENCY
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["serializer"] = JSONSerializer
@@ -36,17 +69,142 @@ class OrchestratorWorker(SimpleWorker):
         if len(args) < 2:
             kwargs["name"] = kwargs.get("name") or f"{socket.gethostname()}.{os.getpid()}"
         super().__init__(*args, **kwargs)
+        self.job_threads: Any = None  # workers.inflight.JobThreads, made on the first job
+        self._waiting_for_job = False
+        self._started = timezone.now().isoformat()
 
     def work(self, *args: Any, **kwargs: Any) -> bool:
         """Beat a liveness key while working, so the jobs of a killed worker are recovered in seconds."""
         from workers.heartbeat import Heartbeat
 
-        beat = Heartbeat(self.name)
+        beat = Heartbeat(self.name, on_beat=self.on_beat)
         beat.start()
         try:
             return super().work(*args, **kwargs)
         finally:
             beat.stop()
+            self.publish_status(gone=True)
+
+    # --- many jobs at once ------------------------------------------------------------------------
+    @property
+    def slots(self) -> int:
+        return int(self.max_concurrency or settings.MAX_CONCURRENCY)
+
+    def execute_job(self, job: RQJob, queue: Queue) -> None:
+        """Hand ``job`` to a job thread; return once a slot is free for the next one."""
+        from workers.inflight import JobThreads, Running
+
+        if self.job_threads is None:
+            self.job_threads = JobThreads(self.slots, self._perform_entry, self.name)
+        timeout = job.timeout if job.timeout and job.timeout > 0 else self.queue_class.DEFAULT_TIMEOUT
+        entry = Running(
+            rq_job=job,
+            queue=queue,
+            execution=self.prepare_execution(job),
+            job_id=str(job.args[0]) if job.args else job.id,
+            hard_deadline=time.monotonic() + timeout,
+        )
+        self.job_threads.submit(entry)
+        while not self.job_threads.wait_for_slot(timeout=5.0) and not self._stop_requested:
+            self.heartbeat()  # every slot is busy: keep RQ's worker key alive meanwhile
+
+    def _perform_entry(self, entry: Any) -> None:
+        self.perform_job(entry.rq_job, entry.queue, entry.execution)
+
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
+        self._waiting_for_job = True
+        try:
+            result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        finally:
+            self._waiting_for_job = False
+        if self.job_threads is not None and self.job_threads.busy:
+            self.set_state(WorkerStatus.BUSY)  # RQ marked us idle while it waited; jobs are still running
+        return result
+
+    # --- shutdown ---------------------------------------------------------------------------------
+    def _shutdown(self) -> None:
+        """First SIGTERM/SIGINT: stop taking jobs. Only a wait for a job is interrupted at once;
+        anywhere else the loop sees the flag after its current step (no dequeued job is dropped)."""
+        self._stop_requested = True
+        self.set_shutdown_requested_date()
+        if self._waiting_for_job:
+            raise StopRequested()
+
+    def teardown(self) -> None:
+        """Before RQ deregisters us: let running jobs finish (within the grace on a stop), re-queue the rest."""
+        threads = self.job_threads
+        if threads is not None:
+            try:
+                grace = float(settings.WORKER_SHUTDOWN_GRACE_S) if self._stop_requested else None
+                if threads.busy:
+                    self.set_state("stopping" if self._stop_requested else WorkerStatus.BUSY)
+                    log.info("waiting for running jobs", extra={"worker": self.name, "jobs": threads.busy})
+                if not threads.wait_idle(grace):
+                    self.requeue_running("shut down")
+            except SystemExit:
+                self.requeue_running("stopped by a second signal")  # cold stop: hand the jobs back now
+                raise
+            finally:
+                threads.stop()
+        super().teardown()
+
+    def requeue_running(self, why: str) -> int:
+        """Put the jobs still running here back on their queues; returns how many."""
+        from jobs import queueing
+        from jobs.models import Job, JobState
+
+        close_old_connections()
+        grace = settings.WORKER_SHUTDOWN_GRACE_S
+        requeued = 0
+        for entry in self.job_threads.snapshot():
+            self.job_threads.forget(entry)
+            job = Job.objects.filter(pk=entry.job_id, state=JobState.RUNNING, worker=self.name).first()
+            if job is None:
+                continue  # finished (or canceled) at the last moment
+            if job.requeue_lost(f"worker {self.name} {why} before the job finished (grace {grace:g}s); re-queued"):
+                with self.connection.pipeline() as pipe:
+                    self.cleanup_execution(entry.rq_job, pipeline=pipe, execution=entry.execution)
+                    pipe.execute()
+                queueing.enqueue(job)
+                requeued += 1
+        if requeued:
+            log.warning("re-queued running jobs at shutdown", extra={"worker": self.name, "jobs": requeued})
+        return requeued
+
+    # --- what the admin sees ----------------------------------------------------------------------
+    def on_beat(self) -> None:
+        """Each heartbeat: renew this process's backend slots and publish its status."""
+        from routing import capacity
+
+        capacity.renew_held()
+        self.publish_status()
+
+    def publish_status(self, *, gone: bool = False) -> None:
+        from workers import status
+
+        try:
+            if gone:
+                status.remove(self.name)
+                return
+            threads = self.job_threads
+            busy = threads.busy if threads is not None else 0
+            state = "stopping" if self._stop_requested else ("busy" if busy else "idle")
+            status.publish(
+                status.WorkerStatus(
+                    name=self.name,
+                    host=socket.gethostname(),
+                    pid=os.getpid(),
+                    queues=self.queue_names(),
+                    state=state,
+                    in_flight=busy,
+                    max_concurrency=self.slots,
+                    jobs_done=threads.done if threads is not None else 0,
+                    started_at=self._started,
+                    updated_at=timezone.now().isoformat(),
+                )
+            )
+        except Exception as exc:  # the admin's view must never stop a worker
+            log.warning("worker status not published", extra={"worker": self.name, "error": str(exc)})
 
     # --- observability hook (issue 7): trace context in, fleet metrics out -------------------
     def perform_job(self, job: RQJob, queue: Queue, execution: Execution) -> bool:

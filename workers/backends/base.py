@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -19,6 +20,13 @@ class GenerationRequest:
     params: dict[str, Any] = field(default_factory=dict)
     timeout_s: float = 60.0
     attempt: int = 1
+    # Set when the job is canceled while running: adapters that can stop early check it and raise
+    # JobCanceled (the dev backend's wait, Ollama's stream between chunks).
+    cancel: threading.Event = field(default_factory=threading.Event, compare=False, repr=False)
+
+    def check_canceled(self) -> None:
+        if self.cancel.is_set():
+            raise JobCanceled(self.job_id)
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,10 @@ class BackendError(Exception):
         """HTTP semantics: 408, 429 and 5xx may pass; other 4xx will fail again the same way."""
         retryable = status in (408, 429) or status >= 500
         return cls(message, retryable=retryable, status=status, retry_after_s=retry_after_s)
+
+
+class JobCanceled(Exception):
+    """The job was canceled while its call ran; the adapter stopped early. Not a backend failure."""
 
 
 class Adapter(Protocol):

@@ -1,7 +1,7 @@
 """``dev``: a deterministic built-in backend for demos, tests and benchmarks.
 
 The output is the prompt (or the last user message) unchanged. Config:
-``latency_ms`` (sleep per call), ``fail_rate`` (0..1, decided by a hash of job id
+``latency_ms`` (wait per call; a cancel ends the wait), ``fail_rate`` (0..1, decided by a hash of job id
 and attempt, so a run is reproducible) and ``fail_status`` (the HTTP-like status
 of those failures; 5xx/429 are retryable, other 4xx permanent).
 """
@@ -35,11 +35,14 @@ class DevAdapter:
         started = time.monotonic()
         cfg = backend.config
         latency_s = float(cfg.get("latency_ms", 0)) / 1000
+        # Waiting on the cancel event instead of sleeping: a canceled job stops at once.
         if latency_s > request.timeout_s:
-            time.sleep(request.timeout_s)
+            request.cancel.wait(request.timeout_s)
+            request.check_canceled()
             raise BackendError(f"dev backend timed out after {request.timeout_s:g}s", retryable=True)
         if latency_s:
-            time.sleep(latency_s)
+            request.cancel.wait(latency_s)
+            request.check_canceled()
         fail_rate = float(cfg.get("fail_rate", 0))
         if fail_rate and _roll(request.job_id, request.attempt) < fail_rate:
             status = int(cfg.get("fail_status", 503))

@@ -12,7 +12,8 @@ last NDJSON line is ``{"error": ...}``: every line is checked (the client raises
 that ends without ``done: true`` is a truncated answer, i.e. an error, never a success.
 
 Deadline: the call's sockets are bounded by ``min(request.timeout_s, backend.timeout_s)`` and the
-stream is checked against the deadline on every line; RQ's job timeout is the hard backstop.
+stream is checked against the deadline and the job's cancel event on every line (closing the stream
+stops Ollama's generation); the worker's watchdog is the hard backstop.
 """
 
 from __future__ import annotations
@@ -97,6 +98,8 @@ class OllamaAdapter:
                         parts.append(chunk.message.content)
                     if chunk.done:
                         final = chunk
+                    # Closing the stream (on the way out) tells Ollama to stop generating.
+                    request.check_canceled()
                     if not chunk.done and time.monotonic() > deadline:
                         raise BackendError(f"Timed out after {timeout_s:g}s (streaming).", retryable=True)
         except ollama.ResponseError as exc:

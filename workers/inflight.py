@@ -1,0 +1,184 @@
+"""Many jobs in flight in one worker process: a fixed pool of job threads, and a watcher.
+
+Why threads: the API backends (Ollama, OpenAI-compatible, dev) spend a job waiting on a socket,
+so one process can keep ``MAX_CONCURRENCY`` calls going; the GIL is released while they wait.
+A fixed pool (not a thread per job) keeps each thread's database connection open across jobs.
+
+The worker's main thread stays RQ's loop: it dequeues one job (``high`` before ``normal`` before
+``low``), hands it to a free thread and dequeues again only when a slot is free, so a free slot
+always takes the highest-priority waiting job and nothing is popped that cannot start at once.
+
+The watcher thread (every ``WORKER_WATCH_S``) looks after the running jobs:
+
+- **cancel**: a job canceled while running (``jobs.cancellation``) gets its ``cancel`` event set,
+  which stops the backoff and adapters that can stop early;
+- **deadline**: a job still running past its hard deadline (its timeout plus RQ's grace: the
+  adapter ignored its own timeout) is marked failed, its backend slots are released and its
+  thread is written off: a fresh thread takes its place, and the stuck one exits when the call
+  returns (its late result loses the compare-and-set).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue as stdlib_queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from django.conf import settings
+from django.db import close_old_connections, connection
+from redis.exceptions import RedisError
+from rq.executions import Execution
+from rq.job import Job as RQJob
+from rq.queue import Queue
+
+from jobs import cancellation
+from jobs.models import Job, JobState
+from routing import capacity
+
+log = logging.getLogger(__name__)
+_local = threading.local()
+
+
+def cancel_event() -> threading.Event:
+    """The cancel event of the job this thread runs (a fresh one outside a job thread)."""
+    running = getattr(_local, "running", None)
+    return running.cancel if running is not None else threading.Event()
+
+
+@dataclass(eq=False)
+class Running:
+    """One job a thread of this process is running."""
+
+    rq_job: RQJob
+    queue: Queue
+    execution: Execution
+    job_id: str
+    hard_deadline: float  # monotonic: past this, the watcher writes the job off
+    cancel: threading.Event = field(default_factory=threading.Event)
+    abandoned: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+
+class JobThreads:
+    """``size`` job threads fed by the worker's main thread, plus the watcher thread."""
+
+    def __init__(self, size: int, perform: Callable[[Running], None], worker_name: str) -> None:
+        self.size = size
+        self.perform = perform
+        self.worker_name = worker_name
+        self.running: dict[str, Running] = {}  # RQ execution id -> entry (one RQ job may be delivered twice)
+        self.done = 0
+        self._cond = threading.Condition()
+        self._tasks: stdlib_queue.SimpleQueue[Running | None] = stdlib_queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._threads = 0
+        for _ in range(size):
+            self._spawn()
+        self._watcher = threading.Thread(target=self._watch, name="job-watcher", daemon=True)
+        self._watcher.start()
+
+    # --- slots ------------------------------------------------------------------------------------
+    @property
+    def busy(self) -> int:
+        """Slots taken: running jobs not written off. (The condition's lock is reentrant.)"""
+        with self._cond:
+            return sum(1 for r in self.running.values() if not r.abandoned)
+
+    def submit(self, entry: Running) -> None:
+        with self._cond:
+            self.running[entry.execution.id] = entry
+        self._tasks.put(entry)
+
+    def wait_for_slot(self, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.busy < self.size, timeout)
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        """Wait until no job is running (written-off ones do not count); False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.busy == 0, timeout)
+
+    def snapshot(self) -> list[Running]:
+        with self._cond:
+            return list(self.running.values())
+
+    def forget(self, entry: Running) -> None:
+        """Stop tracking ``entry`` (re-queued at shutdown): its thread's late outcome is fenced off."""
+        with self._cond:
+            self.running.pop(entry.execution.id, None)
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for _ in range(self._threads):
+            self._tasks.put(None)
+
+    # --- threads ----------------------------------------------------------------------------------
+    def _spawn(self) -> None:
+        self._threads += 1
+        threading.Thread(target=self._serve, name=f"job-{self._threads}", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            entry = self._tasks.get()
+            if entry is None:
+                break
+            _local.running = entry
+            try:
+                self.perform(entry)
+            except Exception:  # perform_job reports job errors itself; this is a bug in our handling
+                log.exception("job thread failed", extra={"job_id": entry.job_id})
+            finally:
+                _local.running = None
+                with self._cond:
+                    self.running.pop(entry.execution.id, None)
+                    self.done += 1
+                    self._cond.notify_all()
+            if entry.abandoned:
+                break  # a replacement thread took this one's place when it was written off
+        connection.close()
+
+    # --- the watcher ------------------------------------------------------------------------------
+    def _watch(self) -> None:
+        while not self._stop.wait(float(settings.WORKER_WATCH_S)):
+            entries = [r for r in self.snapshot() if not r.abandoned]
+            if not entries:
+                continue
+            try:
+                for job_id in cancellation.requested(r.job_id for r in entries if not r.cancel.is_set()):
+                    for r in entries:
+                        if r.job_id == job_id:
+                            log.info("stopping canceled job", extra={"job_id": job_id})
+                            r.cancel.set()
+            except RedisError as exc:
+                log.warning("cancel check failed", extra={"error": str(exc)})
+            now = time.monotonic()
+            for r in entries:
+                if now > r.hard_deadline:
+                    self._write_off(r)
+
+    def _write_off(self, r: Running) -> None:
+        """A job past its hard deadline: fail it, free its slots, replace its thread."""
+        with self._cond:
+            if r.abandoned or r.execution.id not in self.running:
+                return
+            r.abandoned = True
+            self._cond.notify_all()
+        r.cancel.set()
+        self._spawn()
+        capacity.release_owner(r.job_id)
+        try:
+            close_old_connections()
+            job = Job.objects.filter(pk=r.job_id, state=JobState.RUNNING, worker=self.worker_name).first()
+            if job is not None:
+                waited = time.monotonic() - r.started
+                job.mark_failed(
+                    f"timed out after {job.timeout_s}s: the backend call did not return "
+                    f"({waited:.0f}s); the call was abandoned and its slot freed"
+                )
+            log.warning("job written off past its deadline", extra={"job_id": r.job_id})
+        except Exception:
+            log.exception("could not fail the job past its deadline", extra={"job_id": r.job_id})

@@ -1,0 +1,118 @@
+"""What each worker process says about itself, for the admin: one small Redis hash per worker.
+
+``llmo:worker-status:<name>`` is written by the worker's heartbeat thread every
+``WORKER_HEARTBEAT_S`` and expires after ``WORKER_LEASE_TTL_S``, so a killed worker disappears
+from the list within seconds (RQ's own worker registry keeps a dead worker for minutes).
+GPU workers add their model, batch size and tokens/s in ``llmo:gpu-worker:<name>``
+(``workers.gpu_worker.STATUS_KEY``); :func:`read_workers` merges the two.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.conf import settings
+
+from orchestrator_site.redis import key, redis_client
+
+PREFIX = "worker-status"
+
+
+def status_key(worker_name: str) -> str:
+    return key(PREFIX, worker_name)
+
+
+@dataclass
+class WorkerStatus:
+    """One live worker process as the admin shows it."""
+
+    name: str
+    host: str = ""
+    pid: int = 0
+    queues: list[str] = field(default_factory=list)
+    state: str = ""  # idle | busy | stopping
+    in_flight: int = 0
+    max_concurrency: int = 1
+    jobs_done: int = 0
+    started_at: str = ""
+    updated_at: str = ""
+    gpu: dict[str, Any] = field(default_factory=dict)  # models, batch_size, rounds, tokens_per_s
+
+
+def publish(status: WorkerStatus) -> None:
+    """Write (and refresh the expiry of) one worker's status hash."""
+    fields = {
+        "name": status.name,
+        "host": status.host,
+        "pid": status.pid,
+        "queues": ",".join(status.queues),
+        "state": status.state,
+        "in_flight": status.in_flight,
+        "max_concurrency": status.max_concurrency,
+        "jobs_done": status.jobs_done,
+        "started_at": status.started_at,
+        "updated_at": status.updated_at,
+    }
+    pipe = redis_client().pipeline(transaction=False)
+    pipe.hset(status_key(status.name), mapping=fields)
+    pipe.expire(status_key(status.name), max(1, int(settings.WORKER_LEASE_TTL_S)))
+    pipe.execute()
+
+
+def remove(worker_name: str) -> None:
+    redis_client().delete(status_key(worker_name))
+
+
+def _text(raw: Any) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw or "")
+
+
+def _int(raw: Any) -> int:
+    try:
+        return int(float(_text(raw)))
+    except ValueError:
+        return 0
+
+
+def read_workers() -> list[WorkerStatus]:
+    """Every worker whose status has not expired, sorted by name (two round trips)."""
+    from workers.gpu_worker import STATUS_KEY as GPU_KEY
+
+    client = redis_client()
+    names = sorted(_text(k).rsplit(":", 1)[-1] for k in client.scan_iter(match=status_key("*"), count=500))
+    if not names:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.hgetall(status_key(name))
+        pipe.hgetall(GPU_KEY.format(name=name))
+    replies = pipe.execute()
+    workers = []
+    for name, raw, gpu_raw in zip(names, replies[0::2], replies[1::2], strict=True):
+        if not raw:
+            continue  # expired between the scan and the read
+        h = {_text(k): _text(v) for k, v in raw.items()}
+        gpu: dict[str, Any] = {_text(k): _text(v) for k, v in (gpu_raw or {}).items()}
+        if "models" in gpu:
+            try:
+                gpu["models"] = json.loads(gpu["models"])
+            except ValueError:
+                gpu["models"] = []
+        workers.append(
+            WorkerStatus(
+                name=name,
+                host=h.get("host", ""),
+                pid=_int(h.get("pid")),
+                queues=[q for q in h.get("queues", "").split(",") if q],
+                state=h.get("state", ""),
+                in_flight=_int(h.get("in_flight")),
+                max_concurrency=_int(h.get("max_concurrency")) or 1,
+                jobs_done=_int(h.get("jobs_done")),
+                started_at=h.get("started_at", ""),
+                updated_at=h.get("updated_at", ""),
+                gpu=gpu,
+            )
+        )
+    return workers
