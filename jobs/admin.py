@@ -1,11 +1,26 @@
+"""Operators' job pages: the list with filters and bulk actions, and each job's timeline
+(created → routed → every attempt → final state) on its change page."""
+
 from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
 
 from django.contrib import admin, messages
 from django.db import transaction
-from django.http import HttpRequest
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse
+from redis.exceptions import RedisError
+from rq.exceptions import NoSuchJobError
+from rq.job import Job as RQJob
+from rq.serializers import JSONSerializer
 
 from jobs import queueing
-from jobs.models import Job, JobAttempt, JobState
+from jobs.models import ACTIVE_STATES, Job, JobAttempt, JobState
+from orchestrator_site.redis import redis_client
+
+RETRYABLE_STATES = frozenset({JobState.FAILED, JobState.CANCELED})  # what Job.requeue accepts
 
 
 class JobAttemptInline(admin.TabularInline):
@@ -21,6 +36,8 @@ class JobAttemptInline(admin.TabularInline):
 
 @admin.register(Job)
 class JobAdmin(admin.ModelAdmin):
+    """Jobs are read-only here: they change only through their state machine (the actions)."""
+
     list_display = [
         "id",
         "state",
@@ -70,22 +87,113 @@ class JobAdmin(admin.ModelAdmin):
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
-    @admin.action(description="Cancel selected queued/running jobs")
-    def cancel_jobs(self, request: HttpRequest, queryset) -> None:
-        done = sum(1 for job in queryset.filter(state__in=[JobState.QUEUED, JobState.RUNNING]) if job.cancel())
-        skipped = queryset.count() - done
-        self.message_user(
-            request,
-            f"Canceled {done} job(s); {skipped} were not queued or running.",
-            messages.SUCCESS if done else messages.WARNING,
-        )
+    def render_change_form(
+        self, request: HttpRequest, context: dict[str, Any], add=False, change=False, form_url="", obj=None
+    ) -> HttpResponse:
+        # templates/admin/jobs/job/change_form.html draws it above the field sets.
+        if obj is not None:
+            context["timeline"] = build_timeline(obj)
+        return super().render_change_form(request, context, add, change, form_url, obj)
 
-    @admin.action(description="Retry selected failed/canceled jobs")
-    def retry_jobs(self, request: HttpRequest, queryset) -> None:
-        done = 0
-        for job in queryset.filter(state__in=[JobState.FAILED, JobState.CANCELED]):
+    # --- bulk actions: every change goes through a Job method, whose CAS decides ------------------
+    @admin.action(description="Cancel selected jobs (only queued or running ones)")
+    def cancel_jobs(self, request: HttpRequest, queryset: QuerySet[Job]) -> None:
+        selected = list(queryset)
+        # cancel() is a compare-and-set: a job that finished since the page was drawn is skipped, not clobbered.
+        canceled = sum(1 for job in selected if job.state in ACTIVE_STATES and job.cancel())
+        skipped = len(selected) - canceled
+        text = f"Canceled {canceled} job(s)."
+        if skipped:
+            text += f" Skipped {skipped} that were no longer queued or running."
+        self.message_user(request, text, messages.SUCCESS if canceled else messages.WARNING)
+
+    @admin.action(description="Retry selected failed/canceled jobs (re-queued on their backend)")
+    def retry_jobs(self, request: HttpRequest, queryset: QuerySet[Job]) -> None:
+        selected = list(queryset)
+        retried = 0
+        for job in selected:
+            if job.state not in RETRYABLE_STATES:
+                continue
             with transaction.atomic():
                 if job.requeue():
-                    done += 1
+                    retried += 1
+                    # Enqueue only once the row says `queued`, or a fast worker would find it still failed.
                     transaction.on_commit(lambda job=job: queueing.enqueue(job))
-        self.message_user(request, f"Re-queued {done} job(s).", messages.SUCCESS if done else messages.WARNING)
+        skipped = len(selected) - retried
+        text = f"Re-queued {retried} job(s)."
+        if skipped:
+            text += f" Skipped {skipped} that were not failed or canceled."
+        self.message_user(request, text, messages.SUCCESS if retried else messages.WARNING)
+
+
+# --- the timeline ---------------------------------------------------------------------------------------
+@dataclass
+class Candidate:
+    backend: str
+    score: str
+    reason: str
+    chosen: bool
+
+
+def build_timeline(job: Job) -> dict[str, Any]:
+    """What the change page's timeline shows; plain values only, the template escapes them all.
+
+    ``job.routing`` is the stored decision (``routing.services.Decision.as_json``); rows written
+    before that format, or by hand, may lack any key, so every read here tolerates absence.
+    """
+    decision = job.routing if isinstance(job.routing, dict) else {}
+    chosen = str(decision.get("backend") or job.backend_name or "")
+    candidates = [
+        Candidate(
+            backend=str(c.get("backend", "")),
+            score=_score(c.get("score")),
+            reason=str(c.get("reason", "")),
+            chosen=c.get("backend") == chosen,
+        )
+        for c in decision.get("candidates") or []
+        if isinstance(c, dict)
+    ]
+    rejected = decision.get("rejected") if isinstance(decision.get("rejected"), dict) else {}
+    usage_known = job.prompt_tokens is not None or job.completion_tokens is not None
+    return {
+        "routed": bool(decision) or bool(job.policy_name),
+        "policy": decision.get("policy") or job.policy_name,
+        "policy_version": decision.get("policy_version") or job.policy_version,
+        "chosen": chosen,
+        "reason": str(decision.get("reason", "")),
+        "candidates": candidates,
+        "rejected": sorted((str(k), str(v)) for k, v in rejected.items()),
+        "attempts": list(job.attempts.order_by("number")),
+        "final": job.is_terminal,
+        "total_tokens": (job.prompt_tokens or 0) + (job.completion_tokens or 0) if usage_known else None,
+        "cost": _cost(job.cost),
+        "trace_id": trace_id(job),
+    }
+
+
+def trace_id(job: Job) -> str:
+    """The trace id of the submitting request, from the ``traceparent`` its RQ job carries; '' when unknown.
+
+    The row does not store it: it lives in the RQ job's meta, which expires with the RQ job
+    (``result_ttl``), and is absent when tracing was off. One Redis read, on the change page only.
+    """
+    if not job.rq_job_id:
+        return ""
+    try:
+        meta = RQJob.fetch(job.rq_job_id, connection=redis_client(), serializer=JSONSerializer).meta
+    except (NoSuchJobError, RedisError, ValueError):
+        return ""
+    parts = str(meta.get("traceparent", "")).split("-")  # version-trace_id-span_id-flags
+    return parts[1] if len(parts) == 4 and len(parts[1]) == 32 else ""
+
+
+def _score(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return "—" if value is None else str(value)
+    if isinstance(value, int | float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _cost(value: Decimal | None) -> str:
+    return "—" if value is None else f"{value.normalize():f}"

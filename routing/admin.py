@@ -199,31 +199,50 @@ class BackendAdmin(admin.ModelAdmin):
     def api_key_status(self, obj: Backend) -> str:
         return "set" if obj.has_api_key else "not set"
 
+    # --- switches: save() per row so the routing snapshot is invalidated; counts say what moved ---------
+    def _switch(self, request: HttpRequest, queryset, field: str, value: bool, done: str, already: str) -> None:
+        changed = skipped = 0
+        for backend in queryset:
+            if getattr(backend, field) == value:
+                skipped += 1
+                continue
+            setattr(backend, field, value)
+            backend.save(update_fields=[field, "updated_at"])
+            changed += 1
+        text = done.format(n=changed)
+        if skipped:
+            text += " " + already.format(n=skipped)
+        self.message_user(request, text, messages.SUCCESS if changed else messages.WARNING)
+
     @admin.action(description="Enable selected backends")
     def enable(self, request: HttpRequest, queryset) -> None:
-        for backend in queryset:  # save() per row so routing snapshots are invalidated
-            backend.enabled = True
-            backend.save(update_fields=["enabled", "updated_at"])
+        self._switch(request, queryset, "enabled", True, "Enabled {n} backend(s).", "Skipped {n} already enabled.")
 
     @admin.action(description="Disable selected backends")
     def disable(self, request: HttpRequest, queryset) -> None:
-        for backend in queryset:
-            backend.enabled = False
-            backend.save(update_fields=["enabled", "updated_at"])
+        self._switch(request, queryset, "enabled", False, "Disabled {n} backend(s).", "Skipped {n} already disabled.")
 
     @admin.action(description="Drain selected backends (no new jobs; queued ones finish)")
     def drain_selected(self, request: HttpRequest, queryset) -> None:
-        for backend in queryset:  # save() per row so routing snapshots are invalidated
-            backend.drain = True
-            backend.save(update_fields=["drain", "updated_at"])
-        self.message_user(request, f"Draining {len(queryset)} backend(s): routing sends them no new jobs.")
+        self._switch(
+            request,
+            queryset,
+            "drain",
+            True,
+            "Draining {n} backend(s): routing sends them no new jobs.",
+            "Skipped {n} already draining.",
+        )
 
     @admin.action(description="Undrain selected backends")
     def undrain_selected(self, request: HttpRequest, queryset) -> None:
-        for backend in queryset:
-            backend.drain = False
-            backend.save(update_fields=["drain", "updated_at"])
-        self.message_user(request, f"{len(queryset)} backend(s) take new jobs again.")
+        self._switch(
+            request,
+            queryset,
+            "drain",
+            False,
+            "Undrained {n} backend(s): they take new jobs again.",
+            "Skipped {n} that were not draining.",
+        )
 
     @admin.action(description="Close the circuit of selected backends (the backend is known to be back)")
     def close_circuit(self, request: HttpRequest, queryset) -> None:
@@ -333,15 +352,20 @@ class RoutingPolicyAdmin(admin.ModelAdmin):
         for obj in queryset.filter(is_active=False):
             self.delete_model(request, obj)
 
-    # --- activation -------------------------------------------------------------------------------
-    @admin.action(description="Activate the selected policy")
-    def activate_selected(self, request: HttpRequest, queryset) -> None:
-        if queryset.count() != 1:
-            self.message_user(request, "Select exactly one policy to activate.", messages.ERROR)
-            return
-        policy = queryset.get()
-        policy.activate(by=request.user, source="admin")
-        self.message_user(request, f"Policy {policy.name!r} is now active (version {policy.version}).")
+    # --- activation: always through the confirmation page ---------------------------------------
+    @admin.action(description="Activate the selected policy (shows what changes first)")
+    def activate_selected(self, request: HttpRequest, queryset) -> HttpResponse | None:
+        """Hands over to the confirmation page; one policy only, since exactly one is ever active."""
+        count = queryset.count()
+        if count != 1:
+            self.message_user(
+                request,
+                f"Only one policy can be active: select exactly one to activate ({count} were selected). "
+                "Nothing was changed.",
+                messages.ERROR,
+            )
+            return None
+        return HttpResponseRedirect(reverse("admin:routing_routingpolicy_activate", args=[queryset.get().pk]))
 
     def _policy_or_404(self, request: HttpRequest, object_id: str) -> RoutingPolicy:
         policy = self.get_object(request, object_id)
@@ -350,22 +374,36 @@ class RoutingPolicyAdmin(admin.ModelAdmin):
         return policy
 
     def activate_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
-        """GET: what will change, from the active policy to this one. POST: activate it."""
+        """GET: what will change (settings diff and a dry run over recent jobs). POST ``confirm``: activate.
+
+        The page carries a token of what it showed (this policy's version, the active policy and its
+        version); when either moved before the operator confirmed, the page is shown again instead,
+        so nobody activates on the strength of a stale comparison.
+        """
         policy = self._policy_or_404(request, object_id)
         if not self.has_change_permission(request, policy):
             raise PermissionDenied
         change_url = reverse("admin:routing_routingpolicy_change", args=[policy.pk])
-        if request.method == "POST":
-            policy.activate(by=request.user, source="admin")
-            self.message_user(request, f"Policy {policy.name!r} is now active (version {policy.version}).")
-            return HttpResponseRedirect(change_url)
         current = RoutingPolicy.objects.filter(is_active=True).first()
+        shown = _comparison_token(policy, current)
+        if request.method == "POST" and "confirm" in request.POST:
+            if request.POST.get("shown") == shown:
+                policy.activate(by=request.user, source="admin")
+                self.message_user(request, _activated_message(policy), messages.SUCCESS)
+                return HttpResponseRedirect(change_url)
+            self.message_user(
+                request,
+                "The policies changed while you were reading this page; nothing was activated. Review again.",
+                messages.WARNING,
+            )
         before = audit.policy_state(current) if current else {}
         rows = [
             (field, _show(before.get(field)), _show(value))
             for field, value in audit.policy_state(policy).items()
             if field not in ("is_active", "version")
         ]
+        limit = _limit(request)
+        sim = simulate(policy, limit=limit)
         context = {
             **self.admin_site.each_context(request),
             "opts": self.opts,
@@ -375,8 +413,13 @@ class RoutingPolicyAdmin(admin.ModelAdmin):
             "rows": rows,
             "already_active": policy.is_active,
             "change_url": change_url,
+            "shown": shown,
+            "sim": sim,
+            "limit": limit,
+            "changed_rows": sim.changed[:CONFIRM_CHANGED_ROWS],
+            "simulate_url": reverse("admin:routing_routingpolicy_simulate", args=[policy.pk]) + f"?n={limit}",
         }
-        return TemplateResponse(request, "admin/routing/routingpolicy/activate_confirmation.html", context)
+        return TemplateResponse(request, "admin/routing/routingpolicy/confirm_activation.html", context)
 
     # --- dry run ----------------------------------------------------------------------------------
     def simulate_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
@@ -384,10 +427,7 @@ class RoutingPolicyAdmin(admin.ModelAdmin):
         policy = self._policy_or_404(request, object_id)
         if not self.has_view_permission(request, policy):
             raise PermissionDenied
-        try:
-            limit = int(request.GET.get("n", DEFAULT_JOBS))
-        except ValueError:
-            limit = DEFAULT_JOBS
+        limit = _limit(request)
         sim = simulate(policy, limit=limit)
         context = {
             **self.admin_site.each_context(request),
@@ -399,6 +439,41 @@ class RoutingPolicyAdmin(admin.ModelAdmin):
             "change_url": reverse("admin:routing_routingpolicy_change", args=[policy.pk]),
         }
         return TemplateResponse(request, "admin/routing/routingpolicy/simulate.html", context)
+
+
+CONFIRM_CHANGED_ROWS = 20  # the confirmation page lists this many moved jobs; the simulate page lists all
+
+
+def _limit(request: HttpRequest) -> int:
+    """How many recent jobs to replay (``?n=``); simulate() clamps it."""
+    try:
+        return int(request.GET.get("n", DEFAULT_JOBS))
+    except ValueError:
+        return DEFAULT_JOBS
+
+
+def _comparison_token(policy: RoutingPolicy, current: RoutingPolicy | None) -> str:
+    """Identifies what the confirmation page compared: any edit or activation bumps a version."""
+    now = f"{current.pk}v{current.version}" if current else "none"
+    return f"{policy.pk}v{policy.version}:{now}"
+
+
+def _activated_message(policy: RoutingPolicy) -> str:
+    """The success message, linking the audit entry the activation wrote (same version)."""
+    entry = (
+        PolicyChange.objects.filter(policy=policy, action=PolicyAction.ACTIVATE, version=policy.version)
+        .order_by("-at", "-id")
+        .first()
+    )
+    if entry is None:  # cannot happen (activate() writes it in its transaction), but never 500 on a success
+        return format_html("Policy <strong>{}</strong> is now active (version {}).", policy.name, policy.version)
+    return format_html(
+        'Policy <strong>{}</strong> is now active (version {}). Audit entry: <a href="{}">{}</a>.',
+        policy.name,
+        policy.version,
+        reverse("admin:routing_policychange_change", args=[entry.pk]),
+        str(entry),
+    )
 
 
 def _show(value) -> str:

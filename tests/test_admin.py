@@ -111,13 +111,17 @@ def test_saving_a_backend_with_blank_key_keeps_the_stored_key(admin_client):
     assert backend.api_key == ""
 
 
-def test_activate_action_switches_the_active_policy(admin_client, policy):
+def test_activate_action_switches_the_active_policy_after_confirmation(admin_client, policy):
     other = RoutingPolicy.objects.create(name="other", strategy="ordered", params={"order": []})
-    r = admin_client.post(
+    page = admin_client.post(
         reverse("admin:routing_routingpolicy_changelist"),
         {"action": "activate_selected", "_selected_action": [other.pk]},
         follow=True,
     )
+    assert b"Yes, activate other" in page.content
+    assert list(RoutingPolicy.objects.filter(is_active=True)) == [policy]
+    url = reverse("admin:routing_routingpolicy_activate", args=[other.pk])
+    r = admin_client.post(url, {"confirm": "Yes", "shown": page.context["shown"]}, follow=True)
     assert b"is now active" in r.content
     assert list(RoutingPolicy.objects.filter(is_active=True)) == [other]
 

@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from jobs.models import Job, JobState
 from orchestrator_site.redis import redis_client
-from routing import stats
+from routing import capacity, stats
 from routing.models import Backend, BackendKind, PolicyChange, RoutingPolicy
 from tests.factories import make_job
 
@@ -24,7 +24,7 @@ def test_backend_list_and_page_show_the_live_figures(admin_client, dev_backend):
         stats.record_call("dev", latency_ms=ms, ok=True)
     stats.record_call("dev", latency_ms=5, ok=False, error="connection refused")
     redis_client().hset("llmo:circuit:dev", "state", "half_open")
-    with stats.in_flight("dev"):
+    with capacity.slot("dev", 16):
         listing = admin_client.get(reverse("admin:routing_backend_changelist")).content.decode()
         page = admin_client.get(reverse("admin:routing_backend_change", args=[dev_backend.pk])).content.decode()
     for html in (listing, page):
@@ -44,6 +44,12 @@ def test_backend_pages_work_before_any_worker_reported(admin_client, dev_backend
 
 
 # --- activation ------------------------------------------------------------------------------------
+def confirm(admin_client, url: str, **extra):
+    """Post the confirmation form as shown: the operator's "Yes, activate" with the page's token."""
+    shown = admin_client.get(url).context["shown"]
+    return admin_client.post(url, {"confirm": "Yes", "shown": shown, **extra}, follow=True)
+
+
 def test_activation_shows_what_changes_then_activates(admin_client, policy, staff):
     other = RoutingPolicy.objects.create(name="cheap", strategy="cheapest", params={"max_p95_ms": 800})
     change = admin_client.get(reverse("admin:routing_routingpolicy_change", args=[other.pk])).content.decode()
@@ -56,34 +62,101 @@ def test_activation_shows_what_changes_then_activates(admin_client, policy, staf
     assert "instead of" in html and "default (version" in html
     assert "ordered" in html and "cheapest" in html  # strategy: from → to
     assert "max_p95_ms" in html
+    assert "Dry run" in html and "No finished jobs to replay yet" in html
     assert RoutingPolicy.objects.get(is_active=True) == policy  # GET changes nothing
+    admin_client.post(url)  # a POST without the confirm button changes nothing either
+    assert RoutingPolicy.objects.get(is_active=True) == policy
 
-    done = admin_client.post(url, follow=True)
-    assert b"is now active" in done.content
+    done = confirm(admin_client, url)
     assert RoutingPolicy.objects.get(is_active=True) == other
     entry = PolicyChange.objects.filter(action="activate").first()
     assert (entry.policy, entry.user, entry.source) == (other, staff, "admin")
     assert (entry.before["name"], entry.after["name"]) == ("default", "cheap")
+    [message] = [m for m in done.context["messages"]]
+    assert message.level_tag == "success"
+    assert f"Policy <strong>cheap</strong> is now active (version {entry.version})" in str(message)
+    entry_url = reverse("admin:routing_policychange_change", args=[entry.pk])
+    assert f'<a href="{entry_url}">' in done.content.decode()  # the success message links the audit entry
+    assert admin_client.get(entry_url).status_code == 200
+
+
+def test_confirmation_shows_the_dry_run_and_activates_nothing_until_confirmed(admin_client, policy, dev_backend):
+    Backend.objects.create(name="budget", kind=BackendKind.DEV, cost_input_per_1k=Decimal("0.001"))
+    dev_backend.cost_input_per_1k = Decimal("0.01")
+    dev_backend.save()
+    moved = [finished(dev_backend, cost="0.01", latency_ms=100) for _ in range(3)]
+    finished(dev_backend, cost="0.01", latency_ms=100, requested_backend="dev")  # pinned: stays
+    cheap = RoutingPolicy.objects.create(name="cheap", strategy="cheapest")
+    url = reverse("admin:routing_routingpolicy_activate", args=[cheap.pk])
+
+    page = admin_client.get(url)
+    html = page.content.decode()
+    assert page.context["sim"].totals["changed"] == 3
+    assert "3 of 4 jobs would go to a different backend" in html
+    shares = html[html.index('id="dry-run-shares"') :]
+    assert "budget" in shares and "75.0%" in shares
+    moved_rows = html[html.index('id="dry-run-changed"') :]
+    assert all(str(j.pk)[:12] in moved_rows for j in moved)
+    assert RoutingPolicy.objects.get(is_active=True) == policy
+    assert not PolicyChange.objects.filter(action="activate", policy=cheap).exists()
+
+    confirm(admin_client, url)
+    assert RoutingPolicy.objects.get(is_active=True) == cheap
+    assert PolicyChange.objects.filter(action="activate", policy=cheap, source="admin").count() == 1
+
+
+def test_a_stale_confirmation_is_shown_again_not_applied(admin_client, policy):
+    cheap = RoutingPolicy.objects.create(name="cheap", strategy="cheapest")
+    url = reverse("admin:routing_routingpolicy_activate", args=[cheap.pk])
+    shown = admin_client.get(url).context["shown"]
+    third = RoutingPolicy.objects.create(name="third", strategy="ordered")
+    third.activate()  # someone else switched meanwhile: the page compared against `default`
+
+    r = admin_client.post(url, {"confirm": "Yes", "shown": shown})
+    assert r.status_code == 200 and "instead of" in r.content.decode()
+    assert "nothing was activated" in " ".join(str(m) for m in r.context["messages"])
+    assert RoutingPolicy.objects.get(is_active=True) == third
 
 
 def test_activation_page_needs_staff_and_a_real_policy(admin_client, user, policy):
     other = RoutingPolicy.objects.create(name="other", strategy="ordered")
     assert admin_client.get(reverse("admin:routing_routingpolicy_activate", args=[9999])).status_code == 404
     admin_client.force_login(user)  # not staff
-    r = admin_client.post(reverse("admin:routing_routingpolicy_activate", args=[other.pk]))
+    r = admin_client.post(reverse("admin:routing_routingpolicy_activate", args=[other.pk]), {"confirm": "Yes"})
     assert r.status_code == 302 and "/admin/login/" in r["Location"]
     assert RoutingPolicy.objects.get(is_active=True) == policy
 
 
-def test_list_action_activates_and_is_audited(admin_client, policy):
+def test_list_action_goes_through_the_confirmation_page(admin_client, policy):
     other = RoutingPolicy.objects.create(name="other", strategy="ordered", params={"order": []})
     r = admin_client.post(
         reverse("admin:routing_routingpolicy_changelist"),
         {"action": "activate_selected", "_selected_action": [other.pk]},
         follow=True,
     )
-    assert b"is now active" in r.content
+    url = reverse("admin:routing_routingpolicy_activate", args=[other.pk])
+    assert r.redirect_chain == [(url, 302)]
+    assert "Yes, activate other" in r.content.decode() and 'id="dry-run"' in r.content.decode()
+    assert RoutingPolicy.objects.get(is_active=True) == policy  # not yet
+
+    done = confirm(admin_client, url)
+    assert b"is now active" in done.content
+    assert RoutingPolicy.objects.get(is_active=True) == other
     assert PolicyChange.objects.filter(action="activate", policy=other, source="admin").exists()
+
+
+def test_list_action_refuses_more_than_one_policy(admin_client, policy):
+    a = RoutingPolicy.objects.create(name="a", strategy="ordered")
+    b = RoutingPolicy.objects.create(name="b", strategy="ordered")
+    r = admin_client.post(
+        reverse("admin:routing_routingpolicy_changelist"),
+        {"action": "activate_selected", "_selected_action": [a.pk, b.pk]},
+        follow=True,
+    )
+    [message] = [str(m) for m in r.context["messages"]]
+    assert "select exactly one" in message and "2 were selected" in message
+    assert RoutingPolicy.objects.get(is_active=True) == policy
+    assert not PolicyChange.objects.filter(action="activate", policy__in=[a, b]).exists()
 
 
 # --- audit log -----------------------------------------------------------------------------------------
