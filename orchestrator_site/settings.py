@@ -165,6 +165,8 @@ ROUTING_STATS_MAX_AGE_S = env_int("ROUTING_STATS_MAX_AGE_MS", 250, minimum=0, ma
 MAX_CONCURRENCY = env_int("MAX_CONCURRENCY", 8, minimum=1, maximum=1024)
 # SIGTERM: stop taking jobs, let in-flight ones finish for this long, re-queue the rest, exit 0.
 WORKER_SHUTDOWN_GRACE_S = env_int("WORKER_SHUTDOWN_GRACE_MS", 25_000, minimum=0) / 1000
+# A call still running this long after its job's deadline (the adapter ignored its timeout) is written off.
+WORKER_STUCK_GRACE_S = env_int("WORKER_STUCK_GRACE_MS", 30_000, minimum=0) / 1000
 # How often a worker checks its running jobs for cancels and passed deadlines.
 WORKER_WATCH_S = env_int("WORKER_WATCH_MS", 250, minimum=10, maximum=10_000) / 1000
 # Crash recovery (workers/heartbeat.py): a running job whose worker stopped beating is re-queued.

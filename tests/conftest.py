@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import quote
 
 import pytest
@@ -169,6 +171,71 @@ def gunicorn_server(transactional_db) -> Iterator:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture
+def worker_process() -> Iterator[Callable[..., subprocess.Popen]]:
+    """Start long-running `manage.py rqworker high normal low` processes (env overrides as kwargs).
+
+    Output goes to a file per process (``proc.log_path``), read back on failure; at the end each
+    still running gets SIGTERM, then SIGKILL if it does not exit.
+    """
+    procs: list[subprocess.Popen] = []
+
+    def start(*queues: str, **env: str) -> subprocess.Popen:
+        cmd = [sys.executable, "manage.py", "rqworker", *(queues or settings.JOB_QUEUES)]
+        log_path = Path(settings.VAR_DIR) / f"worker-{len(procs)}-{time.monotonic_ns()}.log"
+        with open(log_path, "w") as out:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=process_env(**env), stdout=out, stderr=subprocess.STDOUT)
+        proc.log_path = log_path  # type: ignore[attr-defined]
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def private_redis() -> Iterator:
+    """A Redis server of this test's own (no persistence) that the test may kill and restart."""
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    port = free_port()
+    proc: list[subprocess.Popen] = []
+
+    def start() -> None:
+        cmd = [server, "--port", str(port), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"]
+        proc.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("private redis-server did not start")
+
+    def restart() -> None:
+        """Kill -9 (everything in memory is lost), then start an empty server on the same port."""
+        proc[-1].kill()
+        proc[-1].wait()
+        start()
+
+    start()
+    yield SimpleNamespace(url=f"redis://127.0.0.1:{port}/0", restart=restart)
+    for p in proc:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:

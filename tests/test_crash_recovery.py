@@ -5,15 +5,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
 from jobs.models import AttemptOutcome, Job, JobState
 from routing.models import Backend, BackendKind, RoutingPolicy
-from tests.conftest import ROOT, process_env
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -21,26 +19,8 @@ FAST_RECOVERY = {"WORKER_HEARTBEAT_MS": "300", "WORKER_LEASE_TTL_MS": "1500", "R
 
 
 @pytest.fixture
-def workers() -> Iterator[Callable[[], subprocess.Popen]]:
-    procs: list[subprocess.Popen] = []
-
-    def start() -> subprocess.Popen:
-        cmd = [sys.executable, "manage.py", "rqworker", "high", "normal", "low"]
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=process_env(**FAST_RECOVERY), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        procs.append(proc)
-        return proc
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+def workers(worker_process) -> Callable[[], subprocess.Popen]:
+    return lambda: worker_process(MAX_CONCURRENCY="4", **FAST_RECOVERY)
 
 
 def wait_for(job_id: str, state: str, timeout: float) -> Job:
@@ -60,22 +40,24 @@ def slow_backend(db) -> Backend:
     return backend
 
 
-def test_job_of_a_sigkilled_worker_is_rerun_by_another_and_finishes_once(api, slow_backend, workers):
-    job_id = api.post("/jobs", {"prompt": "survive this"}, format="json").json()["id"]
+def test_jobs_of_a_sigkilled_worker_are_rerun_by_another_and_finish_once(api, slow_backend, workers):
+    ids = [api.post("/jobs", {"prompt": f"survive {i}"}, format="json").json()["id"] for i in range(3)]
     first = workers()
-    lost = wait_for(job_id, JobState.RUNNING, timeout=30).worker
+    lost = {wait_for(i, JobState.RUNNING, timeout=30).worker for i in ids}
+    assert len(lost) == 1  # all three in flight in the one process
     os.kill(first.pid, signal.SIGKILL)  # no cleanup, no goodbye: its heartbeat just stops
     first.wait()
     killed_at = time.monotonic()
     workers()
-    job = wait_for(job_id, JobState.SUCCEEDED, timeout=60)
+    for i in ids:
+        job = wait_for(i, JobState.SUCCEEDED, timeout=60)
+        assert job.output == f"survive {ids.index(i)}" and job.attempt_count == 2
+        attempts = list(job.attempts.values_list("number", "outcome", "worker", "error"))
+        assert attempts[0][:3] == (1, AttemptOutcome.INTERRUPTED, *lost) and "was lost" in attempts[0][3]
+        assert attempts[1][:2] == (2, AttemptOutcome.SUCCEEDED) and attempts[1][2] not in lost
     assert time.monotonic() - killed_at < 60
-    assert job.output == "survive this" and job.attempt_count == 2
-    attempts = list(job.attempts.values_list("number", "outcome", "worker", "error"))
-    assert attempts[0][:3] == (1, AttemptOutcome.INTERRUPTED, lost) and "was lost" in attempts[0][3]
-    assert attempts[1][:2] == (2, AttemptOutcome.SUCCEEDED) and attempts[1][2] != lost
-    time.sleep(2)  # a few more reconcile passes: nothing runs it a third time
-    assert Job.objects.get(pk=job_id).attempt_count == 2
+    time.sleep(2)  # a few more reconcile passes: nothing runs them a third time
+    assert {Job.objects.get(pk=i).attempt_count for i in ids} == {2}
 
 
 def test_slow_but_alive_worker_keeps_its_job(api, slow_backend, workers):

@@ -66,10 +66,20 @@ def test_a_worker_whose_key_just_vanished_is_given_a_grace_before_its_jobs_move(
     heartbeat.beat("ghost.1")  # the worker is back
     assert reconciler.reconcile(min_age_s=0)[1:] == (0, 0)
     assert not redis_client().exists(reconciler.missing_key("ghost.1"))  # the next absence starts afresh
-    redis_client().delete(heartbeat.alive_key("ghost.1"))
+    redis_client().delete(heartbeat.alive_key("ghost.1"), heartbeat.seen_key("ghost.1"))  # lost again
     settings.WORKER_HEARTBEAT_S = 0.2
     assert reconciler.reconcile(min_age_s=0)[1:] == (0, 0)
     time.sleep(1.1)  # the grace is two beats, at least 1 s
+    assert reconciler.reconcile(min_age_s=0)[1:] == (1, 0)
+    job.refresh_from_db()
+    assert job.state == JobState.QUEUED
+
+
+def test_a_worker_whose_key_expired_is_dead_at_once(api, policy):
+    job = _running_on_a_dead_worker(api, attempts=1)
+    redis_client().delete(reconciler.missing_key("ghost.1"))
+    heartbeat.beat("ghost.1")
+    redis_client().delete(heartbeat.alive_key("ghost.1"))  # expired: no beat for a lease TTL
     assert reconciler.reconcile(min_age_s=0)[1:] == (1, 0)
     job.refresh_from_db()
     assert job.state == JobState.QUEUED

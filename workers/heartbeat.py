@@ -30,8 +30,16 @@ def alive_key(worker_name: str) -> str:
     return key("worker-alive", worker_name)
 
 
+def seen_key(worker_name: str) -> str:
+    return key("worker-seen", worker_name)
+
+
 def beat(worker_name: str) -> None:
-    redis_client().set(alive_key(worker_name), "1", ex=max(1, int(settings.WORKER_LEASE_TTL_S)))
+    """Refresh the liveness key; ``worker-seen`` outlives it, so its expiry is told from a Redis that lost both."""
+    pipe = redis_client().pipeline(transaction=False)
+    pipe.set(alive_key(worker_name), "1", ex=max(1, int(settings.WORKER_LEASE_TTL_S)))
+    pipe.set(seen_key(worker_name), "1", ex=24 * 3600)
+    pipe.execute()
 
 
 def alive(worker_names: list[str]) -> dict[str, bool]:

@@ -12,10 +12,10 @@ The watcher thread (every ``WORKER_WATCH_S``) looks after the running jobs:
 
 - **cancel**: a job canceled while running (``jobs.cancellation``) gets its ``cancel`` event set,
   which stops the backoff and adapters that can stop early;
-- **deadline**: a job still running past its hard deadline (its timeout plus RQ's grace: the
-  adapter ignored its own timeout) is marked failed, its backend slots are released and its
-  thread is written off: a fresh thread takes its place, and the stuck one exits when the call
-  returns (its late result loses the compare-and-set).
+- **deadline**: a job still running past its hard deadline (its timeout plus
+  ``WORKER_STUCK_GRACE_S``: the adapter ignored its own timeout) is marked failed, its backend
+  slots are released and its thread is written off: a fresh thread takes its place, and the stuck
+  one exits when the call returns (its late result loses the compare-and-set).
 """
 
 from __future__ import annotations

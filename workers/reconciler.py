@@ -7,10 +7,12 @@ pushed again. Jobs younger than ``min_age_s`` are left alone: their enqueue may 
 flight right after commit. A duplicate push is harmless (the worker's compare-and-set makes the
 second delivery a no-op).
 
-A ``running`` job is re-queued when its worker's liveness key has been missing for a grace of two
-heartbeats, measured from when a pass first saw it missing (``llmo:worker-missing:<name>``): right
-after a Redis restart every key is gone, and a live worker writes its key back within one beat,
-so a restart never steals a job from a worker that is still running it.
+A ``running`` job is re-queued when its worker's liveness key expired: the worker has not beaten
+for a whole lease TTL (its long-lived ``worker-seen`` key is still there). When both keys are gone
+(Redis restarted or was flushed), a worker only counts as dead once its key has stayed missing for
+two heartbeats, measured from when a pass first saw it missing (``llmo:worker-missing:<name>``): a
+live worker writes its key back within one beat, so a restart never steals a job from a worker
+that is still running it.
 """
 
 from __future__ import annotations
@@ -76,9 +78,11 @@ def missing_key(worker_name: str) -> str:
 
 
 def dead_workers(names: list[str]) -> set[str]:
-    """Workers whose liveness key has been missing for at least two heartbeats (see the module doc)."""
+    """Workers whose liveness key expired, or has been missing for two heartbeats (see the module doc)."""
     client = redis_client()
     alive = heartbeat.alive(names)
+    missing = [name for name in names if not alive.get(name)]
+    seen = dict(zip(missing, client.mget([heartbeat.seen_key(n) for n in missing]), strict=True)) if missing else {}
     grace_s = max(2 * float(settings.WORKER_HEARTBEAT_S), 1.0)
     secs, micros = client.time()
     now = secs + micros / 1e6
@@ -86,6 +90,9 @@ def dead_workers(names: list[str]) -> set[str]:
     for name in names:
         if alive.get(name):
             client.delete(missing_key(name))  # back (or never gone): the next absence starts a new grace
+            continue
+        if seen.get(name):
+            dead.add(name)  # its key expired: no beat for a whole lease TTL
             continue
         client.set(missing_key(name), f"{now:.6f}", nx=True, ex=24 * 3600)
         since = float(client.get(missing_key(name)) or now)

@@ -99,6 +99,8 @@ class JobRun:
     out_of_time: bool = False
     # mark_running opened attempt #n before we knew whether its backend would take a call.
     attempt_unused: bool = True
+    # The first call waited for a backend slot: its attempt starts when the call does, not at the claim.
+    waited_for_slot: bool = False
 
     def run(self) -> str:
         try:
@@ -113,6 +115,7 @@ class JobRun:
                     continue
                 if not self.run_on(backend):
                     full.append(backend)
+                    self.waited_for_slot = True
             self.wait_for_slots(full)
             self.fail_exhausted()
         except _Finished:
@@ -300,6 +303,10 @@ class JobRun:
         job = self.job
         if self.attempt_unused and backend.name == job.backend_name:
             self.attempt_unused = False
+            if self.waited_for_slot:
+                JobAttempt.objects.filter(job=job, number=job.attempt_count, outcome=AttemptOutcome.RUNNING).update(
+                    started_at=timezone.now()
+                )
             return
         if not job.start_attempt(backend, self.worker, reuse_current=self.attempt_unused):
             log.info("job no longer running; stopping", extra={"job_id": str(job.pk), "state": job.state})

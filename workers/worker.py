@@ -96,7 +96,12 @@ class OrchestratorWorker(SimpleWorker):
 
         if self.job_threads is None:
             self.job_threads = JobThreads(self.slots, self._perform_entry, self.name)
-        timeout = job.timeout if job.timeout and job.timeout > 0 else self.queue_class.DEFAULT_TIMEOUT
+        from jobs.queueing import RQ_TIMEOUT_GRACE_S
+
+        # The RQ job's timeout is the job's own plus RQ_TIMEOUT_GRACE_S; past the job's own deadline
+        # plus WORKER_STUCK_GRACE_S the watcher writes the call off.
+        deadline_s = (job.timeout or self.queue_class.DEFAULT_TIMEOUT) - RQ_TIMEOUT_GRACE_S
+        timeout = max(deadline_s, 1) + float(settings.WORKER_STUCK_GRACE_S)
         entry = Running(
             rq_job=job,
             queue=queue,

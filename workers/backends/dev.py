@@ -1,8 +1,9 @@
 """``dev``: a deterministic built-in backend for demos, tests and benchmarks.
 
 The output is the prompt (or the last user message) unchanged. Config:
-``latency_ms`` (wait per call; a cancel ends the wait), ``fail_rate`` (0..1, decided by a hash of job id
-and attempt, so a run is reproducible) and ``fail_status`` (the HTTP-like status
+``latency_ms`` (wait per call; a cancel ends the wait), ``hang_ms`` (a stuck call that ignores
+its timeout and any cancel, to exercise the worker's watchdog), ``fail_rate`` (0..1, decided by a
+hash of job id and attempt, so a run is reproducible) and ``fail_status`` (the HTTP-like status
 of those failures; 5xx/429 are retryable, other 4xx permanent).
 """
 
@@ -35,6 +36,9 @@ class DevAdapter:
         started = time.monotonic()
         cfg = backend.config
         latency_s = float(cfg.get("latency_ms", 0)) / 1000
+        hang_s = float(cfg.get("hang_ms", 0)) / 1000
+        if hang_s:
+            time.sleep(hang_s)  # a stuck call: ignores its timeout and the cancel (the watchdog's case)
         # Waiting on the cancel event instead of sleeping: a canceled job stops at once.
         if latency_s > request.timeout_s:
             request.cancel.wait(request.timeout_s)
