@@ -15,6 +15,7 @@ from typing import Any
 from django.conf import settings
 from django.db import models, transaction
 from django.db.models import F, Q
+from django.db.models.expressions import Combinable
 from django.utils import timezone
 
 
@@ -143,19 +144,34 @@ class Job(models.Model):
     def transition(self, target: str, *, fence: bool = False, **fields: Any) -> bool:
         """Move to ``target`` if the current DB state allows it; returns whether this call won.
 
-        ``fields`` are written in the same UPDATE. On success the instance is refreshed
-        and the Redis status mirror is rewritten after commit. ``fence`` also requires the
-        attempt this instance knows to be the current one: a worker that lost its job (re-queued
-        after a shutdown or a lost heartbeat, then claimed again elsewhere) cannot end the new run.
+        ``fields`` are written in the same UPDATE, and the Redis status mirror is rewritten after
+        commit. ``fence`` also requires the version this instance holds to be the current one:
+        nobody moved the job since this process last did (a worker that lost its job, re-queued
+        after a shutdown or a lost heartbeat and claimed again elsewhere, cannot end the new run).
+        A fenced move then knows the row exactly and updates the instance in memory (the worker's
+        hot path: no re-read); an unfenced one (an operator's cancel or retry) re-reads the row.
         """
         allowed = TRANSITIONS[target]
-        match = {"attempt_count": self.attempt_count} if fence else {}
-        updated = Job.objects.filter(pk=self.pk, state__in=allowed, **match).update(
-            state=target, version=F("version") + 1, updated_at=timezone.now(), **fields
-        )
+        now = timezone.now()
+        if fence:
+            assert not any(isinstance(v, Combinable) for v in fields.values()), "fenced fields are plain values"
+            updated = Job.objects.filter(pk=self.pk, state__in=allowed, version=self.version).update(
+                state=target, version=self.version + 1, updated_at=now, **fields
+            )
+        else:
+            updated = Job.objects.filter(pk=self.pk, state__in=allowed).update(
+                state=target, version=F("version") + 1, updated_at=now, **fields
+            )
         if not updated:
+            if fence:
+                self.refresh_from_db(fields=["state", "version", "attempt_count"])
             return False
-        self.refresh_from_db()
+        if fence:
+            self.state, self.version, self.updated_at = target, self.version + 1, now
+            for name, value in fields.items():
+                setattr(self, name, value)
+        else:
+            self.refresh_from_db()
         from jobs import status_cache
 
         job = self
@@ -167,7 +183,7 @@ class Job(models.Model):
         now = timezone.now()
         with transaction.atomic():
             if not self.transition(
-                JobState.RUNNING, worker=worker, started_at=now, attempt_count=F("attempt_count") + 1
+                JobState.RUNNING, fence=True, worker=worker, started_at=now, attempt_count=self.attempt_count + 1
             ):
                 return False
             JobAttempt.objects.create(

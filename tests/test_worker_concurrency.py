@@ -9,6 +9,7 @@ import pytest
 from jobs.models import Job, JobAttempt, JobState
 from routing.models import Backend, BackendKind, RoutingPolicy
 from tests.conftest import run_worker_burst
+from workers.status import read_workers
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -70,9 +71,12 @@ def test_a_free_slot_takes_high_before_normal_before_low(api, dev):
 def test_backend_max_concurrency_holds_across_worker_processes(api, dev, worker_process):
     dev("narrow", latency_ms=400, max_concurrency=3)
     ordered("narrow")
-    ids = submit(api, 12)
     procs = [worker_process(MAX_CONCURRENCY="4") for _ in range(2)]
     deadline = time.monotonic() + 60
+    while len(read_workers()) < 2:  # both up and listening before the jobs arrive
+        assert time.monotonic() < deadline, "workers did not start"
+        time.sleep(0.1)
+    ids = submit(api, 16)
     while Job.objects.filter(pk__in=ids, state=JobState.SUCCEEDED).count() < len(ids):
         assert time.monotonic() < deadline, "jobs did not finish"
         assert all(p.poll() is None for p in procs)

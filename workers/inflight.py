@@ -24,6 +24,7 @@ import logging
 import queue as stdlib_queue
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -42,6 +43,11 @@ log = logging.getLogger(__name__)
 _local = threading.local()
 
 
+def worker_name() -> str | None:
+    """The name of the worker whose job thread this is (None outside one)."""
+    return getattr(_local, "worker", None)
+
+
 def cancel_event() -> threading.Event:
     """The cancel event of the job this thread runs (a fresh one outside a job thread)."""
     running = getattr(_local, "running", None)
@@ -54,10 +60,11 @@ class Running:
 
     rq_job: RQJob
     queue: Queue
-    execution: Execution
+    execution: Execution | None  # None on the lean path (our own task: no RQ execution record)
     job_id: str
     hard_deadline: float  # monotonic: past this, the watcher writes the job off
     cancel: threading.Event = field(default_factory=threading.Event)
+    key: str = field(default_factory=lambda: uuid.uuid4().hex)  # one RQ job may be delivered twice
     abandoned: bool = False
     started: float = field(default_factory=time.monotonic)
 
@@ -69,7 +76,7 @@ class JobThreads:
         self.size = size
         self.perform = perform
         self.worker_name = worker_name
-        self.running: dict[str, Running] = {}  # RQ execution id -> entry (one RQ job may be delivered twice)
+        self.running: dict[str, Running] = {}  # entry key -> entry
         self.done = 0
         self._cond = threading.Condition()
         self._tasks: stdlib_queue.SimpleQueue[Running | None] = stdlib_queue.SimpleQueue()
@@ -89,7 +96,7 @@ class JobThreads:
 
     def submit(self, entry: Running) -> None:
         with self._cond:
-            self.running[entry.execution.id] = entry
+            self.running[entry.key] = entry
         self._tasks.put(entry)
 
     def wait_for_slot(self, timeout: float) -> bool:
@@ -108,7 +115,7 @@ class JobThreads:
     def forget(self, entry: Running) -> None:
         """Stop tracking ``entry`` (re-queued at shutdown): its thread's late outcome is fenced off."""
         with self._cond:
-            self.running.pop(entry.execution.id, None)
+            self.running.pop(entry.key, None)
             self._cond.notify_all()
 
     def stop(self) -> None:
@@ -122,6 +129,7 @@ class JobThreads:
         threading.Thread(target=self._serve, name=f"job-{self._threads}", daemon=True).start()
 
     def _serve(self) -> None:
+        _local.worker = self.worker_name
         while True:
             entry = self._tasks.get()
             if entry is None:
@@ -134,7 +142,7 @@ class JobThreads:
             finally:
                 _local.running = None
                 with self._cond:
-                    self.running.pop(entry.execution.id, None)
+                    self.running.pop(entry.key, None)
                     self.done += 1
                     self._cond.notify_all()
             if entry.abandoned:
@@ -163,7 +171,7 @@ class JobThreads:
     def _write_off(self, r: Running) -> None:
         """A job past its hard deadline: fail it, free its slots, replace its thread."""
         with self._cond:
-            if r.abandoned or r.execution.id not in self.running:
+            if r.abandoned or r.key not in self.running:
                 return
             r.abandoned = True
             self._cond.notify_all()

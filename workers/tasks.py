@@ -57,6 +57,10 @@ SLOT_POLL_S = 0.02
 
 
 def worker_name() -> str:
+    from workers import inflight
+
+    if name := inflight.worker_name():
+        return name
     rq_job = get_current_job()
     name = getattr(rq_job, "worker_name", None) if rq_job is not None else None
     return name or f"{socket.gethostname()}:{os.getpid()}"

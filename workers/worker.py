@@ -23,6 +23,7 @@ from typing import Any
 from django.conf import settings
 from django.db import close_old_connections
 from django.utils import timezone
+from redis.exceptions import RedisError
 from rq.exceptions import StopRequested
 from rq.executions import Execution
 from rq.job import Job as RQJob
@@ -96,16 +97,17 @@ class OrchestratorWorker(SimpleWorker):
 
         if self.job_threads is None:
             self.job_threads = JobThreads(self.slots, self._perform_entry, self.name)
-        from jobs.queueing import RQ_TIMEOUT_GRACE_S
+        from jobs.queueing import RQ_TIMEOUT_GRACE_S, TASK
 
         # The RQ job's timeout is the job's own plus RQ_TIMEOUT_GRACE_S; past the job's own deadline
         # plus WORKER_STUCK_GRACE_S the watcher writes the call off.
         deadline_s = (job.timeout or self.queue_class.DEFAULT_TIMEOUT) - RQ_TIMEOUT_GRACE_S
         timeout = max(deadline_s, 1) + float(settings.WORKER_STUCK_GRACE_S)
+        lean = job.func_name == TASK and len(job.args) == 1
         entry = Running(
             rq_job=job,
             queue=queue,
-            execution=self.prepare_execution(job),
+            execution=None if lean else self.prepare_execution(job),
             job_id=str(job.args[0]) if job.args else job.id,
             hard_deadline=time.monotonic() + timeout,
         )
@@ -114,7 +116,54 @@ class OrchestratorWorker(SimpleWorker):
             self.heartbeat()  # every slot is busy: keep RQ's worker key alive meanwhile
 
     def _perform_entry(self, entry: Any) -> None:
-        self.perform_job(entry.rq_job, entry.queue, entry.execution)
+        if entry.execution is not None:
+            self.perform_job(entry.rq_job, entry.queue, entry.execution)
+        else:
+            self.perform_lean(entry.rq_job, entry.queue, entry.job_id)
+
+    def perform_lean(self, job: RQJob, queue: Queue, job_id: str) -> None:
+        """Our own task without RQ's per-job bookkeeping: the database already keeps all of it.
+
+        RQ's started/finished registries, execution records and result storage cost more per job
+        than the job itself when the job is short (P5), and duplicate what the Job row holds
+        (state, worker, attempts, timings, result); crash recovery is our heartbeat, not RQ's
+        started registry. So: run the task, record the figures, delete the RQ job hash.
+        """
+        from workers.tasks import run_job
+
+        since = timezone.now()
+        with tracing.job_span(job.meta, job_id=job_id, queue=queue.name, worker=self.name) as span:
+            try:
+                run_job(job_id)
+            except Exception:  # run_job records adapter crashes itself; reaching here is our bug
+                log.exception("job task crashed", extra={"job_id": job_id})
+            finally:
+                try:
+                    self.connection.delete(job.key)
+                except RedisError as exc:
+                    log.warning("RQ job hash not deleted", extra={"job_id": job_id, "error": str(exc)})
+            record_run(job_id, queue.name, since, span)
+
+    # --- RQ's own per-job Redis writes, trimmed -----------------------------------------------------
+    HEARTBEAT_EVERY_S = 1.0
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        """RQ refreshes its worker key about four times per job (12 commands); once a second does.
+
+        Its TTL is minutes (``worker_ttl``); our own liveness key is the one crash recovery reads.
+        A call with an explicit timeout or pipeline (RQ's job bookkeeping) always goes through.
+        """
+        now = time.monotonic()
+        if timeout is None and pipeline is None and now - getattr(self, "_beat_at", -1e9) < self.HEARTBEAT_EVERY_S:
+            return
+        self._beat_at = now
+        super().heartbeat(timeout, pipeline)
+
+    def set_state(self, state: str, pipeline: Any = None) -> None:
+        """Write the state only when it changes (RQ writes it twice per job)."""
+        if pipeline is None and state == getattr(self, "_state", None):
+            return
+        super().set_state(state, pipeline)
 
     def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
         self._waiting_for_job = True
@@ -167,9 +216,10 @@ class OrchestratorWorker(SimpleWorker):
             if job is None:
                 continue  # finished (or canceled) at the last moment
             if job.requeue_lost(f"worker {self.name} {why} before the job finished (grace {grace:g}s); re-queued"):
-                with self.connection.pipeline() as pipe:
-                    self.cleanup_execution(entry.rq_job, pipeline=pipe, execution=entry.execution)
-                    pipe.execute()
+                if entry.execution is not None:
+                    with self.connection.pipeline() as pipe:
+                        self.cleanup_execution(entry.rq_job, pipeline=pipe, execution=entry.execution)
+                        pipe.execute()
                 queueing.enqueue(job)
                 requeued += 1
         if requeued:
