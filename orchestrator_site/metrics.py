@@ -49,6 +49,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
 
+from dashboard import aggregates as dashboard_aggregates
 from orchestrator_site.redis import key, redis_client
 
 if TYPE_CHECKING:
@@ -295,6 +296,7 @@ def record_run(run: RunFacts) -> None:
             inc(pipe, TOKENS, run.backend, "completion", amount=int(run.completion_tokens))
         if run.cost:
             inc(pipe, COST, run.backend, amount=float(run.cost))
+    dashboard_aggregates.record(pipe, run)  # the live dashboard's per-minute figures; never raises
     pipe.execute()
 
 

@@ -42,6 +42,7 @@ INSTALLED_APPS = [
     "routing",
     "jobs",
     "workers",
+    "dashboard",
 ]
 
 MIDDLEWARE = [

@@ -2,7 +2,9 @@
 
 ``llmo:worker-status:<name>`` is written by the worker's heartbeat thread every
 ``WORKER_HEARTBEAT_S`` and expires after ``WORKER_LEASE_TTL_S``, so a killed worker disappears
-from the list within seconds (RQ's own worker registry keeps a dead worker for minutes).
+from the list within seconds (RQ's own worker registry keeps a dead worker for minutes). The
+index ``llmo:worker-status`` (a sorted set of names scored by expiry) lists them without a SCAN
+of the keyspace, so reading the fleet costs the same however many other keys Redis holds.
 GPU workers add their model, batch size and tokens/s in ``llmo:gpu-worker:<name>``
 (``workers.gpu_worker.STATUS_KEY``); :func:`read_workers` merges the two.
 """
@@ -18,6 +20,7 @@ from django.conf import settings
 from orchestrator_site.redis import key, redis_client
 
 PREFIX = "worker-status"
+INDEX = key(PREFIX)
 
 
 def status_key(worker_name: str) -> str:
@@ -55,14 +58,21 @@ def publish(status: WorkerStatus) -> None:
         "started_at": status.started_at,
         "updated_at": status.updated_at,
     }
-    pipe = redis_client().pipeline(transaction=False)
+    ttl = max(1, int(settings.WORKER_LEASE_TTL_S))
+    client = redis_client()
+    secs, _ = client.time()
+    pipe = client.pipeline(transaction=False)
     pipe.hset(status_key(status.name), mapping=fields)
-    pipe.expire(status_key(status.name), max(1, int(settings.WORKER_LEASE_TTL_S)))
+    pipe.expire(status_key(status.name), ttl)
+    pipe.zadd(INDEX, {status.name: secs + ttl})
     pipe.execute()
 
 
 def remove(worker_name: str) -> None:
-    redis_client().delete(status_key(worker_name))
+    pipe = redis_client().pipeline(transaction=False)
+    pipe.delete(status_key(worker_name))
+    pipe.zrem(INDEX, worker_name)
+    pipe.execute()
 
 
 def _text(raw: Any) -> str:
@@ -77,11 +87,15 @@ def _int(raw: Any) -> int:
 
 
 def read_workers() -> list[WorkerStatus]:
-    """Every worker whose status has not expired, sorted by name (two round trips)."""
+    """Every worker whose status has not expired, sorted by name (three round trips)."""
     from workers.gpu_worker import STATUS_KEY as GPU_KEY
 
     client = redis_client()
-    names = sorted(_text(k).rsplit(":", 1)[-1] for k in client.scan_iter(match=status_key("*"), count=500))
+    secs, _ = client.time()
+    pipe = client.pipeline(transaction=False)
+    pipe.zremrangebyscore(INDEX, "-inf", secs)  # workers that stopped publishing
+    pipe.zrange(INDEX, 0, -1)
+    names = sorted(_text(n) for n in pipe.execute()[1])
     if not names:
         return []
     pipe = client.pipeline(transaction=False)
