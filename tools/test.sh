@@ -15,6 +15,9 @@ PG_URL="${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
 REDIS_URL="$TEST_REDIS_URL" REDIS_PURPOSE="the tests" source tools/ensure_redis.sh
 trap 'stop_private_redis' EXIT
 
+# Chromium for the real-browser tests (tests/browser); they skip, saying why, when none can be had.
+source tools/ensure_browser.sh
+
 echo "==> ruff"
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .
