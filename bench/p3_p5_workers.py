@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import secrets
 import shutil
 import statistics
@@ -134,6 +135,7 @@ class Bench:
         p5_ok = p5["ratio"] >= GOAL_P5
         print(f"\nP3  {p3['jobs']} jobs, dev {P3_LATENCY_MS} ms, MAX_CONCURRENCY={P3_CONCURRENCY}, one process")
         print(f"    ours {p3['jobs_per_s']:.1f} jobs/s vs ideal {P3_IDEAL:.0f}/s -> ratio {p3['ratio']:.3f}")
+        print(f"    {p3.get('cpu', '')}")
         print(f"    plain RQ (fork per job, one at a time) {rq_plain:.1f} jobs/s -> ratio {rq_plain / P3_IDEAL:.3f}")
         print(f"    goal >= {GOAL_P3}: {'PASS' if p3_ok else 'FAIL'}")
         print(f"P5  {p5['jobs']} no-op jobs, one process, MAX_CONCURRENCY={p5['concurrency']}, medians of rounds")
@@ -147,7 +149,8 @@ class Bench:
     def make_user(self):
         from django.contrib.auth import get_user_model
 
-        return get_user_model().objects.create_user("bench", password=secrets.token_urlsafe(16))
+        user, _ = get_user_model().objects.get_or_create(username="bench")  # a reused --database-url has it
+        return user
 
     def reset(self, latency_ms: int) -> None:
         """An empty queue, a clean job table, and the one ``dev`` backend at ``latency_ms``."""
@@ -183,7 +186,12 @@ class Bench:
 
         cmd = [sys.executable, "manage.py", "rqworker", "high", "normal", "low", "--burst"]
         env = {**self.env, "MAX_CONCURRENCY": str(concurrency)}
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        started = time.monotonic()
         subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        self.last_cpu = f"worker process: {cpu:.1f} s CPU in {time.monotonic() - started:.1f} s (start-up included)"
         jobs = Job.objects.all()
         n = jobs.count()
         done = jobs.filter(state=JobState.SUCCEEDED).count()
@@ -202,6 +210,7 @@ class Bench:
             "jobs_per_s": round(rate, 1),
             "ideal": P3_IDEAL,
             "ratio": round(rate / P3_IDEAL, 3),
+            "cpu": self.last_cpu,
         }
 
     def rq_plain_p3(self) -> float:

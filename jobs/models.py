@@ -125,8 +125,26 @@ class Job(models.Model):
             ),
         ]
 
+    # The attempts as this process wrote them since it claimed a fresh job (None: unknown, read the
+    # table). The worker's status documents and metrics read them instead of querying per change.
+    _known_attempts: list[JobAttempt] | None = None
+
     def __str__(self) -> str:
         return f"{self.id} ({self.state})"
+
+    def attempt_rows(self) -> list[JobAttempt]:
+        """This job's attempts in order: from memory on the worker's path, else from the table."""
+        if self._known_attempts is not None:
+            return list(self._known_attempts)
+        return list(self.attempts.all())
+
+    def update_current_attempt(self, **fields: Any) -> None:
+        """Write ``fields`` on the open attempt (number ``attempt_count``, still running), in memory too."""
+        JobAttempt.objects.filter(job=self, number=self.attempt_count, outcome=AttemptOutcome.RUNNING).update(**fields)
+        for attempt in self._known_attempts or ():
+            if attempt.number == self.attempt_count and attempt.outcome == AttemptOutcome.RUNNING:
+                for name, value in fields.items():
+                    setattr(attempt, name, value)
 
     @property
     def is_terminal(self) -> bool:
@@ -172,6 +190,7 @@ class Job(models.Model):
                 setattr(self, name, value)
         else:
             self.refresh_from_db()
+            self._known_attempts = None
         from jobs import status_cache
 
         job = self
@@ -186,9 +205,10 @@ class Job(models.Model):
                 JobState.RUNNING, fence=True, worker=worker, started_at=now, attempt_count=self.attempt_count + 1
             ):
                 return False
-            JobAttempt.objects.create(
+            attempt = JobAttempt.objects.create(
                 job=self, number=self.attempt_count, backend_name=self.backend_name, worker=worker, started_at=now
             )
+            self._known_attempts = [attempt] if self.attempt_count == 1 else None
         return True
 
     def start_attempt(self, backend, worker: str, *, reuse_current: bool = False) -> bool:
@@ -210,15 +230,17 @@ class Job(models.Model):
             if not Job.objects.filter(pk=self.pk, state=JobState.RUNNING).update(**fields):
                 self.refresh_from_db()
                 return False
+            known = self._known_attempts
             self.refresh_from_db()
+            self._known_attempts = known
             if reuse_current:
-                JobAttempt.objects.filter(job=self, number=self.attempt_count, outcome=AttemptOutcome.RUNNING).update(
-                    backend_name=backend.name, started_at=now
-                )
+                self.update_current_attempt(backend_name=backend.name, started_at=now)
             else:
-                JobAttempt.objects.create(
+                attempt = JobAttempt.objects.create(
                     job=self, number=self.attempt_count, backend_name=backend.name, worker=worker, started_at=now
                 )
+                if known is not None:
+                    known.append(attempt)
             from jobs import status_cache
 
             job = self
@@ -289,6 +311,7 @@ class Job(models.Model):
                 JobAttempt.objects.filter(job=self, number=number, outcome=AttemptOutcome.RUNNING).update(
                     outcome=AttemptOutcome.INTERRUPTED, error=reason[:10_000], finished_at=timezone.now()
                 )
+                self._known_attempts = None
         return won
 
     def requeue(self) -> bool:
@@ -310,7 +333,7 @@ class Job(models.Model):
     def _close_attempt(
         self, outcome: str, *, error: str = "", traceback: str = "", latency_ms: int | None = None
     ) -> None:
-        JobAttempt.objects.filter(job=self, number=self.attempt_count, outcome=AttemptOutcome.RUNNING).update(
+        self.update_current_attempt(
             outcome=outcome,
             error=error[:10_000],
             traceback=traceback,

@@ -213,10 +213,41 @@ class RunFacts:
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
 
 
-def read_run(job_id: str, queue: str, since: datetime) -> RunFacts | None:
-    """The job row and the attempts this run started (``started_at >= since``): two PK-indexed reads."""
-    from jobs.models import Job, JobAttempt
+def read_run(job_id: str, queue: str, since: datetime, row: Any = None) -> RunFacts | None:
+    """The job row and the attempts this run started (``started_at >= since``): two PK-indexed reads.
 
+    With ``row`` (the worker's own Job instance, kept current by its fenced transitions) nothing is
+    read when it holds its attempts in memory.
+    """
+    from jobs.models import Job, JobAttempt, JobState
+
+    if row is not None and row.state != JobState.RUNNING and row._known_attempts is not None:
+        return RunFacts(
+            job_id=str(job_id),
+            queue=queue,
+            state=row.state,
+            backend=row.backend_name,
+            policy=row.policy_name,
+            enqueued_at=row.enqueued_at,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+            prompt_tokens=row.prompt_tokens,
+            completion_tokens=row.completion_tokens,
+            cost=row.cost,
+            attempts=[
+                AttemptFacts(
+                    number=a.number,
+                    backend=a.backend_name,
+                    outcome=a.outcome,
+                    error=a.error,
+                    latency_s=a.latency_ms / 1000 if a.latency_ms is not None else None,
+                    started_at=a.started_at,
+                    finished_at=a.finished_at,
+                )
+                for a in row.attempt_rows()
+                if a.started_at >= since
+            ],
+        )
     row = (
         Job.objects.filter(pk=job_id)
         .values(

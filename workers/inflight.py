@@ -48,6 +48,13 @@ def worker_name() -> str | None:
     return getattr(_local, "worker", None)
 
 
+def note_job(job: Job) -> None:
+    """The task tells its thread's entry which row it runs (no-op outside a job thread)."""
+    running = getattr(_local, "running", None)
+    if running is not None:
+        running.job = job
+
+
 def cancel_event() -> threading.Event:
     """The cancel event of the job this thread runs (a fresh one outside a job thread)."""
     running = getattr(_local, "running", None)
@@ -65,6 +72,7 @@ class Running:
     hard_deadline: float  # monotonic: past this, the watcher writes the job off
     cancel: threading.Event = field(default_factory=threading.Event)
     key: str = field(default_factory=lambda: uuid.uuid4().hex)  # one RQ job may be delivered twice
+    job: Job | None = None  # the row as the task left it (its figures are read from memory, not the table)
     abandoned: bool = False
     started: float = field(default_factory=time.monotonic)
 

@@ -41,7 +41,7 @@ from redis.exceptions import RedisError
 from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
-from jobs.models import AttemptOutcome, Job, JobAttempt
+from jobs.models import AttemptOutcome, Job
 from routing import capacity, circuit, stats
 from routing.models import POOLED_KINDS, Backend
 from workers.backends import get_adapter
@@ -75,6 +75,7 @@ def run_job(job_id: str) -> str:
     except Job.DoesNotExist:
         log.warning("job row missing; dropping queue entry", extra={"job_id": job_id})
         return "missing"
+    inflight.note_job(job)
     worker = worker_name()
     if not job.mark_running(worker):
         log.info("job not claimable; skipped", extra={"job_id": job_id, "state": job.state})
@@ -308,9 +309,7 @@ class JobRun:
         if self.attempt_unused and backend.name == job.backend_name:
             self.attempt_unused = False
             if self.waited_for_slot:
-                JobAttempt.objects.filter(job=job, number=job.attempt_count, outcome=AttemptOutcome.RUNNING).update(
-                    started_at=timezone.now()
-                )
+                job.update_current_attempt(started_at=timezone.now())
             return
         if not job.start_attempt(backend, self.worker, reuse_current=self.attempt_unused):
             log.info("job no longer running; stopping", extra={"job_id": str(job.pk), "state": job.state})
@@ -319,7 +318,7 @@ class JobRun:
 
     def close_attempt(self, error: str, started: float) -> None:
         """Close the current attempt with its own error (the job's final error is written separately)."""
-        JobAttempt.objects.filter(job=self.job, number=self.job.attempt_count, outcome=AttemptOutcome.RUNNING).update(
+        self.job.update_current_attempt(
             outcome=AttemptOutcome.FAILED,
             error=error[:10_000],
             latency_ms=_ms_since(started),

@@ -92,12 +92,27 @@ class OrchestratorWorker(SimpleWorker):
         return int(self.max_concurrency or settings.MAX_CONCURRENCY)
 
     def execute_job(self, job: RQJob, queue: Queue) -> None:
-        """Hand ``job`` to a job thread; return once a slot is free for the next one."""
-        from workers.inflight import JobThreads, Running
+        """Hand ``job`` to a job thread, and the jobs already waiting to the other free slots.
+
+        RQ's loop hands us one job per blocking dequeue; when more slots are free we pop that many
+        more at once (one LPOP per queue, in priority order, and one fetch), so the main thread does
+        not wake once per job. Returns once a slot is free for the next dequeue.
+        """
+        from workers.inflight import JobThreads
 
         if self.job_threads is None:
             self.job_threads = JobThreads(self.slots, self._perform_entry, self.name)
+        self._submit(job, queue)
+        free = self.slots - self.job_threads.busy
+        if free > 0 and not self._stop_requested:
+            for more, more_queue in self.take_waiting(free):
+                self._submit(more, more_queue)
+        while not self.job_threads.wait_for_slot(timeout=5.0) and not self._stop_requested:
+            self.heartbeat()  # every slot is busy: keep RQ's worker key alive meanwhile
+
+    def _submit(self, job: RQJob, queue: Queue) -> None:
         from jobs.queueing import RQ_TIMEOUT_GRACE_S, TASK
+        from workers.inflight import Running
 
         # The RQ job's timeout is the job's own plus RQ_TIMEOUT_GRACE_S; past the job's own deadline
         # plus WORKER_STUCK_GRACE_S the watcher writes the call off.
@@ -112,16 +127,30 @@ class OrchestratorWorker(SimpleWorker):
             hard_deadline=time.monotonic() + timeout,
         )
         self.job_threads.submit(entry)
-        while not self.job_threads.wait_for_slot(timeout=5.0) and not self._stop_requested:
-            self.heartbeat()  # every slot is busy: keep RQ's worker key alive meanwhile
+
+    def take_waiting(self, n: int) -> list[tuple[RQJob, Queue]]:
+        """Pop up to ``n`` waiting jobs, highest-priority queue first (a worker killed right after
+        this leaves them ``queued`` in the database and on no queue: the reconciler pushes them again)."""
+        taken: list[tuple[RQJob, Queue]] = []
+        for queue in self.queues:
+            if len(taken) >= n:
+                break
+            ids = self.connection.lpop(queue.key, n - len(taken))
+            if not ids:
+                continue
+            ids = [i.decode() if isinstance(i, bytes) else i for i in ids]
+            for rq_job in self.job_class.fetch_many(ids, connection=self.connection, serializer=self.serializer):
+                if rq_job is not None:  # deleted since it was queued: RQ's own dequeue skips those too
+                    taken.append((rq_job, queue))
+        return taken
 
     def _perform_entry(self, entry: Any) -> None:
         if entry.execution is not None:
             self.perform_job(entry.rq_job, entry.queue, entry.execution)
         else:
-            self.perform_lean(entry.rq_job, entry.queue, entry.job_id)
+            self.perform_lean(entry)
 
-    def perform_lean(self, job: RQJob, queue: Queue, job_id: str) -> None:
+    def perform_lean(self, entry: Any) -> None:
         """Our own task without RQ's per-job bookkeeping: the database already keeps all of it.
 
         RQ's started/finished registries, execution records and result storage cost more per job
@@ -131,6 +160,7 @@ class OrchestratorWorker(SimpleWorker):
         """
         from workers.tasks import run_job
 
+        job, queue, job_id = entry.rq_job, entry.queue, entry.job_id
         since = timezone.now()
         with tracing.job_span(job.meta, job_id=job_id, queue=queue.name, worker=self.name) as span:
             try:
@@ -142,7 +172,7 @@ class OrchestratorWorker(SimpleWorker):
                     self.connection.delete(job.key)
                 except RedisError as exc:
                     log.warning("RQ job hash not deleted", extra={"job_id": job_id, "error": str(exc)})
-            record_run(job_id, queue.name, since, span)
+            record_run(job_id, queue.name, since, span, row=entry.job)
 
     # --- RQ's own per-job Redis writes, trimmed -----------------------------------------------------
     HEARTBEAT_EVERY_S = 1.0
@@ -277,14 +307,15 @@ class OrchestratorWorker(SimpleWorker):
         return ok
 
 
-def record_run(job_id: str, queue: str, since: datetime, span: Any = None) -> None:
+def record_run(job_id: str, queue: str, since: datetime, span: Any = None, row: Any = None) -> None:
     """Fleet metrics (and attempt spans under ``span``) for what one execution of ``job_id`` did.
 
     For worker classes that run jobs outside ``perform_job`` (the GPU batcher): call it once per
-    job after its outcome is written, with ``since`` taken before the job was claimed.
+    job after its outcome is written, with ``since`` taken before the job was claimed. ``row``: the
+    Job instance the task finished with, when there is one (its fields and attempts are current).
     """
     try:
-        run = metrics.read_run(job_id, queue, since)
+        run = metrics.read_run(job_id, queue, since, row=row)
         if run is not None:
             metrics.record_run(run)
             tracing.add_attempt_spans(span, run)

@@ -247,7 +247,7 @@ class JobSerializer(serializers.ModelSerializer):
                 "latency_ms": a.latency_ms,
                 "error": a.error,
             }
-            for a in job.attempts.all()
+            for a in job.attempt_rows()
         ]
 
     def get_links(self, job: Job) -> dict[str, str]:
