@@ -47,6 +47,16 @@ def submit(api, prompt: str, **body) -> str:
     return r.json()["id"]
 
 
+def metrics_text() -> str:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from orchestrator_site.metrics import FleetCollector
+
+    registry = CollectorRegistry()
+    registry.register(FleetCollector())
+    return generate_latest(registry).decode()
+
+
 def work(max_jobs: int = 64, round_tokens: int = 128) -> GpuWorker:
     worker = GpuWorker(QUEUES, connection=redis_client())
     worker.batch_limits = BatchLimits(max_jobs=max_jobs, wait_s=0.01, round_tokens=round_tokens)
@@ -81,6 +91,9 @@ def test_waiting_jobs_run_as_one_batch_each_with_its_own_result(api, gpu_backend
     rq_jobs = RQJob.fetch_many(ids, connection=conn, serializer="rq.serializers.JSONSerializer")
     assert {j.get_status() for j in rq_jobs} == {JobStatus.FINISHED}
     assert {j.return_value() for j in rq_jobs} == {JobState.SUCCEEDED}
+    # Batched jobs feed the fleet metrics and the dashboard like any other job.
+    text = metrics_text()
+    assert 'llm_orchestrator_jobs_finished_total{backend="tiny",outcome="succeeded"} 4.0' in text
 
 
 def test_batches_are_taken_in_priority_order(api, gpu_backend):

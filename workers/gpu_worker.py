@@ -52,7 +52,8 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from django.conf import settings
@@ -74,7 +75,7 @@ from workers.backends.base import BackendError, GenerationRequest
 from workers.backends.hf_local import HFLocalAdapter, Sequence
 from workers.retry import Deadline
 from workers.tasks import JobRun
-from workers.worker import OrchestratorWorker
+from workers.worker import OrchestratorWorker, record_run
 
 log = logging.getLogger(__name__)
 
@@ -119,25 +120,38 @@ class Entry:
     job: Job
     backend: Backend
     seq: Sequence | None = None
+    since: datetime = field(default_factory=timezone.now)  # before the claim: what the run's metrics cover
 
 
 class GpuWorker(OrchestratorWorker):
     """A no-fork RQ worker that runs the waiting ``hf_local`` jobs of its queues in batches."""
 
     batch_limits: BatchLimits | None = None
+    batch: Batch | None = None  # the batch running now (what the worker's status reports)
+
+    @property
+    def slots(self) -> int:
+        return (self.batch_limits or BatchLimits.from_settings()).max_jobs
+
+    def in_flight(self) -> int:
+        batch = self.batch
+        return batch.size if batch is not None else 0
 
     def execute_job(self, job: RQJob, queue: Queue) -> None:
         """RQ dequeued ``job``: gather more waiting jobs, run them as a batch, finish each one."""
         limits = self.batch_limits or BatchLimits.from_settings()
-        batch = Batch(self, limits)
-        batch.admit([(job, queue)])
-        batch.fill()
-        batch.run()
+        batch = self.batch = Batch(self, limits)
+        try:
+            batch.admit([(job, queue)])
+            batch.fill()
+            batch.run()
+        finally:
+            self.batch = None
         self.set_state(WorkerStatus.IDLE)
 
     def execute_plain(self, job: RQJob, queue: Queue) -> None:
-        """The ``SimpleWorker`` path for jobs that are not batchable."""
-        super().execute_job(job, queue)
+        """The ``SimpleWorker`` path, in this thread, for jobs that are not batchable."""
+        self.perform_job(job, queue, self.prepare_execution(job))
 
 
 class Batch:
@@ -414,13 +428,16 @@ class Batch:
         except Exception:
             log.exception("could not record the crash", extra={"job_id": str(e.job.pk)})
         self.worker._finalize_failure(e.rq_job, e.queue, e.execution, exc_info)
+        record_run(str(e.job.pk), e.queue.name, e.since)
 
     def finish_rq(self, e: Entry, return_value: str) -> None:
-        """RQ's own success bookkeeping (result, registries, counters), as ``perform_job`` does it."""
+        """RQ's own success bookkeeping (result, registries, counters), as ``perform_job`` does it,
+        then the job's fleet metrics and dashboard figures (``record_run``), as for any worker."""
         try:
             self.worker._finalize_success(e.rq_job, e.queue, e.execution, return_value)
         except Exception:
             self.worker._finalize_failure(e.rq_job, e.queue, e.execution, sys.exc_info())
+        record_run(str(e.job.pk), e.queue.name, e.since, row=e.job)
 
     def record(self, backend: Backend, latency_ms: float, *, ok: bool, error: str = "") -> None:
         """Feed routing's live figures and the breaker; a Redis hiccup must not change the outcome."""

@@ -257,6 +257,10 @@ class OrchestratorWorker(SimpleWorker):
         return requeued
 
     # --- what the admin sees ----------------------------------------------------------------------
+    def in_flight(self) -> int:
+        """Jobs running in this process now."""
+        return self.job_threads.busy if self.job_threads is not None else 0
+
     def on_beat(self) -> None:
         """Each heartbeat: renew this process's backend slots and publish its status."""
         from routing import capacity
@@ -272,7 +276,7 @@ class OrchestratorWorker(SimpleWorker):
                 status.remove(self.name)
                 return
             threads = self.job_threads
-            busy = threads.busy if threads is not None else 0
+            busy = self.in_flight()
             state = "stopping" if self._stop_requested else ("busy" if busy else "idle")
             status.publish(
                 status.WorkerStatus(
