@@ -124,6 +124,16 @@ def run_worker_burst(*queues: str, timeout: float = 120, **env: str) -> subproce
     return proc
 
 
+def submit_jobs(api: APIClient, n: int, **body) -> list[str]:
+    """Submit ``n`` jobs (prompts "job 0", "job 1", …) through POST /jobs; returns their ids."""
+    ids = []
+    for i in range(n):
+        r = api.post("/jobs", {"prompt": f"job {i}", **body}, format="json")
+        assert r.status_code == 202, r.content
+        ids.append(r.json()["id"])
+    return ids
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,18 +9,10 @@ import pytest
 from jobs.models import Job, JobAttempt, JobState
 from routing.models import Backend, BackendKind, RoutingPolicy
 from tests.conftest import run_worker_burst
+from tests.conftest import submit_jobs as submit
 from workers.status import read_workers
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
-
-
-def submit(api, n: int, **body) -> list[str]:
-    ids = []
-    for i in range(n):
-        r = api.post("/jobs", {"prompt": f"job {i}", **body}, format="json")
-        assert r.status_code == 202, r.content
-        ids.append(r.json()["id"])
-    return ids
 
 
 def peak_overlap(attempts) -> int:

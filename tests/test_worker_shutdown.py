@@ -14,19 +14,11 @@ from jobs.models import AttemptOutcome, Job, JobState
 from orchestrator_site.redis import redis_client
 from routing.models import Backend, BackendKind, RoutingPolicy
 from tests.conftest import ROOT, process_env, run_worker_burst
+from tests.conftest import submit_jobs as submit
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
 FAST = {"WORKER_HEARTBEAT_MS": "300", "WORKER_LEASE_TTL_MS": "1500", "RECONCILE_INTERVAL_MS": "1000"}
-
-
-def submit(api, n: int, **body) -> list[str]:
-    ids = []
-    for i in range(n):
-        r = api.post("/jobs", {"prompt": f"job {i}", **body}, format="json")
-        assert r.status_code == 202, r.content
-        ids.append(r.json()["id"])
-    return ids
 
 
 def wait_until(what: str, check, timeout: float, proc: subprocess.Popen | None = None):
