@@ -90,9 +90,11 @@ class JobAdmin(admin.ModelAdmin):
     def render_change_form(
         self, request: HttpRequest, context: dict[str, Any], add=False, change=False, form_url="", obj=None
     ) -> HttpResponse:
-        # templates/admin/jobs/job/change_form.html draws it above the field sets.
+        # jobs/templates/admin/jobs/job/change_form.html draws it above the field sets.
         if obj is not None:
             context["timeline"] = build_timeline(obj)
+        # Every field is read-only: a Save button would only bump updated_at and confuse.
+        context.update(show_save=False, show_save_and_continue=False, show_save_and_add_another=False)
         return super().render_change_form(request, context, add, change, form_url, obj)
 
     # --- bulk actions: every change goes through a Job method, whose CAS decides ------------------

@@ -119,3 +119,9 @@ def test_user_data_in_the_timeline_is_escaped(admin_client, dev_backend):
     assert "&lt;img src=x onerror=alert(&#x27;error&#x27;)&gt;" in timeline
     assert "&lt;iframe src=javascript:alert(&#x27;out&#x27;)&gt;&lt;/iframe&gt;" in timeline
     assert job.state == JobState.SUCCEEDED
+
+
+def test_the_job_page_offers_no_save_buttons(admin_client, dev_backend):
+    """Every field is read-only: a job changes only through its actions."""
+    html = change_page(admin_client, routed_job(dev_backend))
+    assert 'name="_save"' not in html and 'name="_continue"' not in html and 'name="_addanother"' not in html
