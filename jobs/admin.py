@@ -174,11 +174,13 @@ def build_timeline(job: Job) -> dict[str, Any]:
 
 
 def trace_id(job: Job) -> str:
-    """The trace id of the submitting request, from the ``traceparent`` its RQ job carries; '' when unknown.
+    """The trace id of the submitting request; '' when tracing was off.
 
-    The row does not store it: it lives in the RQ job's meta, which expires with the RQ job
-    (``result_ttl``), and is absent when tracing was off. One Redis read, on the change page only.
+    Stored on the row at submission; jobs submitted before that column existed fall back to the
+    ``traceparent`` their RQ job carried, while that RQ job still exists (one Redis read).
     """
+    if job.trace_id:
+        return job.trace_id
     if not job.rq_job_id:
         return ""
     try:

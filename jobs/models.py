@@ -88,6 +88,8 @@ class Job(models.Model):
     policy_name = models.CharField(max_length=64, blank=True)
     policy_version = models.PositiveIntegerField(null=True, blank=True)
     routing = models.JSONField(default=dict, blank=True, help_text="Candidates, scores and reasons.")
+    # The submitting request's trace (hex), when tracing is on: the timeline links the job to its trace.
+    trace_id = models.CharField(max_length=32, blank=True, default="")
     queue = models.CharField(max_length=80, blank=True)
     rq_job_id = models.CharField(max_length=64, blank=True)
 

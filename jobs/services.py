@@ -140,6 +140,8 @@ def _build(
     )
     job.queue = backend.queue_for(job.priority)
     job.rq_job_id = str(job.pk)
+    ids = tracing.current_ids()
+    job.trace_id = ids[0] if ids else ""
     return job
 
 

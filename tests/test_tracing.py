@@ -72,6 +72,7 @@ def test_one_trace_spans_api_request_worker_and_attempts(spans, user, db):
 
     job = Job.objects.get(pk=job_id)
     assert job.state == JobState.SUCCEEDED
+    assert job.trace_id == meta["traceparent"].split("-")[1]  # kept on the row after the RQ job is gone
     finished = spans.get_finished_spans()
     server = [s for s in finished if s.kind == SpanKind.SERVER and s.attributes.get("http.method", "POST") == "POST"]
     assert len(server) == 1, [s.name for s in finished]
@@ -104,7 +105,7 @@ def test_tracing_off_by_default_costs_nothing(api, policy):
     assert type(trace.get_tracer_provider()).__name__ == "ProxyTracerProvider"  # no SDK provider built
     r = api.post("/jobs", {"prompt": "untraced"}, format="json")
     meta = RQJob.fetch(r.json()["id"], connection=redis_client(), serializer="rq.serializers.JSONSerializer").meta
-    assert "traceparent" not in meta
+    assert "traceparent" not in meta and Job.objects.get(pk=r.json()["id"]).trace_id == ""
     with tracing.job_span({}, job_id="x", queue="normal", worker="w") as span:
         assert span is None
 
