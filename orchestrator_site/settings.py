@@ -182,9 +182,11 @@ BATCH_WAIT_MS = env_int("BATCH_WAIT_MS", 10, minimum=0, maximum=10_000)  # how l
 BATCH_ROUND_TOKENS = env_int("BATCH_ROUND_TOKENS", 128, minimum=1, maximum=32_768)
 
 # --- API --------------------------------------------------------------------
+# How long each process remembers an API token (orchestrator_site/auth.py); 0: read it every request.
+AUTH_TOKEN_CACHE_S = env_int("AUTH_TOKEN_CACHE_MS", 5000, minimum=0, maximum=300_000) / 1000
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        "orchestrator_site.auth.CachedTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
