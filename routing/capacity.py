@@ -44,15 +44,21 @@ redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2])) + 60)
 return 1
 """
 
-# KEYS: one inflight set per lease; ARGV[1] = ttl, ARGV[2..] = the lease ids, in KEYS order.
+# KEYS: one inflight set per lease; ARGV[1] = ttl, ARGV[2] = 'XX' (renew only leases still there) or
+# 'NX' (write back lost ones), ARGV[3..] = the lease ids, in KEYS order. Returns the indexes (1-based)
+# of the leases an XX pass did not find.
 _RENEW = """
 local t = redis.call('TIME')
 local expiry = string.format('%.6f', tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[1]))
+local missing = {}
 for i, k in ipairs(KEYS) do
-  redis.call('ZADD', k, expiry, ARGV[i + 1])
+  if redis.call('ZADD', k, ARGV[2], 'CH', expiry, ARGV[i + 2]) == 0 and ARGV[2] == 'XX'
+     and not redis.call('ZSCORE', k, ARGV[i + 2]) then
+    missing[#missing + 1] = i
+  end
   redis.call('EXPIRE', k, math.ceil(tonumber(ARGV[1])) + 60)
 end
-return #KEYS
+return missing
 """
 
 _lock = threading.Lock()
@@ -72,16 +78,17 @@ def lease_ttl_s() -> float:
 def try_acquire(backend_name: str, limit: int, *, owner: str = "") -> str | None:
     """A lease id when one of ``limit`` slots was free, else None. ``owner`` (a job id) groups leases."""
     lease = uuid.uuid4().hex
-    # Under the process lock, so a renewal never writes back a lease whose acquire is undecided.
+    # No process lock around Redis calls: a thread holding one across a round trip makes every
+    # other job thread queue behind it (and behind the GIL hand-offs of that round trip).
+    try:
+        if not _scripts()["acquire"](keys=[inflight_key(backend_name)], args=[lease, lease_ttl_s(), max(limit, 1)]):
+            return None
+    except RedisError as exc:
+        # Held anyway: the next renewal writes it to Redis once Redis answers again.
+        log.warning(
+            "backend slot not taken (Redis); calling anyway", extra={"backend": backend_name, "error": str(exc)}
+        )
     with _lock:
-        try:
-            if not _scripts()["acquire"](keys=[inflight_key(backend_name)], args=[lease, lease_ttl_s(), max(limit, 1)]):
-                return None
-        except RedisError as exc:
-            # Held anyway: the next renewal writes it to Redis once Redis answers again.
-            log.warning(
-                "backend slot not taken (Redis); calling anyway", extra={"backend": backend_name, "error": f"{exc}"}
-            )
         _held[lease] = (backend_name, owner)
     return lease
 
@@ -90,12 +97,12 @@ def release(lease: str) -> None:
     """Give a slot back; Redis trouble is logged (the lease then expires by itself)."""
     with _lock:
         held = _held.pop(lease, None)
-        if held is None:
-            return
-        try:
-            redis_client().zrem(inflight_key(held[0]), lease)
-        except RedisError as exc:
-            log.warning("backend slot not released", extra={"backend": held[0], "error": str(exc)})
+    if held is None:
+        return
+    try:
+        redis_client().zrem(inflight_key(held[0]), lease)
+    except RedisError as exc:
+        log.warning("backend slot not released", extra={"backend": held[0], "error": str(exc)})
 
 
 @contextlib.contextmanager
@@ -119,16 +126,27 @@ def release_owner(owner: str) -> int:
 
 
 def renew_held() -> int:
-    """Push the expiry of every lease this process holds (one round trip); called by the heartbeat.
+    """Push the expiry of every lease this process holds; called by the heartbeat.
 
-    Under the lock, so a lease released concurrently is not written back after its release.
+    Renewal touches only leases still in Redis (``ZADD XX``), so one released meanwhile is never
+    written back. Leases Redis lost (a restart or flush) and this process still holds are written
+    back in a second call; only a lease released in the instant between the two could come back,
+    and it would expire within one lease TTL.
     """
     with _lock:
-        if not _held:
-            return 0
         leases = list(_held.items())
-        keys = [inflight_key(name) for _, (name, _) in leases]
-        _scripts()["renew"](keys=keys, args=[lease_ttl_s(), *(lease for lease, _ in leases)])
+    if not leases:
+        return 0
+    keys = [inflight_key(name) for _, (name, _) in leases]
+    missing = _scripts()["renew"](keys=keys, args=[lease_ttl_s(), "XX", *(lease for lease, _ in leases)])
+    if missing:
+        with _lock:
+            lost = [leases[int(i) - 1] for i in missing if leases[int(i) - 1][0] in _held]
+        if lost:
+            _scripts()["renew"](
+                keys=[inflight_key(name) for _, (name, _) in lost],
+                args=[lease_ttl_s(), "NX", *(lease for lease, _ in lost)],
+            )
     return len(leases)
 
 
