@@ -272,7 +272,7 @@ def fill_redis(args: argparse.Namespace, now: datetime, recent_jobs: int) -> Non
     from orchestrator_site.metrics import AttemptFacts, RunFacts
     from orchestrator_site.redis import redis_client
     from routing import stats
-    from workers.gpu_worker import STATUS_KEY
+    from workers.status import GPU_STATUS_KEY as STATUS_KEY
     from workers.status import WorkerStatus, publish
 
     rng = random.Random(args.seed + 1)

@@ -23,8 +23,7 @@ from routing import stats
 from routing.models import Backend, BackendKind, RoutingPolicy
 from tests.conftest import ROOT, process_env, run_worker_burst
 from tests.factories import make_job
-from workers.gpu_worker import STATUS_KEY as GPU_STATUS_KEY
-from workers.status import WorkerStatus, publish
+from workers.status import GPU_STATUS_KEY, WorkerStatus, publish
 
 pytestmark = pytest.mark.django_db
 

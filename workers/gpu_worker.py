@@ -71,15 +71,15 @@ from jobs.queueing import TASK
 from routing import circuit, stats
 from routing.models import Backend, BackendKind
 from workers.backends import get_adapter, hf_local
-from workers.backends.base import BackendError, GenerationRequest
+from workers.backends.base import BackendError
 from workers.backends.hf_local import HFLocalAdapter, Sequence
 from workers.retry import Deadline
-from workers.tasks import JobRun
+from workers.status import GPU_STATUS_KEY as STATUS_KEY
+from workers.tasks import JobRun, generation_request
 from workers.worker import OrchestratorWorker, record_run
 
 log = logging.getLogger(__name__)
 
-STATUS_KEY = "llmo:gpu-worker:{name}"  # a small hash per worker: model, batch sizes, tokens/s
 STATUS_TTL_S = 120
 
 
@@ -251,7 +251,8 @@ class Batch:
                 self.finish_rq(e, f"skipped:{e.job.state}")
                 continue
             try:
-                e.seq = self.adapter.start(e.backend.adapter_config(), self.request(e.job))
+                request = generation_request(e.job, float(e.job.timeout_s))
+                e.seq = self.adapter.start(e.backend.adapter_config(), request)
             except BackendError as exc:
                 self.failed(e, exc, time.monotonic())
                 continue
@@ -276,20 +277,6 @@ class Batch:
                 continue
             rows[ids[str(row.pk)]] = row
         return rows
-
-    @staticmethod
-    def request(job: Job) -> GenerationRequest:
-        return GenerationRequest(
-            job_id=str(job.pk),
-            messages=job.chat_messages(),
-            images=list(job.images),
-            model=job.model,
-            max_tokens=job.max_tokens,
-            temperature=job.temperature,
-            params=dict(job.params),
-            timeout_s=float(job.timeout_s),
-            attempt=job.attempt_count,
-        )
 
     # --- running rounds ---------------------------------------------------------------------------
     def run(self) -> None:

@@ -164,11 +164,11 @@ class JobThreads:
             if not entries:
                 continue
             try:
-                for job_id in cancellation.requested(r.job_id for r in entries if not r.cancel.is_set()):
-                    for r in entries:
-                        if r.job_id == job_id:
-                            log.info("stopping canceled job", extra={"job_id": job_id})
-                            r.cancel.set()
+                canceled = cancellation.requested(r.job_id for r in entries if not r.cancel.is_set())
+                for r in entries:
+                    if r.job_id in canceled:
+                        log.info("stopping canceled job", extra={"job_id": r.job_id})
+                        r.cancel.set()
             except RedisError as exc:
                 log.warning("cancel check failed", extra={"error": str(exc)})
             now = time.monotonic()

@@ -6,7 +6,7 @@ from the list within seconds (RQ's own worker registry keeps a dead worker for m
 index ``llmo:worker-status`` (a sorted set of names scored by expiry) lists them without a SCAN
 of the keyspace, so reading the fleet costs the same however many other keys Redis holds.
 GPU workers add their model, batch size and tokens/s in ``llmo:gpu-worker:<name>``
-(``workers.gpu_worker.STATUS_KEY``); :func:`read_workers` merges the two.
+(:data:`GPU_STATUS_KEY`, written by ``workers.gpu_worker``); :func:`read_workers` merges the two.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from orchestrator_site.redis import key, redis_client
 
 PREFIX = "worker-status"
 INDEX = key(PREFIX)
+GPU_STATUS_KEY = key("gpu-worker", "{name}")  # a small hash per GPU worker: model, batch sizes, tokens/s
 
 
 def status_key(worker_name: str) -> str:
@@ -88,8 +89,6 @@ def _int(raw: Any) -> int:
 
 def read_workers() -> list[WorkerStatus]:
     """Every worker whose status has not expired, sorted by name (three round trips)."""
-    from workers.gpu_worker import STATUS_KEY as GPU_KEY
-
     client = redis_client()
     secs, _ = client.time()
     pipe = client.pipeline(transaction=False)
@@ -101,7 +100,7 @@ def read_workers() -> list[WorkerStatus]:
     pipe = client.pipeline(transaction=False)
     for name in names:
         pipe.hgetall(status_key(name))
-        pipe.hgetall(GPU_KEY.format(name=name))
+        pipe.hgetall(GPU_STATUS_KEY.format(name=name))
     replies = pipe.execute()
     workers = []
     for name, raw, gpu_raw in zip(names, replies[0::2], replies[1::2], strict=True):

@@ -44,6 +44,7 @@ from rq.timeouts import JobTimeoutException
 from jobs.models import AttemptOutcome, Job
 from routing import capacity, circuit, stats
 from routing.models import POOLED_KINDS, Backend
+from workers import inflight
 from workers.backends import get_adapter
 from workers.backends.base import BackendError, GenerationRequest, JobCanceled
 from workers.retry import Deadline, RetryPolicy
@@ -57,8 +58,6 @@ SLOT_POLL_S = 0.02
 
 
 def worker_name() -> str:
-    from workers import inflight
-
     if name := inflight.worker_name():
         return name
     rq_job = get_current_job()
@@ -67,8 +66,6 @@ def worker_name() -> str:
 
 
 def run_job(job_id: str) -> str:
-    from workers import inflight
-
     close_old_connections()
     try:
         job = Job.objects.select_related("backend").get(pk=job_id)
@@ -81,6 +78,22 @@ def run_job(job_id: str) -> str:
         log.info("job not claimable; skipped", extra={"job_id": job_id, "state": job.state})
         return f"skipped:{job.state}"
     return JobRun(job, worker, Deadline(float(job.timeout_s)), cancel=inflight.cancel_event()).run()
+
+
+def generation_request(job: Job, timeout_s: float, cancel: threading.Event | None = None) -> GenerationRequest:
+    """What an adapter gets for one call of ``job`` (the one place a Job becomes a request)."""
+    return GenerationRequest(
+        job_id=str(job.pk),
+        messages=job.chat_messages(),
+        images=list(job.images),
+        model=job.model,
+        max_tokens=job.max_tokens,
+        temperature=job.temperature,
+        params=dict(job.params),
+        timeout_s=timeout_s,
+        attempt=job.attempt_count,
+        cancel=cancel if cancel is not None else threading.Event(),
+    )
 
 
 class _Finished(Exception):
@@ -230,18 +243,7 @@ class JobRun:
         self.calls += 1
         if backend.name not in self.tried:
             self.tried.append(backend.name)
-        request = GenerationRequest(
-            job_id=str(job.pk),
-            messages=job.chat_messages(),
-            images=list(job.images),
-            model=job.model,
-            max_tokens=job.max_tokens,
-            temperature=job.temperature,
-            params=dict(job.params),
-            timeout_s=self.deadline.remaining(),
-            attempt=job.attempt_count,
-            cancel=self.cancel,
-        )
+        request = generation_request(job, self.deadline.remaining(), cancel=self.cancel)
         ctx = self.ctx(backend)
         log.info("attempt started", extra=ctx)
         started = time.monotonic()

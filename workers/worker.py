@@ -32,7 +32,15 @@ from rq.serializers import JSONSerializer
 from rq.timeouts import BaseDeathPenalty
 from rq.worker import SimpleWorker, WorkerStatus
 
+from jobs import queueing
+from jobs.models import Job, JobState
+from jobs.queueing import RQ_TIMEOUT_GRACE_S, TASK
 from orchestrator_site import metrics, tracing
+from routing import capacity
+from workers import status
+from workers.heartbeat import Heartbeat
+from workers.inflight import JobThreads, Running
+from workers.tasks import run_job
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +78,12 @@ class OrchestratorWorker(SimpleWorker):
         if len(args) < 2:
             kwargs["name"] = kwargs.get("name") or f"{socket.gethostname()}.{os.getpid()}"
         super().__init__(*args, **kwargs)
-        self.job_threads: Any = None  # workers.inflight.JobThreads, made on the first job
+        self.job_threads: JobThreads | None = None  # made on the first job
         self._waiting_for_job = False
         self._started = timezone.now().isoformat()
 
     def work(self, *args: Any, **kwargs: Any) -> bool:
         """Beat a liveness key while working, so the jobs of a killed worker are recovered in seconds."""
-        from workers.heartbeat import Heartbeat
-
         beat = Heartbeat(self.name, on_beat=self.on_beat)
         beat.start()
         try:
@@ -98,8 +104,6 @@ class OrchestratorWorker(SimpleWorker):
         more at once (one LPOP per queue, in priority order, and one fetch), so the main thread does
         not wake once per job. Returns once a slot is free for the next dequeue.
         """
-        from workers.inflight import JobThreads
-
         if self.job_threads is None:
             self.job_threads = JobThreads(self.slots, self._perform_entry, self.name)
         self._submit(job, queue)
@@ -111,9 +115,6 @@ class OrchestratorWorker(SimpleWorker):
             self.heartbeat()  # every slot is busy: keep RQ's worker key alive meanwhile
 
     def _submit(self, job: RQJob, queue: Queue) -> None:
-        from jobs.queueing import RQ_TIMEOUT_GRACE_S, TASK
-        from workers.inflight import Running
-
         # The RQ job's timeout is the job's own plus RQ_TIMEOUT_GRACE_S; past the job's own deadline
         # plus WORKER_STUCK_GRACE_S the watcher writes the call off.
         deadline_s = (job.timeout or self.queue_class.DEFAULT_TIMEOUT) - RQ_TIMEOUT_GRACE_S
@@ -144,13 +145,13 @@ class OrchestratorWorker(SimpleWorker):
                     taken.append((rq_job, queue))
         return taken
 
-    def _perform_entry(self, entry: Any) -> None:
+    def _perform_entry(self, entry: Running) -> None:
         if entry.execution is not None:
             self.perform_job(entry.rq_job, entry.queue, entry.execution)
         else:
             self.perform_lean(entry)
 
-    def perform_lean(self, entry: Any) -> None:
+    def perform_lean(self, entry: Running) -> None:
         """Our own task without RQ's per-job bookkeeping: the database already keeps all of it.
 
         RQ's started/finished registries, execution records and result storage cost more per job
@@ -158,8 +159,6 @@ class OrchestratorWorker(SimpleWorker):
         (state, worker, attempts, timings, result); crash recovery is our heartbeat, not RQ's
         started registry. So: run the task, record the figures, delete the RQ job hash.
         """
-        from workers.tasks import run_job
-
         job, queue, job_id = entry.rq_job, entry.queue, entry.job_id
         since = timezone.now()
         with tracing.job_span(job.meta, job_id=job_id, queue=queue.name, worker=self.name) as span:
@@ -234,9 +233,6 @@ class OrchestratorWorker(SimpleWorker):
 
     def requeue_running(self, why: str) -> int:
         """Put the jobs still running here back on their queues; returns how many."""
-        from jobs import queueing
-        from jobs.models import Job, JobState
-
         close_old_connections()
         grace = settings.WORKER_SHUTDOWN_GRACE_S
         requeued = 0
@@ -263,14 +259,10 @@ class OrchestratorWorker(SimpleWorker):
 
     def on_beat(self) -> None:
         """Each heartbeat: renew this process's backend slots and publish its status."""
-        from routing import capacity
-
         capacity.renew_held()
         self.publish_status()
 
     def publish_status(self, *, gone: bool = False) -> None:
-        from workers import status
-
         try:
             if gone:
                 status.remove(self.name)
