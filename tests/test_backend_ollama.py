@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import threading
 import time
 from dataclasses import replace
 
@@ -12,6 +11,7 @@ import pytest
 from jobs.models import Job, JobState
 from routing.models import Backend, BackendKind, RoutingPolicy
 from tests.conftest import free_port, run_worker_burst
+from tests.factories import ask, outputs_from_threads
 from tests.fakes.ollama_server import OllamaFake
 from workers.backends import get_adapter
 from workers.backends.base import BackendConfig, BackendError, GenerationRequest
@@ -31,10 +31,6 @@ def backend_for(fake: OllamaFake, **kw) -> BackendConfig:
     return BackendConfig(
         **{"name": "ol", "kind": "ollama", "base_url": fake.url, "model": "llama3.2", "timeout_s": 10.0, **kw}
     )
-
-
-def ask(**kw) -> GenerationRequest:
-    return GenerationRequest(**{"job_id": "j1", "messages": [{"role": "user", "content": "one two three"}], **kw})
 
 
 def fails(backend: BackendConfig, request: GenerationRequest) -> BackendError:
@@ -127,17 +123,7 @@ def test_result_has_streamed_output_usage_and_finish_reason(fake):
 def test_one_client_per_backend_and_timeout_shared_by_threads(fake):
     adapter = OllamaAdapter()
     backend = backend_for(fake)
-    outputs: list[str] = []
-
-    def run(i: int) -> None:
-        outputs.append(adapter.generate(backend, ask(messages=[{"role": "user", "content": f"n {i}"}])).output)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(outputs) == sorted(f"n {i}" for i in range(8))
+    assert outputs_from_threads(adapter, backend) == sorted(f"n {i}" for i in range(8))
     assert len(adapter._clients) == 1
     assert adapter.client(backend, 10.0) is adapter.client(backend, 10.0)
     assert adapter.client(backend, 5.0) is not adapter.client(backend, 10.0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import threading
 import time
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -13,6 +12,7 @@ import pytest
 from jobs.models import Job, JobState
 from routing.models import Backend, BackendKind, RoutingPolicy
 from tests.conftest import free_port, run_worker_burst
+from tests.factories import ask, outputs_from_threads
 from tests.fakes.openai_server import OpenAIFake
 from workers.backends import get_adapter
 from workers.backends.base import BackendConfig, BackendError, GenerationRequest
@@ -33,10 +33,6 @@ def fake():
 def backend_for(fake: OpenAIFake, **kw) -> BackendConfig:
     defaults = {"name": "oa", "kind": "openai", "base_url": fake.base_url, "model": "gpt-test", "api_key": KEY}
     return BackendConfig(**{**defaults, "timeout_s": 10.0, **kw})
-
-
-def ask(**kw) -> GenerationRequest:
-    return GenerationRequest(**{"job_id": "j1", "messages": [{"role": "user", "content": "one two three"}], **kw})
 
 
 def fails(backend: BackendConfig, request: GenerationRequest | None = None) -> BackendError:
@@ -137,17 +133,7 @@ def test_result_has_output_usage_and_finish_reason(fake):
 def test_one_pooled_client_per_base_url_shared_by_threads(fake):
     adapter = OpenAIAdapter()
     backend = backend_for(fake)
-    outputs: list[str] = []
-
-    def run(i: int) -> None:
-        outputs.append(adapter.generate(backend, ask(messages=[{"role": "user", "content": f"n {i}"}])).output)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(outputs) == sorted(f"n {i}" for i in range(8))
+    assert outputs_from_threads(adapter, backend) == sorted(f"n {i}" for i in range(8))
     assert list(adapter._clients) == [fake.base_url]
     assert adapter.client(fake.base_url + "/") is adapter.client(fake.base_url)
 
