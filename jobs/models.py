@@ -9,11 +9,12 @@ After a change commits, the status document is re-mirrored into Redis.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable, Collection, Sequence
 from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
-from django.db import models, transaction
+from django.db import connections, models, router, transaction
 from django.db.models import F, Q
 from django.db.models.expressions import Combinable
 from django.utils import timezone
@@ -213,6 +214,46 @@ class Job(models.Model):
             self._known_attempts = [attempt] if self.attempt_count == 1 else None
         return True
 
+    @classmethod
+    def claim(cls, ids: Collection[str], worker: str) -> list[Job]:
+        """queued -> running for many deliveries at once (a worker's batch); returns the rows it won.
+
+        The set form of ``mark_running``: one compare-and-set UPDATE over the claimable rows, one
+        SELECT of what this claim moved (the rows carry its exact worker and start time, and stay
+        locked by it until commit, so each version read back is exact for later fenced moves) and
+        one INSERT of the attempts, in one transaction. An id another delivery won, or that was
+        canceled or deleted meanwhile, is simply not returned.
+        """
+        now = timezone.now()
+        with transaction.atomic():
+            moved = cls.objects.filter(pk__in=ids, state__in=TRANSITIONS[JobState.RUNNING]).update(
+                state=JobState.RUNNING,
+                version=F("version") + 1,
+                attempt_count=F("attempt_count") + 1,
+                worker=worker,
+                started_at=now,
+                updated_at=now,
+            )
+            if not moved:
+                return []
+            jobs = list(
+                cls.objects.select_related("backend").filter(
+                    pk__in=ids, state=JobState.RUNNING, worker=worker, started_at=now
+                )
+            )
+            attempts = JobAttempt.objects.bulk_create(
+                JobAttempt(
+                    job=job, number=job.attempt_count, backend_name=job.backend_name, worker=worker, started_at=now
+                )
+                for job in jobs
+            )
+            from jobs import status_cache
+
+            for job, attempt in zip(jobs, attempts, strict=True):
+                job._known_attempts = [attempt] if job.attempt_count == 1 else None
+                transaction.on_commit(lambda job=job: status_cache.publish(job))
+        return jobs
+
     def start_attempt(self, backend, worker: str, *, reuse_current: bool = False) -> bool:
         """The next try of a running job (a retry, or a fallback to ``backend``); False when it stopped running.
 
@@ -259,21 +300,94 @@ class Job(models.Model):
         latency_ms: int,
         cost: Decimal | None,
     ) -> bool:
-        with transaction.atomic():
-            won = self.transition(
-                JobState.SUCCEEDED,
-                fence=True,
-                output=output,
-                finish_reason=finish_reason,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                latency_ms=latency_ms,
-                cost=cost,
-                error="",
-                finished_at=timezone.now(),
+        """running -> succeeded with the result; False when the job stopped being ours (canceled)."""
+        fields = {
+            "output": output,
+            "finish_reason": finish_reason,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "latency_ms": latency_ms,
+            "cost": cost,
+        }
+        return Job.mark_succeeded_many([(self, fields)])[0]
+
+    @classmethod
+    def mark_succeeded_many(cls, results: Sequence[tuple[Job, dict[str, Any]]]) -> list[bool]:
+        """``mark_succeeded`` for many jobs in two statements (a worker's group commit); who won, in order.
+
+        ``results``: each job with the keyword arguments of ``mark_succeeded``.
+        """
+        now = timezone.now()
+
+        def close_attempts(winners: list[Job]) -> None:
+            closed = {"outcome": AttemptOutcome.SUCCEEDED, "error": "", "traceback": "", "finished_at": now}
+            JobAttempt.close_open_many([(job, {**closed, "latency_ms": latency[job.pk]}) for job in winners])
+
+        latency = {job.pk: f["latency_ms"] for job, f in results}
+        moves = [(job, {**f, "error": "", "finished_at": now}) for job, f in results]
+        return cls.transition_many(JobState.SUCCEEDED, moves, then=close_attempts)
+
+    @classmethod
+    def transition_many(
+        cls,
+        target: str,
+        moves: Sequence[tuple[Job, dict[str, Any]]],
+        then: Callable[[list[Job]], None] | None = None,
+    ) -> list[bool]:
+        """The fenced ``transition`` of many jobs at once; returns, in order, whether each won.
+
+        One UPDATE statement executed for each row (``executemany``: compiled once, no ORM work
+        per row), fenced like ``transition(fence=True)`` on the state and the version each instance
+        holds. Every move sets the same fields (plain values). ``then(winners)`` runs in the same
+        transaction before any instance changes (if anything raises, memory still matches the
+        rolled-back rows). Winners are then updated in memory; losers re-read their state. The
+        status mirror is rewritten after commit, as for one move.
+        """
+        if not moves:
+            return []
+        allowed = sorted(TRANSITIONS[target])
+        names = list(moves[0][1])
+        meta = cls._meta
+        conn = connections[router.db_for_write(cls)]
+        q = conn.ops.quote_name
+        fields = [meta.get_field(name) for name in ("state", "version", "updated_at", *names)]
+        state_col, version_col = meta.get_field("state").column, meta.get_field("version").column
+        sql = (
+            f"UPDATE {q(meta.db_table)} SET {', '.join(f'{q(f.column)} = %s' for f in fields)}"
+            f" WHERE {q(meta.pk.column)} = %s AND {q(version_col)} = %s"
+            f" AND {q(state_col)} IN ({', '.join(['%s'] * len(allowed))})"
+        )
+        now = timezone.now()
+        rows = []
+        for job, values in moves:
+            assert list(values) == names, "every move sets the same fields"
+            new = [target, job.version + 1, now, *values.values()]
+            rows.append(
+                [f.get_db_prep_save(v, conn) for f, v in zip(fields, new, strict=True)]
+                + [meta.pk.get_db_prep_value(job.pk, conn), job.version, *allowed]
             )
-            if won:
-                self._close_attempt(AttemptOutcome.SUCCEEDED, latency_ms=latency_ms)
+        with transaction.atomic(using=conn.alias, savepoint=False), conn.cursor() as cursor:
+            cursor.executemany(sql, rows)
+            changed = cursor.rowcount
+            if changed == len(moves):
+                won = [True] * len(moves)
+            else:  # some lost (a cancel got there first): a winner holds exactly the version it set
+                now_at = dict(
+                    cls.objects.filter(pk__in=[job.pk for job, _ in moves], state=target).values_list("pk", "version")
+                )
+                won = [now_at.get(job.pk) == job.version + 1 for job, _ in moves]
+            if then is not None:
+                then([job for (job, _), ok in zip(moves, won, strict=True) if ok])
+        from jobs import status_cache
+
+        for (job, values), ok in zip(moves, won, strict=True):
+            if not ok:
+                job.refresh_from_db(fields=["state", "version", "attempt_count"])
+                continue
+            job.state, job.version, job.updated_at = target, job.version + 1, now
+            for name, value in values.items():
+                setattr(job, name, value)
+            transaction.on_commit(lambda job=job: status_cache.publish(job), using=conn.alias)
         return won
 
     def mark_failed(
@@ -364,3 +478,34 @@ class JobAttempt(models.Model):
 
     def __str__(self) -> str:
         return f"{self.job_id} #{self.number} on {self.backend_name}: {self.outcome}"
+
+    @classmethod
+    def close_open_many(cls, closes: Sequence[tuple[Job, dict[str, Any]]]) -> None:
+        """Write ``fields`` on each job's open attempt (``Job.update_current_attempt`` for many, in
+        one ``executemany``); every close sets the same fields (plain values)."""
+        if not closes:
+            return
+        names = list(closes[0][1])
+        meta = cls._meta
+        conn = connections[router.db_for_write(cls)]
+        q = conn.ops.quote_name
+        fields = [meta.get_field(name) for name in names]
+        job_f, number_f, outcome_f = meta.get_field("job"), meta.get_field("number"), meta.get_field("outcome")
+        sql = (
+            f"UPDATE {q(meta.db_table)} SET {', '.join(f'{q(f.column)} = %s' for f in fields)}"
+            f" WHERE {q(job_f.column)} = %s AND {q(number_f.column)} = %s AND {q(outcome_f.column)} = %s"
+        )
+        rows = []
+        for job, values in closes:
+            assert list(values) == names, "every close sets the same fields"
+            rows.append(
+                [f.get_db_prep_save(v, conn) for f, v in zip(fields, values.values(), strict=True)]
+                + [job_f.get_db_prep_value(job.pk, conn), job.attempt_count, AttemptOutcome.RUNNING]
+            )
+        with conn.cursor() as cursor:
+            cursor.executemany(sql, rows)
+        for job, values in closes:
+            for attempt in job._known_attempts or ():
+                if attempt.number == job.attempt_count and attempt.outcome == AttemptOutcome.RUNNING:
+                    for name, value in values.items():
+                        setattr(attempt, name, value)

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
@@ -38,6 +41,7 @@ return 1
 """
 _script = None
 _serializer = None
+_local = threading.local()
 
 
 def cache_key(job_id: object) -> str:
@@ -81,10 +85,35 @@ def write(job: Job, doc: dict[str, Any], pipeline: Pipeline | None = None) -> No
 
 def publish(job: Job) -> None:
     """Mirror ``job`` after a committed change; a Redis failure only costs a cache miss later."""
+    pending = getattr(_local, "pending", None)
+    if pending is not None:
+        pending[job.pk] = job  # inside batched(): one write per job, the latest
+        return
     try:
         write(job, document(job))
     except RedisError as exc:
         log.warning("status mirror write failed", extra={"job_id": str(job.pk), "error": str(exc)})
+
+
+@contextmanager
+def batched() -> Iterator[None]:
+    """Collect this thread's publishes and write them in one pipeline at the end (a group commit's)."""
+    if getattr(_local, "pending", None) is not None:
+        yield  # already collecting: the outer block writes
+        return
+    _local.pending = pending = {}
+    try:
+        yield
+    finally:
+        _local.pending = None
+        if pending:
+            try:
+                with redis_client().pipeline(transaction=False) as pipe:
+                    for job in pending.values():
+                        write(job, document(job), pipeline=pipe)
+                    pipe.execute()
+            except RedisError as exc:
+                log.warning("status mirror write failed", extra={"jobs": len(pending), "error": str(exc)})
 
 
 def read(job_id: object) -> dict[str, Any] | None:

@@ -295,14 +295,18 @@ def read_run(job_id: str, queue: str, since: datetime, row: Any = None) -> RunFa
     )
 
 
-def record_run(run: RunFacts) -> None:
+def record_run(run: RunFacts, pipe: Any = None) -> None:
     """Fold one finished RQ execution into the fleet figures: one pipeline, one round trip.
 
-    A duplicate delivery that lost the claim started no attempt and records nothing.
+    With ``pipe`` (anything with the pipeline's ``hincrby``/``hincrbyfloat``/``expire``, such as
+    the worker's write-behind buffer) the commands are only queued there. A duplicate delivery
+    that lost the claim started no attempt and records nothing.
     """
     if not run.attempts:
         return
-    pipe = redis_client().pipeline(transaction=False)
+    own = pipe is None
+    if own:
+        pipe = redis_client().pipeline(transaction=False)
     for a in run.attempts:
         if a.outcome == "running":  # still open: re-queued for a retry by the task, counted when it ends
             continue
@@ -328,7 +332,8 @@ def record_run(run: RunFacts) -> None:
         if run.cost:
             inc(pipe, COST, run.backend, amount=float(run.cost))
     dashboard_aggregates.record(pipe, run)  # the live dashboard's per-minute figures; never raises
-    pipe.execute()
+    if own:
+        pipe.execute()
 
 
 # --- reading (the control plane's /metrics) -------------------------------------------------

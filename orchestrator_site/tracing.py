@@ -106,8 +106,13 @@ def inject() -> dict[str, str] | None:
 
 
 @contextlib.contextmanager
-def job_span(meta: Mapping[str, Any] | None, *, job_id: str, queue: str, worker: str) -> Iterator[Span | None]:
-    """The worker's span for one RQ execution, a child of the submitting request's span."""
+def job_span(
+    meta: Mapping[str, Any] | None, *, job_id: str, queue: str, worker: str, since: datetime | None = None
+) -> Iterator[Span | None]:
+    """The worker's span for one RQ execution, a child of the submitting request's span.
+
+    ``since``: when the execution began, if before now (the worker claimed the job in a batch).
+    """
     if not ENABLED or _tracer is None:
         yield None
         return
@@ -119,6 +124,7 @@ def job_span(meta: Mapping[str, Any] | None, *, job_id: str, queue: str, worker:
         "run_job",
         context=parent,
         kind=SpanKind.CONSUMER,
+        start_time=_ns(since) if since is not None else None,
         attributes={
             "messaging.system": "rq",
             "messaging.destination.name": queue,

@@ -27,6 +27,8 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TypeVar
 
 from django.conf import settings
 from django.db import close_old_connections, connection
@@ -38,9 +40,12 @@ from rq.queue import Queue
 from jobs import cancellation
 from jobs.models import Job, JobState
 from routing import capacity
+from workers.group_commit import GroupCommit
+from workers.write_behind import WriteBehind
 
 log = logging.getLogger(__name__)
 _local = threading.local()
+T = TypeVar("T")
 
 
 def worker_name() -> str | None:
@@ -53,6 +58,18 @@ def note_job(job: Job) -> None:
     running = getattr(_local, "running", None)
     if running is not None:
         running.job = job
+
+
+def write(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)``: through this process's group commit in a job thread, directly elsewhere."""
+    commits = getattr(_local, "commits", None)
+    return commits.run(fn, *args, **kwargs) if commits is not None else fn(*args, **kwargs)
+
+
+def write_batched(fn: Callable[[list[Any]], list[T]], item: Any) -> T:
+    """``fn([item])[0]``, or ``item`` joining the others for ``fn`` in this process's next group commit."""
+    commits = getattr(_local, "commits", None)
+    return commits.run_batched(fn, item) if commits is not None else fn([item])[0]
 
 
 def cancel_event() -> threading.Event:
@@ -72,7 +89,10 @@ class Running:
     hard_deadline: float  # monotonic: past this, the watcher writes the job off
     cancel: threading.Event = field(default_factory=threading.Event)
     key: str = field(default_factory=lambda: uuid.uuid4().hex)  # one RQ job may be delivered twice
-    job: Job | None = None  # the row as the task left it (its figures are read from memory, not the table)
+    # The row: claimed by the main thread before the entry was handed over (lean path), or as the
+    # task loaded it; at the end, as the task left it (its figures are read from memory).
+    job: Job | None = None
+    since: datetime | None = None  # taken before the claim: the attempts this run opened start after it
     abandoned: bool = False
     started: float = field(default_factory=time.monotonic)
 
@@ -90,6 +110,8 @@ class JobThreads:
         self._tasks: stdlib_queue.SimpleQueue[Running | None] = stdlib_queue.SimpleQueue()
         self._stop = threading.Event()
         self._threads = 0
+        self.commits = GroupCommit(f"{worker_name}-commits")
+        self.write_behind = WriteBehind()  # the finished jobs' figures, flushed by the watcher
         for _ in range(size):
             self._spawn()
         self._watcher = threading.Thread(target=self._watch, name="job-watcher", daemon=True)
@@ -130,6 +152,8 @@ class JobThreads:
         self._stop.set()
         for _ in range(self._threads):
             self._tasks.put(None)
+        self.commits.stop()
+        self.write_behind.flush()
 
     # --- threads ----------------------------------------------------------------------------------
     def _spawn(self) -> None:
@@ -138,6 +162,7 @@ class JobThreads:
 
     def _serve(self) -> None:
         _local.worker = self.worker_name
+        _local.commits = self.commits
         while True:
             entry = self._tasks.get()
             if entry is None:
@@ -160,6 +185,7 @@ class JobThreads:
     # --- the watcher ------------------------------------------------------------------------------
     def _watch(self) -> None:
         while not self._stop.wait(float(settings.WORKER_WATCH_S)):
+            self.write_behind.flush()
             entries = [r for r in self.snapshot() if not r.abandoned]
             if not entries:
                 continue

@@ -74,9 +74,19 @@ def run_job(job_id: str) -> str:
         return "missing"
     inflight.note_job(job)
     worker = worker_name()
-    if not job.mark_running(worker):
+    if not inflight.write(job.mark_running, worker):
         log.info("job not claimable; skipped", extra={"job_id": job_id, "state": job.state})
         return f"skipped:{job.state}"
+    return run_claimed(job, worker)
+
+
+def run_claimed(job: Job, worker: str) -> str:
+    """Run ``job``, already claimed by ``worker`` (``running``, its attempt open); returns its final state.
+
+    The worker's main thread claims the jobs it pops in one batch (``Job.claim``) and hands each
+    to a job thread here; ``run_job`` claims one by itself.
+    """
+    close_old_connections()
     return JobRun(job, worker, Deadline(float(job.timeout_s)), cancel=inflight.cancel_event()).run()
 
 
@@ -260,7 +270,7 @@ class JobRun:
             # A permanent error (bad input, 4xx) is the request's fault, not the backend's health.
             self._record(backend, breaker, started, ok=not exc.retryable, error=f"{exc.message}{status}")
             if not exc.retryable:
-                job.mark_failed(error, latency_ms=_ms_since(started))
+                inflight.write(job.mark_failed, error, latency_ms=_ms_since(started))
                 log.info("job failed (permanent error)", extra={**ctx, "error": exc.message})
                 raise _Finished from None
             self.last_error = error
@@ -269,13 +279,16 @@ class JobRun:
             return exc
         except JobTimeoutException:
             self._record(backend, breaker, started, ok=False, error=f"timed out after {job.timeout_s}s")
-            job.mark_failed(f"{backend.name}: timed out after {job.timeout_s}s", latency_ms=_ms_since(started))
+            inflight.write(
+                job.mark_failed, f"{backend.name}: timed out after {job.timeout_s}s", latency_ms=_ms_since(started)
+            )
             log.info("job timed out", extra=ctx)
             raise _Finished from None
         except Exception as exc:  # a bug in an adapter must not kill the worker or loop forever
             error = f"unexpected {type(exc).__name__}: {exc}"
             self._record(backend, breaker, started, ok=False, error=error)
-            job.mark_failed(
+            inflight.write(
+                job.mark_failed,
                 f"{backend.name}: {error}",
                 outcome=AttemptOutcome.ERRORED,
                 traceback=traceback.format_exc(),
@@ -284,14 +297,15 @@ class JobRun:
             log.exception("job errored", extra=ctx)
             raise _Finished from None
         self._record(backend, breaker, started, ok=True)
-        won = job.mark_succeeded(
-            output=result.output,
-            finish_reason=result.finish_reason,
-            prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens,
-            latency_ms=result.latency_ms,
-            cost=backend.cost_for(result.prompt_tokens, result.completion_tokens),
-        )
+        outcome = {
+            "output": result.output,
+            "finish_reason": result.finish_reason,
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "latency_ms": result.latency_ms,
+            "cost": backend.cost_for(result.prompt_tokens, result.completion_tokens),
+        }
+        won = inflight.write_batched(Job.mark_succeeded_many, (job, outcome))
         log.info(
             "job succeeded" if won else "result discarded (job no longer running)",
             extra={**ctx, "latency_ms": result.latency_ms},
@@ -311,16 +325,17 @@ class JobRun:
         if self.attempt_unused and backend.name == job.backend_name:
             self.attempt_unused = False
             if self.waited_for_slot:
-                job.update_current_attempt(started_at=timezone.now())
+                inflight.write(job.update_current_attempt, started_at=timezone.now())
             return
-        if not job.start_attempt(backend, self.worker, reuse_current=self.attempt_unused):
+        if not inflight.write(job.start_attempt, backend, self.worker, reuse_current=self.attempt_unused):
             log.info("job no longer running; stopping", extra={"job_id": str(job.pk), "state": job.state})
             raise _Finished
         self.attempt_unused = False
 
     def close_attempt(self, error: str, started: float) -> None:
         """Close the current attempt with its own error (the job's final error is written separately)."""
-        self.job.update_current_attempt(
+        inflight.write(
+            self.job.update_current_attempt,
             outcome=AttemptOutcome.FAILED,
             error=error[:10_000],
             latency_ms=_ms_since(started),
@@ -340,7 +355,7 @@ class JobRun:
             error = "No backend could take the job"
         if self.skipped:
             error += "; skipped: " + ", ".join(f"{n}: {why}" for n, why in self.skipped.items())
-        self.job.mark_failed(error)
+        inflight.write(self.job.mark_failed, error)
         log.info("job failed", extra={"job_id": str(self.job.pk), "error": error, "attempts": self.calls})
 
     # --- bookkeeping -----------------------------------------------------------------------------

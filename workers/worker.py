@@ -40,7 +40,8 @@ from routing import capacity
 from workers import status
 from workers.heartbeat import Heartbeat
 from workers.inflight import JobThreads, Running
-from workers.tasks import run_job
+from workers.tasks import run_claimed
+from workers.write_behind import WriteBehind
 
 log = logging.getLogger(__name__)
 
@@ -101,31 +102,69 @@ class OrchestratorWorker(SimpleWorker):
         """Hand ``job`` to a job thread, and the jobs already waiting to the other free slots.
 
         RQ's loop hands us one job per blocking dequeue; when more slots are free we pop that many
-        more at once (one LPOP per queue, in priority order, and one fetch), so the main thread does
-        not wake once per job. Returns once a slot is free for the next dequeue.
+        more at once (one LPOP per queue, in priority order, and one fetch) and claim them all in
+        one transaction, so the main thread does not wake once per job. Returns once a slot is
+        free for the next dequeue.
         """
         if self.job_threads is None:
             self.job_threads = JobThreads(self.slots, self._perform_entry, self.name)
-        self._submit(job, queue)
-        free = self.slots - self.job_threads.busy
+        batch = [(job, queue)]
+        free = self.slots - self.job_threads.busy - 1
         if free > 0 and not self._stop_requested:
-            for more, more_queue in self.take_waiting(free):
-                self._submit(more, more_queue)
+            batch += self.take_waiting(free)
+        self._start(batch)
         while not self.job_threads.wait_for_slot(timeout=5.0) and not self._stop_requested:
             self.heartbeat()  # every slot is busy: keep RQ's worker key alive meanwhile
 
-    def _submit(self, job: RQJob, queue: Queue) -> None:
+    def _start(self, batch: list[tuple[RQJob, Queue]]) -> None:
+        """Claim our own tasks' jobs in one go (``Job.claim``), then give each a job thread.
+
+        A job that cannot be claimed (another delivery won, canceled or deleted meanwhile) is
+        dropped here: its RQ hash is deleted and no thread is used. Other tasks run RQ's way.
+        """
+        since = timezone.now()
+        lean = [j.func_name == TASK and len(j.args) == 1 for j, _ in batch]
+        claimed: dict[str, Job] = {}
+        if any(lean):
+            ids = [str(j.args[0]) for (j, _), ours in zip(batch, lean, strict=True) if ours]
+            try:
+                claimed = {str(r.pk): r for r in self.job_threads.commits.run(Job.claim, ids, self.name)}
+            except Exception:
+                # Nothing was claimed: put them back in front of their queues, in order, and pause.
+                log.exception("claiming jobs failed; putting them back", extra={"jobs": len(ids)})
+                for (j, q), ours in reversed(list(zip(batch, lean, strict=True))):
+                    if ours:
+                        q.push_job_id(j.id, at_front=True)
+                batch = [entry for entry, ours in zip(batch, lean, strict=True) if not ours]
+                lean = [False] * len(batch)
+                time.sleep(1.0)
+        skipped = []
+        for (job, queue), ours in zip(batch, lean, strict=True):
+            row = claimed.pop(str(job.args[0]), None) if ours else None
+            if ours and row is None:
+                skipped.append(job)
+            else:
+                self._submit(job, queue, since, row)
+        if skipped:
+            log.info("jobs not claimable; skipped", extra={"jobs": [str(j.args[0]) for j in skipped]})
+            try:
+                self.connection.delete(*(j.key for j in skipped))
+            except RedisError as exc:
+                log.warning("RQ job hashes not deleted", extra={"error": str(exc)})
+
+    def _submit(self, job: RQJob, queue: Queue, since: datetime, row: Job | None = None) -> None:
         # The RQ job's timeout is the job's own plus RQ_TIMEOUT_GRACE_S; past the job's own deadline
         # plus WORKER_STUCK_GRACE_S the watcher writes the call off.
         deadline_s = (job.timeout or self.queue_class.DEFAULT_TIMEOUT) - RQ_TIMEOUT_GRACE_S
         timeout = max(deadline_s, 1) + float(settings.WORKER_STUCK_GRACE_S)
-        lean = job.func_name == TASK and len(job.args) == 1
         entry = Running(
             rq_job=job,
             queue=queue,
-            execution=None if lean else self.prepare_execution(job),
+            execution=None if row is not None else self.prepare_execution(job),
             job_id=str(job.args[0]) if job.args else job.id,
             hard_deadline=time.monotonic() + timeout,
+            job=row,
+            since=since,
         )
         self.job_threads.submit(entry)
 
@@ -157,21 +196,18 @@ class OrchestratorWorker(SimpleWorker):
         RQ's started/finished registries, execution records and result storage cost more per job
         than the job itself when the job is short (P5), and duplicate what the Job row holds
         (state, worker, attempts, timings, result); crash recovery is our heartbeat, not RQ's
-        started registry. So: run the task, record the figures, delete the RQ job hash.
+        started registry. So: run the task, record the figures, delete the RQ job hash (the last
+        two through the write-behind buffer: summed, and sent by the watcher a moment later).
         """
         job, queue, job_id = entry.rq_job, entry.queue, entry.job_id
-        since = timezone.now()
-        with tracing.job_span(job.meta, job_id=job_id, queue=queue.name, worker=self.name) as span:
+        with tracing.job_span(job.meta, job_id=job_id, queue=queue.name, worker=self.name, since=entry.since) as span:
             try:
-                run_job(job_id)
+                run_claimed(entry.job, self.name)
             except Exception:  # run_job records adapter crashes itself; reaching here is our bug
                 log.exception("job task crashed", extra={"job_id": job_id})
             finally:
-                try:
-                    self.connection.delete(job.key)
-                except RedisError as exc:
-                    log.warning("RQ job hash not deleted", extra={"job_id": job_id, "error": str(exc)})
-            record_run(job_id, queue.name, since, span, row=entry.job)
+                self.job_threads.write_behind.delete(job.key)
+            record_run(job_id, queue.name, entry.since, span, row=entry.job, pipe=self.job_threads.write_behind)
 
     # --- RQ's own per-job Redis writes, trimmed -----------------------------------------------------
     HEARTBEAT_EVERY_S = 1.0
@@ -303,17 +339,20 @@ class OrchestratorWorker(SimpleWorker):
         return ok
 
 
-def record_run(job_id: str, queue: str, since: datetime, span: Any = None, row: Any = None) -> None:
+def record_run(
+    job_id: str, queue: str, since: datetime, span: Any = None, row: Any = None, pipe: WriteBehind | None = None
+) -> None:
     """Fleet metrics (and attempt spans under ``span``) for what one execution of ``job_id`` did.
 
     For worker classes that run jobs outside ``perform_job`` (the GPU batcher): call it once per
     job after its outcome is written, with ``since`` taken before the job was claimed. ``row``: the
     Job instance the task finished with, when there is one (its fields and attempts are current).
+    ``pipe``: buffer the figures there instead of sending them now.
     """
     try:
         run = metrics.read_run(job_id, queue, since, row=row)
         if run is not None:
-            metrics.record_run(run)
+            metrics.record_run(run, pipe=pipe)
             tracing.add_attempt_spans(span, run)
     except Exception as exc:  # observability must not fail a job
         log.warning("job metrics not recorded", extra={"job_id": job_id, "error": f"{type(exc).__name__}: {exc}"})

@@ -1,0 +1,151 @@
+"""One writer thread per worker process: the job threads' database writes, many per transaction.
+
+Why: with ``MAX_CONCURRENCY`` job threads each committing its own claim and outcome, the
+writes queue on the database's write lock (SQLite's busy handler sleeps between tries, up to
+tens of milliseconds; PostgreSQL pays a WAL flush per commit), and that wait, not the work,
+held each slot. One thread writing whatever is waiting as one transaction (a group commit)
+takes the lock once per batch and commits once, and the status mirror writes that follow go
+out in one Redis pipeline.
+
+Each write runs in its own savepoint, so one that raises fails alone: its caller gets the
+exception, the others commit. A caller blocks until its write is committed and mirrored, so
+code that calls ``run(job.mark_failed, ...)`` keeps the meaning of calling it directly.
+
+``run_batched(fn, item)`` is for writes that have a set form (``Job.mark_succeeded_many``): the
+items of one batch go to one ``fn(items)`` call, a couple of statements for all of them; if that
+raises, each item is retried alone so that only the bad one fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from django.db import close_old_connections, connection, transaction
+
+from jobs import status_cache
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Writes in one transaction at most: a bound on how long the write lock is held.
+MAX_BATCH = 64
+
+
+class _Write:
+    __slots__ = ("fn", "args", "kwargs", "batched", "done", "value", "error")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple, kwargs: dict, batched: bool = False) -> None:
+        self.fn, self.args, self.kwargs, self.batched = fn, args, kwargs, batched
+        self.done = threading.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+
+class GroupCommit:
+    """A writer thread; ``run(fn, ...)`` from any thread returns what ``fn`` returned, once committed."""
+
+    def __init__(self, name: str = "group-commit") -> None:
+        self._queue: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+        self.batches = 0
+        self.writes = 0
+
+    def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn`` in the writer's next transaction and wait; directly once the writer stopped
+        (a written-off job thread's late outcome) or when called from the writer itself."""
+        return self._submit(_Write(fn, args, kwargs))
+
+    def run_batched(self, fn: Callable[[list[Any]], list[T]], item: Any) -> T:
+        """``fn([item, ...])[i]``: ``item`` joins the other items for ``fn`` waiting in the batch."""
+        return self._submit(_Write(fn, (item,), {}, batched=True))
+
+    def _submit(self, write: _Write) -> Any:
+        with self._lock:
+            queued = not self._stopped and threading.current_thread() is not self._thread
+            if queued:
+                self._queue.put(write)
+        if not queued:
+            return write.fn([*write.args])[0] if write.batched else write.fn(*write.args, **write.kwargs)
+        write.done.wait()
+        if write.error is not None:
+            raise write.error
+        return write.value
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Commit what is waiting, then end the thread."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                first = self._queue.get()
+                if first is None:
+                    return
+                batch = [first]
+                stop = False
+                while len(batch) < MAX_BATCH:
+                    try:
+                        more = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        stop = True
+                        break
+                    batch.append(more)
+                self._commit(batch)
+                if stop:
+                    return
+        finally:
+            connection.close()
+
+    def _commit(self, batch: list[_Write]) -> None:
+        self.batches += 1
+        self.writes += len(batch)
+        groups: dict[Callable[..., Any], list[_Write]] = {}
+        for write in batch:
+            if write.batched:
+                groups.setdefault(write.fn, []).append(write)
+        try:
+            close_old_connections()
+            with status_cache.batched(), transaction.atomic():
+                for write in batch:
+                    if not write.batched:
+                        self._apply(write.fn, [write], many=False)
+                for fn, writes in groups.items():
+                    if not self._apply(fn, writes, many=True) and len(writes) > 1:
+                        for write in writes:  # find the bad one: each alone
+                            self._apply(fn, [write], many=True)
+        except Exception as exc:  # the commit itself failed: none of the batch is written
+            log.exception("group commit failed", extra={"writes": len(batch)})
+            for write in batch:
+                if write.error is None:
+                    write.error = exc
+        finally:
+            for write in batch:
+                write.done.set()
+
+    @staticmethod
+    def _apply(fn: Callable[..., Any], writes: list[_Write], *, many: bool) -> bool:
+        """One savepoint: ``fn`` for ``writes`` (all of them in one call when ``many``); False if it raised."""
+        try:
+            with transaction.atomic():
+                values = fn([w.args[0] for w in writes]) if many else [fn(*writes[0].args, **writes[0].kwargs)]
+        except Exception as exc:
+            for write in writes:
+                write.error = exc
+            return False
+        for write, value in zip(writes, values, strict=True):
+            write.value, write.error = value, None
+        return True
