@@ -14,6 +14,12 @@ code that calls ``run(job.mark_failed, ...)`` keeps the meaning of calling it di
 ``run_batched(fn, item)`` is for writes that have a set form (``Job.mark_succeeded_many``): the
 items of one batch go to one ``fn(items)`` call, a couple of statements for all of them; if that
 raises, each item is retried alone so that only the bad one fails.
+
+``run_batched(fn, item, then=callback)`` does not wait: the caller goes on (a job thread takes its
+next job) and ``callback(value)`` runs in the writer once the write is committed and mirrored.
+What is still waiting when the process is killed is lost, as an uncommitted transaction would be:
+the job stays ``running`` on a dead worker and crash recovery runs it again. At most
+``MAX_DEFERRED`` writes wait so; past that, callers wait for theirs (back-pressure).
 """
 
 from __future__ import annotations
@@ -33,13 +39,23 @@ T = TypeVar("T")
 
 # Writes in one transaction at most: a bound on how long the write lock is held.
 MAX_BATCH = 64
+# Deferred writes (``then=``) waiting at most; past this, callers wait for theirs.
+MAX_DEFERRED = 256
 
 
 class _Write:
-    __slots__ = ("fn", "args", "kwargs", "batched", "done", "value", "error")
+    __slots__ = ("fn", "args", "kwargs", "batched", "then", "deferred", "done", "value", "error")
 
-    def __init__(self, fn: Callable[..., Any], args: tuple, kwargs: dict, batched: bool = False) -> None:
-        self.fn, self.args, self.kwargs, self.batched = fn, args, kwargs, batched
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        args: tuple,
+        kwargs: dict,
+        batched: bool = False,
+        then: Callable[[Any], None] | None = None,
+    ) -> None:
+        self.fn, self.args, self.kwargs, self.batched, self.then = fn, args, kwargs, batched, then
+        self.deferred = False  # the caller did not wait
         self.done = threading.Event()
         self.value: Any = None
         self.error: BaseException | None = None
@@ -52,6 +68,7 @@ class GroupCommit:
         self._queue: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._stopped = False
+        self._deferred = 0  # deferred writes not yet done
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
         self.batches = 0
@@ -62,21 +79,35 @@ class GroupCommit:
         (a written-off job thread's late outcome) or when called from the writer itself."""
         return self._submit(_Write(fn, args, kwargs))
 
-    def run_batched(self, fn: Callable[[list[Any]], list[T]], item: Any) -> T:
-        """``fn([item, ...])[i]``: ``item`` joins the other items for ``fn`` waiting in the batch."""
-        return self._submit(_Write(fn, (item,), {}, batched=True))
+    def run_batched(
+        self, fn: Callable[[list[Any]], list[T]], item: Any, *, then: Callable[[T], None] | None = None
+    ) -> T | None:
+        """``fn([item, ...])[i]``: ``item`` joins the other items for ``fn`` waiting in the batch.
+
+        With ``then``, returns None at once and calls ``then(value)`` from the writer after commit.
+        """
+        return self._submit(_Write(fn, (item,), {}, batched=True, then=then))
 
     def _submit(self, write: _Write) -> Any:
         with self._lock:
             queued = not self._stopped and threading.current_thread() is not self._thread
+            deferred = queued and write.then is not None and self._deferred < MAX_DEFERRED
+            if deferred:
+                self._deferred += 1
+                write.deferred = True
             if queued:
                 self._queue.put(write)
         if not queued:
-            return write.fn([*write.args])[0] if write.batched else write.fn(*write.args, **write.kwargs)
+            value = write.fn([*write.args])[0] if write.batched else write.fn(*write.args, **write.kwargs)
+            if write.then is not None:
+                write.then(value)
+            return None if write.then is not None else value
+        if deferred:
+            return None
         write.done.wait()
         if write.error is not None:
             raise write.error
-        return write.value
+        return None if write.then is not None else write.value
 
     def stop(self, timeout: float = 5.0) -> None:
         """Commit what is waiting, then end the thread."""
@@ -135,6 +166,26 @@ class GroupCommit:
         finally:
             for write in batch:
                 write.done.set()
+            self._after(batch)
+
+    def _after(self, batch: list[_Write]) -> None:
+        """The callbacks of the batch's deferred writes (and of waited ones that had one)."""
+        for write in batch:
+            if write.then is None:
+                continue
+            if write.deferred:
+                with self._lock:
+                    self._deferred -= 1
+            if write.error is not None:
+                log.error(
+                    "deferred write failed",
+                    extra={"write": getattr(write.fn, "__qualname__", repr(write.fn)), "error": repr(write.error)},
+                )
+                continue
+            try:
+                write.then(write.value)
+            except Exception:
+                log.exception("after-write callback failed")
 
     @staticmethod
     def _apply(fn: Callable[..., Any], writes: list[_Write], *, many: bool) -> bool:

@@ -66,10 +66,29 @@ def write(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     return commits.run(fn, *args, **kwargs) if commits is not None else fn(*args, **kwargs)
 
 
-def write_batched(fn: Callable[[list[Any]], list[T]], item: Any) -> T:
-    """``fn([item])[0]``, or ``item`` joining the others for ``fn`` in this process's next group commit."""
-    commits = getattr(_local, "commits", None)
-    return commits.run_batched(fn, item) if commits is not None else fn([item])[0]
+def write_batched(fn: Callable[[list[Any]], list[T]], item: Any, *, then: Callable[[T], None] | None = None) -> None:
+    """``then(fn([item])[0])``, with ``item`` joining the others for ``fn`` in this process's next group commit.
+
+    In a job thread whose entry takes its outcome late (``Running.after_outcome``), this does not
+    wait: the thread is free for its next job, and ``then`` and the entry's hook run in the writer
+    once the write is committed. Elsewhere it waits and calls ``then`` itself.
+    """
+    commits: GroupCommit | None = getattr(_local, "commits", None)
+    running: Running | None = getattr(_local, "running", None)
+    if commits is not None and running is not None and running.after_outcome is not None:
+        hook = running.after_outcome
+        running.outcome_deferred = True
+
+        def done(value: T) -> None:
+            if then is not None:
+                then(value)
+            hook()
+
+        commits.run_batched(fn, item, then=done)
+        return
+    value = commits.run_batched(fn, item) if commits is not None else fn([item])[0]
+    if then is not None:
+        then(value)
 
 
 def cancel_event() -> threading.Event:
@@ -93,6 +112,9 @@ class Running:
     # task loaded it; at the end, as the task left it (its figures are read from memory).
     job: Job | None = None
     since: datetime | None = None  # taken before the claim: the attempts this run opened start after it
+    # Run by the writer after a deferred outcome write (``write_batched``); None: outcomes are waited for.
+    after_outcome: Callable[[], None] | None = None
+    outcome_deferred: bool = False  # the outcome was handed to the writer: after_outcome will run
     abandoned: bool = False
     started: float = field(default_factory=time.monotonic)
 

@@ -305,11 +305,16 @@ class JobRun:
             "latency_ms": result.latency_ms,
             "cost": backend.cost_for(result.prompt_tokens, result.completion_tokens),
         }
-        won = inflight.write_batched(Job.mark_succeeded_many, (job, outcome))
-        log.info(
-            "job succeeded" if won else "result discarded (job no longer running)",
-            extra={**ctx, "latency_ms": result.latency_ms},
-        )
+        latency_ms = result.latency_ms
+
+        def written(won: bool) -> None:
+            log.info(
+                "job succeeded" if won else "result discarded (job no longer running)",
+                extra={**ctx, "latency_ms": latency_ms},
+            )
+
+        # In a worker's job thread this returns before the commit: the slot is free for the next job.
+        inflight.write_batched(Job.mark_succeeded_many, (job, outcome), then=written)
         raise _Finished
 
     # --- attempts: race-safe rows while the job stays running ------------------------------------

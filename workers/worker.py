@@ -198,16 +198,23 @@ class OrchestratorWorker(SimpleWorker):
         (state, worker, attempts, timings, result); crash recovery is our heartbeat, not RQ's
         started registry. So: run the task, record the figures, delete the RQ job hash (the last
         two through the write-behind buffer: summed, and sent by the watcher a moment later).
+
+        A success is written after the thread moves on (``inflight.write_batched``): the backend
+        call is over, so the slot is, and the commit and the figures follow in the writer.
         """
         job, queue, job_id = entry.rq_job, entry.queue, entry.job_id
+        buffer = self.job_threads.write_behind
+        if not tracing.ENABLED:  # a span must carry the outcome: with tracing on, the thread waits for it
+            entry.after_outcome = lambda: record_run(job_id, queue.name, entry.since, row=entry.job, pipe=buffer)
         with tracing.job_span(job.meta, job_id=job_id, queue=queue.name, worker=self.name, since=entry.since) as span:
             try:
                 run_claimed(entry.job, self.name)
             except Exception:  # run_job records adapter crashes itself; reaching here is our bug
                 log.exception("job task crashed", extra={"job_id": job_id})
             finally:
-                self.job_threads.write_behind.delete(job.key)
-            record_run(job_id, queue.name, entry.since, span, row=entry.job, pipe=self.job_threads.write_behind)
+                buffer.delete(job.key)
+            if not entry.outcome_deferred:
+                record_run(job_id, queue.name, entry.since, span, row=entry.job, pipe=buffer)
 
     # --- RQ's own per-job Redis writes, trimmed -----------------------------------------------------
     HEARTBEAT_EVERY_S = 1.0
