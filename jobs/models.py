@@ -215,18 +215,28 @@ class Job(models.Model):
         return True
 
     @classmethod
-    def claim(cls, ids: Collection[str], worker: str) -> list[Job]:
+    def claimable(cls, ids: Collection[str]) -> list[Job]:
+        """The rows of ``ids`` that ``claim`` may move, with their backends (a plain read: no lock)."""
+        return list(cls.objects.select_related("backend").filter(pk__in=ids, state__in=TRANSITIONS[JobState.RUNNING]))
+
+    @classmethod
+    def claim(cls, rows: Sequence[Job], worker: str) -> list[Job]:
         """queued -> running for many deliveries at once (a worker's batch); returns the rows it won.
 
-        The set form of ``mark_running``: one compare-and-set UPDATE over the claimable rows, one
-        SELECT of what this claim moved (the rows carry its exact worker and start time, and stay
-        locked by it until commit, so each version read back is exact for later fenced moves) and
-        one INSERT of the attempts, in one transaction. An id another delivery won, or that was
-        canceled or deleted meanwhile, is simply not returned.
+        The set form of ``mark_running``, for rows just read by ``claimable`` (the worker reads
+        outside its writer thread, so the transaction is short): one compare-and-set UPDATE over
+        them, one read of what this claim moved (it carries the claim's exact worker and start time,
+        and stays locked until commit), one INSERT of the attempts. A row whose version moved on
+        since it was read is read again, so every instance returned is exactly the committed row
+        (its version is the fence for its later moves). A row another delivery won, or canceled or
+        deleted meanwhile, is not returned.
         """
+        if not rows:
+            return []
         now = timezone.now()
+        pks = [row.pk for row in rows]
         with transaction.atomic():
-            moved = cls.objects.filter(pk__in=ids, state__in=TRANSITIONS[JobState.RUNNING]).update(
+            moved = cls.objects.filter(pk__in=pks, state__in=TRANSITIONS[JobState.RUNNING]).update(
                 state=JobState.RUNNING,
                 version=F("version") + 1,
                 attempt_count=F("attempt_count") + 1,
@@ -236,11 +246,22 @@ class Job(models.Model):
             )
             if not moved:
                 return []
-            jobs = list(
-                cls.objects.select_related("backend").filter(
-                    pk__in=ids, state=JobState.RUNNING, worker=worker, started_at=now
+            versions = dict(
+                cls.objects.filter(pk__in=pks, state=JobState.RUNNING, worker=worker, started_at=now).values_list(
+                    "pk", "version"
                 )
             )
+            jobs = []
+            for row in rows:
+                version = versions.pop(row.pk, None)  # pop: one instance per row, even if delivered twice
+                if version is None:
+                    continue
+                if version == row.version + 1:  # unchanged since read: only the claim's own fields moved
+                    row.state, row.version, row.attempt_count = JobState.RUNNING, version, row.attempt_count + 1
+                    row.worker, row.started_at, row.updated_at = worker, now, now
+                else:
+                    row.refresh_from_db()
+                jobs.append(row)
             attempts = JobAttempt.objects.bulk_create(
                 JobAttempt(
                     job=job, number=job.attempt_count, backend_name=job.backend_name, worker=worker, started_at=now

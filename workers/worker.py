@@ -128,10 +128,12 @@ class OrchestratorWorker(SimpleWorker):
         if any(lean):
             ids = [str(j.args[0]) for (j, _), ours in zip(batch, lean, strict=True) if ours]
             try:
-                claimed = {str(r.pk): r for r in self.job_threads.commits.run(Job.claim, ids, self.name)}
+                rows = Job.claimable(ids)  # read here: the writer thread only writes
+                claimed = {str(r.pk): r for r in self.job_threads.commits.run(Job.claim, rows, self.name)}
             except Exception:
                 # Nothing was claimed: put them back in front of their queues, in order, and pause.
                 log.exception("claiming jobs failed; putting them back", extra={"jobs": len(ids)})
+                close_old_connections()  # a broken connection is replaced on the next try
                 for (j, q), ours in reversed(list(zip(batch, lean, strict=True))):
                     if ours:
                         q.push_job_id(j.id, at_front=True)
