@@ -220,8 +220,8 @@ class Job(models.Model):
         return list(cls.objects.select_related("backend").filter(pk__in=ids, state__in=TRANSITIONS[JobState.RUNNING]))
 
     @classmethod
-    def claim(cls, rows: Sequence[Job], worker: str) -> list[Job]:
-        """queued -> running for many deliveries at once (a worker's batch); returns the rows it won.
+    def claim(cls, rows: Sequence[Job], worker: str) -> list[bool]:
+        """queued -> running for many deliveries at once (a worker's batch); returns, in order, which it won.
 
         The set form of ``mark_running``, for rows just read by ``claimable`` (the worker reads
         outside its writer thread, so the transaction is short): one compare-and-set UPDATE over
@@ -229,7 +229,7 @@ class Job(models.Model):
         and stays locked until commit), one INSERT of the attempts. A row whose version moved on
         since it was read is read again, so every instance returned is exactly the committed row
         (its version is the fence for its later moves). A row another delivery won, or canceled or
-        deleted meanwhile, is not returned.
+        deleted meanwhile, or a second instance of the same row, is not won.
         """
         if not rows:
             return []
@@ -245,15 +245,16 @@ class Job(models.Model):
                 updated_at=now,
             )
             if not moved:
-                return []
+                return [False] * len(rows)
             versions = dict(
                 cls.objects.filter(pk__in=pks, state=JobState.RUNNING, worker=worker, started_at=now).values_list(
                     "pk", "version"
                 )
             )
-            jobs = []
+            jobs, won = [], []
             for row in rows:
                 version = versions.pop(row.pk, None)  # pop: one instance per row, even if delivered twice
+                won.append(version is not None)
                 if version is None:
                     continue
                 if version == row.version + 1:  # unchanged since read: only the claim's own fields moved
@@ -273,7 +274,7 @@ class Job(models.Model):
             for job, attempt in zip(jobs, attempts, strict=True):
                 job._known_attempts = [attempt] if job.attempt_count == 1 else None
                 transaction.on_commit(lambda job=job: status_cache.publish(job))
-        return jobs
+        return won
 
     def start_attempt(self, backend, worker: str, *, reuse_current: bool = False) -> bool:
         """The next try of a running job (a retry, or a fallback to ``backend``); False when it stopped running.
@@ -336,16 +337,34 @@ class Job(models.Model):
     def mark_succeeded_many(cls, results: Sequence[tuple[Job, dict[str, Any]]]) -> list[bool]:
         """``mark_succeeded`` for many jobs in two statements (a worker's group commit); who won, in order.
 
-        ``results``: each job with the keyword arguments of ``mark_succeeded``.
+        ``results``: each job with the keyword arguments of ``mark_succeeded``, plus ``finished_at``
+        when the result came earlier than this write (default: now).
         """
         now = timezone.now()
+        names = ("output", "finish_reason", "prompt_tokens", "completion_tokens", "latency_ms", "cost")
+        moves = [
+            (job, {**{n: f[n] for n in names}, "error": "", "finished_at": f.get("finished_at") or now})
+            for job, f in results
+        ]
 
         def close_attempts(winners: list[Job]) -> None:
-            closed = {"outcome": AttemptOutcome.SUCCEEDED, "error": "", "traceback": "", "finished_at": now}
-            JobAttempt.close_open_many([(job, {**closed, "latency_ms": latency[job.pk]}) for job in winners])
+            JobAttempt.close_open_many(
+                [
+                    (
+                        job,
+                        {
+                            "outcome": AttemptOutcome.SUCCEEDED,
+                            "error": "",
+                            "traceback": "",
+                            "latency_ms": job_fields["latency_ms"],
+                            "finished_at": job_fields["finished_at"],
+                        },
+                    )
+                    for job, job_fields in moves
+                    if job in winners
+                ]
+            )
 
-        latency = {job.pk: f["latency_ms"] for job, f in results}
-        moves = [(job, {**f, "error": "", "finished_at": now}) for job, f in results]
         return cls.transition_many(JobState.SUCCEEDED, moves, then=close_attempts)
 
     @classmethod

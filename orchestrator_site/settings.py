@@ -164,6 +164,10 @@ ROUTING_STATS_MAX_AGE_S = env_int("ROUTING_STATS_MAX_AGE_MS", 250, minimum=0, ma
 # --- Workers ----------------------------------------------------------------
 # Jobs one `rqworker` process runs at once, in threads (I/O-bound API backends; GPU workers batch instead).
 MAX_CONCURRENCY = env_int("MAX_CONCURRENCY", 8, minimum=1, maximum=1024)
+# Claimed jobs a worker may keep waiting beyond those running, so a freed thread starts its next job
+# at once (highest priority first). At most this many, fewer as jobs run longer (about 50 ms worth of
+# finishes, none for long jobs: workers/inflight.py). Default: a quarter of MAX_CONCURRENCY. 0: none.
+WORKER_PREFETCH = env_int("WORKER_PREFETCH", MAX_CONCURRENCY // 4, minimum=0, maximum=1024)
 # SIGTERM: stop taking jobs, let in-flight ones finish for this long, re-queue the rest, exit 0.
 WORKER_SHUTDOWN_GRACE_S = env_int("WORKER_SHUTDOWN_GRACE_MS", 25_000, minimum=0) / 1000
 # A call still running this long after its job's deadline (the adapter ignored its timeout) is written off.

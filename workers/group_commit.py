@@ -8,8 +8,9 @@ takes the lock once per batch and commits once, and the status mirror writes tha
 out in one Redis pipeline.
 
 Each write runs in its own savepoint, so one that raises fails alone: its caller gets the
-exception, the others commit. A caller blocks until its write is committed and mirrored, so
-code that calls ``run(job.mark_failed, ...)`` keeps the meaning of calling it directly.
+exception, the others commit. A caller blocks until its write is committed, so code that calls
+``run(job.mark_failed, ...)`` keeps the meaning of calling it directly (the status mirror, which
+may lag a moment anyway, is written just after the callers are released).
 
 ``run_batched(fn, item)`` is for writes that have a set form (``Job.mark_succeeded_many``): the
 items of one batch go to one ``fn(items)`` call, a couple of statements for all of them; if that
@@ -150,22 +151,25 @@ class GroupCommit:
                 groups.setdefault(write.fn, []).append(write)
         try:
             close_old_connections()
-            with status_cache.batched(), transaction.atomic():
-                for write in batch:
-                    if not write.batched:
-                        self._apply(write.fn, [write], many=False)
-                for fn, writes in groups.items():
-                    if not self._apply(fn, writes, many=True) and len(writes) > 1:
-                        for write in writes:  # find the bad one: each alone
-                            self._apply(fn, [write], many=True)
-        except Exception as exc:  # the commit itself failed: none of the batch is written
-            log.exception("group commit failed", extra={"writes": len(batch)})
-            for write in batch:
-                if write.error is None:
-                    write.error = exc
+            with status_cache.batched():  # the batch's mirror writes leave in one pipeline, at the end
+                try:
+                    with transaction.atomic():
+                        for write in batch:
+                            if not write.batched:
+                                self._apply(write.fn, [write], many=False)
+                        for fn, writes in groups.items():
+                            if not self._apply(fn, writes, many=True) and len(writes) > 1:
+                                for write in writes:  # find the bad one: each alone
+                                    self._apply(fn, [write], many=True)
+                except Exception as exc:  # the commit itself failed: none of the batch is written
+                    log.exception("group commit failed", extra={"writes": len(batch)})
+                    for write in batch:
+                        if write.error is None:
+                            write.error = exc
+                finally:
+                    for write in batch:  # committed: the callers go on while the mirror is written
+                        write.done.set()
         finally:
-            for write in batch:
-                write.done.set()
             self._after(batch)
 
     def _after(self, batch: list[_Write]) -> None:

@@ -304,6 +304,7 @@ class JobRun:
             "completion_tokens": result.completion_tokens,
             "latency_ms": result.latency_ms,
             "cost": backend.cost_for(result.prompt_tokens, result.completion_tokens),
+            "finished_at": timezone.now(),  # the write may come a moment later (group commit)
         }
         latency_ms = result.latency_ms
 

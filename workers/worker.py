@@ -98,29 +98,35 @@ class OrchestratorWorker(SimpleWorker):
     def slots(self) -> int:
         return int(self.max_concurrency or settings.MAX_CONCURRENCY)
 
-    def execute_job(self, job: RQJob, queue: Queue) -> None:
-        """Hand ``job`` to a job thread, and the jobs already waiting to the other free slots.
+    @property
+    def prefetch(self) -> int:
+        return int(settings.WORKER_PREFETCH)
 
-        RQ's loop hands us one job per blocking dequeue; when more slots are free we pop that many
-        more at once (one LPOP per queue, in priority order, and one fetch) and claim them all in
-        one transaction, so the main thread does not wake once per job. Returns once a slot is
-        free for the next dequeue.
+    def execute_job(self, job: RQJob, queue: Queue) -> None:
+        """Hand ``job`` to the job threads, with as many more waiting jobs as they have room for.
+
+        RQ's loop hands us one job per blocking dequeue; we pop more at once (one LPOP per queue,
+        in priority order, and one fetch) up to the threads' room (``slots`` running plus a few
+        waiting: ``workers.inflight``), claim them all in one transaction, and return once there
+        is room again.
         """
         if self.job_threads is None:
-            self.job_threads = JobThreads(self.slots, self._perform_entry, self.name)
+            self.job_threads = JobThreads(self.slots, self._perform_entry, self.name, prefetch=self.prefetch)
+            self._rank = {q.name: i for i, q in enumerate(self.queues)}
         batch = [(job, queue)]
-        free = self.slots - self.job_threads.busy - 1
-        if free > 0 and not self._stop_requested:
-            batch += self.take_waiting(free)
-        self._start(batch)
+        room = self.job_threads.room - 1
+        if room > 0 and not self._stop_requested:
+            batch += self.take_waiting(room)
+        self._hand_over(batch)
         while not self.job_threads.wait_for_slot(timeout=5.0) and not self._stop_requested:
             self.heartbeat()  # every slot is busy: keep RQ's worker key alive meanwhile
 
-    def _start(self, batch: list[tuple[RQJob, Queue]]) -> None:
-        """Claim our own tasks' jobs in one go (``Job.claim``), then give each a job thread.
+    def _hand_over(self, batch: list[tuple[RQJob, Queue]]) -> None:
+        """Claim our own tasks' jobs in one go (``Job.claim``), then hand every job to the threads.
 
-        A job that cannot be claimed (another delivery won, canceled or deleted meanwhile) is
-        dropped here: its RQ hash is deleted and no thread is used. Other tasks run RQ's way.
+        The rows are read here and claimed by the writer thread (one UPDATE for the batch). A job
+        that cannot be claimed (another delivery won, canceled or deleted meanwhile) is dropped:
+        its RQ hash is deleted and no thread is used. Other tasks run RQ's way.
         """
         since = timezone.now()
         lean = [j.func_name == TASK and len(j.args) == 1 for j, _ in batch]
@@ -129,7 +135,8 @@ class OrchestratorWorker(SimpleWorker):
             ids = [str(j.args[0]) for (j, _), ours in zip(batch, lean, strict=True) if ours]
             try:
                 rows = Job.claimable(ids)  # read here: the writer thread only writes
-                claimed = {str(r.pk): r for r in self.job_threads.commits.run(Job.claim, rows, self.name)}
+                won = self.job_threads.commits.run(Job.claim, rows, self.name)
+                claimed = {str(row.pk): row for row, ok in zip(rows, won, strict=True) if ok}
             except Exception:
                 # Nothing was claimed: put them back in front of their queues, in order, and pause.
                 log.exception("claiming jobs failed; putting them back", extra={"jobs": len(ids)})
@@ -145,30 +152,27 @@ class OrchestratorWorker(SimpleWorker):
             row = claimed.pop(str(job.args[0]), None) if ours else None
             if ours and row is None:
                 skipped.append(job)
-            else:
-                self._submit(job, queue, since, row)
+                continue
+            # The RQ job's timeout is the job's own plus RQ_TIMEOUT_GRACE_S; past the job's own
+            # deadline plus WORKER_STUCK_GRACE_S the watcher writes the call off.
+            deadline_s = max((job.timeout or self.queue_class.DEFAULT_TIMEOUT) - RQ_TIMEOUT_GRACE_S, 1)
+            self.job_threads.submit(
+                Running(
+                    rq_job=job,
+                    queue=queue,
+                    job_id=str(job.args[0]) if job.args else job.id,
+                    timeout_s=deadline_s + float(settings.WORKER_STUCK_GRACE_S),
+                    rank=self._rank.get(queue.name, len(self._rank)),
+                    job=row,
+                    since=since,
+                )
+            )
         if skipped:
             log.info("jobs not claimable; skipped", extra={"jobs": [str(j.args[0]) for j in skipped]})
             try:
                 self.connection.delete(*(j.key for j in skipped))
             except RedisError as exc:
                 log.warning("RQ job hashes not deleted", extra={"error": str(exc)})
-
-    def _submit(self, job: RQJob, queue: Queue, since: datetime, row: Job | None = None) -> None:
-        # The RQ job's timeout is the job's own plus RQ_TIMEOUT_GRACE_S; past the job's own deadline
-        # plus WORKER_STUCK_GRACE_S the watcher writes the call off.
-        deadline_s = (job.timeout or self.queue_class.DEFAULT_TIMEOUT) - RQ_TIMEOUT_GRACE_S
-        timeout = max(deadline_s, 1) + float(settings.WORKER_STUCK_GRACE_S)
-        entry = Running(
-            rq_job=job,
-            queue=queue,
-            execution=None if row is not None else self.prepare_execution(job),
-            job_id=str(job.args[0]) if job.args else job.id,
-            hard_deadline=time.monotonic() + timeout,
-            job=row,
-            since=since,
-        )
-        self.job_threads.submit(entry)
 
     def take_waiting(self, n: int) -> list[tuple[RQJob, Queue]]:
         """Pop up to ``n`` waiting jobs, highest-priority queue first (a worker killed right after
@@ -187,7 +191,8 @@ class OrchestratorWorker(SimpleWorker):
         return taken
 
     def _perform_entry(self, entry: Running) -> None:
-        if entry.execution is not None:
+        if entry.job is None:  # not our task: RQ's own way, with its execution record
+            entry.execution = self.prepare_execution(entry.rq_job)
             self.perform_job(entry.rq_job, entry.queue, entry.execution)
         else:
             self.perform_lean(entry)
@@ -198,8 +203,9 @@ class OrchestratorWorker(SimpleWorker):
         RQ's started/finished registries, execution records and result storage cost more per job
         than the job itself when the job is short (P5), and duplicate what the Job row holds
         (state, worker, attempts, timings, result); crash recovery is our heartbeat, not RQ's
-        started registry. So: run the task, record the figures, delete the RQ job hash (the last
-        two through the write-behind buffer: summed, and sent by the watcher a moment later).
+        started registry. So: run the task (the main thread claimed the row), record the figures,
+        delete the RQ job hash (the last two through the write-behind buffer: summed, and sent by
+        the watcher a moment later).
 
         A success is written after the thread moves on (``inflight.write_batched``): the backend
         call is over, so the slot is, and the commit and the figures follow in the writer.
@@ -263,6 +269,8 @@ class OrchestratorWorker(SimpleWorker):
         threads = self.job_threads
         if threads is not None:
             try:
+                if self._stop_requested:
+                    self.return_waiting()
                 grace = float(settings.WORKER_SHUTDOWN_GRACE_S) if self._stop_requested else None
                 if threads.busy:
                     self.set_state("stopping" if self._stop_requested else WorkerStatus.BUSY)
@@ -276,17 +284,28 @@ class OrchestratorWorker(SimpleWorker):
                 threads.stop()
         super().teardown()
 
+    def return_waiting(self) -> int:
+        """Hand the claimed jobs no thread has started back to their queues (shutdown); returns how many."""
+        entries = self.job_threads.take_back_waiting()
+        return self._requeue(entries, "shut down before starting the job")
+
     def requeue_running(self, why: str) -> int:
         """Put the jobs still running here back on their queues; returns how many."""
-        close_old_connections()
-        grace = settings.WORKER_SHUTDOWN_GRACE_S
-        requeued = 0
-        for entry in self.job_threads.snapshot():
+        entries = self.job_threads.snapshot()
+        for entry in entries:
             self.job_threads.forget(entry)
+        grace = settings.WORKER_SHUTDOWN_GRACE_S
+        return self._requeue(entries, f"{why} before the job finished (grace {grace:g}s)")
+
+    def _requeue(self, entries: list[Running], why: str) -> int:
+        """``running -> queued`` (attempt ``interrupted``) and enqueue again, for each job still ours."""
+        close_old_connections()
+        requeued = 0
+        for entry in entries:
             job = Job.objects.filter(pk=entry.job_id, state=JobState.RUNNING, worker=self.name).first()
             if job is None:
                 continue  # finished (or canceled) at the last moment
-            if job.requeue_lost(f"worker {self.name} {why} before the job finished (grace {grace:g}s); re-queued"):
+            if job.requeue_lost(f"worker {self.name} {why}; re-queued"):
                 if entry.execution is not None:
                     with self.connection.pipeline() as pipe:
                         self.cleanup_execution(entry.rq_job, pipeline=pipe, execution=entry.execution)
@@ -294,7 +313,7 @@ class OrchestratorWorker(SimpleWorker):
                 queueing.enqueue(job)
                 requeued += 1
         if requeued:
-            log.warning("re-queued running jobs at shutdown", extra={"worker": self.name, "jobs": requeued})
+            log.warning("re-queued jobs at shutdown", extra={"worker": self.name, "jobs": requeued, "why": why})
         return requeued
 
     # --- what the admin sees ----------------------------------------------------------------------

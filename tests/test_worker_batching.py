@@ -1,0 +1,238 @@
+"""The worker's batched paths: the set-form claim and success, the group commit, the write-behind
+buffer, and the claimed jobs waiting for a thread (prefetch)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+from django.db import connection
+from django.utils import timezone
+
+from jobs import status_cache
+from jobs.models import AttemptOutcome, Job, JobAttempt, JobState
+from orchestrator_site.redis import redis_client
+from tests.factories import make_job
+from workers import inflight
+from workers.group_commit import GroupCommit
+from workers.inflight import JobThreads, Running
+from workers.write_behind import WriteBehind
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def result(**extra) -> dict:
+    return {
+        "output": "ok",
+        "finish_reason": "stop",
+        "prompt_tokens": 2,
+        "completion_tokens": 1,
+        "latency_ms": 7,
+        "cost": None,
+        **extra,
+    }
+
+
+# --- the set forms of the transitions ------------------------------------------------------------
+def test_claim_moves_the_claimable_rows_once_with_exact_versions(dev_backend):
+    jobs = [make_job(dev_backend) for _ in range(4)]
+    Job.objects.get(pk=jobs[1].pk).cancel()  # canceled after the worker popped it
+    rows = Job.claimable([str(j.pk) for j in jobs])
+    assert {r.pk for r in rows} == {jobs[0].pk, jobs[2].pk, jobs[3].pk}
+    Job.objects.filter(pk=jobs[3].pk).update(priority="high", version=jobs[3].version + 5)  # moved since read
+
+    won = Job.claim([*rows, rows[0]], "w1")  # rows[0] twice: a duplicate delivery in one batch
+
+    assert won == [True, True, True, False]
+    for row in rows:
+        fresh = Job.objects.get(pk=row.pk)
+        assert (row.state, row.version, row.attempt_count) == (fresh.state, fresh.version, fresh.attempt_count)
+        assert fresh.state == JobState.RUNNING and fresh.worker == "w1"
+        assert list(fresh.attempts.values_list("number", "outcome")) == [(1, AttemptOutcome.RUNNING)]
+    moved = next(r for r in rows if r.pk == jobs[3].pk)
+    assert Job.objects.get(pk=jobs[3].pk).priority == "high" == moved.priority  # re-read, not stale
+    assert Job.objects.get(pk=jobs[1].pk).state == JobState.CANCELED
+    assert Job.claim(rows, "w2") == [False, False, False]  # a second worker wins nothing
+
+
+def test_mark_succeeded_many_writes_each_result_and_loses_to_a_cancel(dev_backend):
+    jobs = [make_job(dev_backend) for _ in range(3)]
+    rows = Job.claimable([str(j.pk) for j in jobs])
+    assert all(Job.claim(rows, "w1"))
+    Job.objects.get(pk=rows[1].pk).cancel()  # the operator cancels while the call runs
+    done_at = timezone.now() - timedelta(seconds=2)
+
+    won = Job.mark_succeeded_many(
+        [(rows[0], result(output="a", finished_at=done_at)), (rows[1], result(output="b")), (rows[2], result())]
+    )
+
+    assert won == [True, False, True]
+    first = Job.objects.get(pk=rows[0].pk)
+    assert (first.state, first.output, first.finished_at, first.version) == ("succeeded", "a", done_at, rows[0].version)
+    assert first.attempts.get().outcome == AttemptOutcome.SUCCEEDED and first.attempts.get().latency_ms == 7
+    assert first.attempts.get().finished_at == done_at
+    loser = Job.objects.get(pk=rows[1].pk)
+    assert (loser.state, loser.output) == (JobState.CANCELED, "")
+    assert rows[1].state == JobState.CANCELED and rows[1].version == loser.version  # re-read in memory
+    assert loser.attempts.get().outcome == AttemptOutcome.CANCELED
+    assert status_cache.read(rows[0].pk)["state"] == "succeeded"
+    assert rows[0]._known_attempts[0].outcome == AttemptOutcome.SUCCEEDED  # memory follows the rows
+
+
+# --- the group commit --------------------------------------------------------------------------------
+def _in_threads(n: int, fn) -> list:
+    out: list = [None] * n
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, fn(i))) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    return out
+
+
+def test_group_commit_batches_waiting_writes_and_a_bad_one_fails_alone(dev_backend):
+    jobs = [make_job(dev_backend) for _ in range(8)]
+    rows = Job.claimable([str(j.pk) for j in jobs])
+    assert all(Job.claim(rows, "w1"))
+    commits = GroupCommit("test-commits")
+    calls: list[int] = []
+
+    def succeed_many(items):
+        calls.append(len(items))
+        if any(job is rows[3] for job, _ in items):
+            raise ValueError("bad row")
+        return Job.mark_succeeded_many(items)
+
+    def write(i: int):
+        try:
+            return commits.run_batched(succeed_many, (rows[i], result(output=str(i))))
+        except ValueError as exc:
+            return exc
+
+    try:
+        connection.close()  # the writer thread has its own connection; so do these threads
+        out = _in_threads(8, write)
+    finally:
+        commits.stop()
+    assert [isinstance(o, ValueError) for o in out] == [i == 3 for i in range(8)]
+    assert [o for i, o in enumerate(out) if i != 3] == [True] * 7
+    assert max(calls) > 1, "waiting writes were not batched"
+    states = dict(Job.objects.values_list("pk", "state"))
+    assert [states[r.pk] for r in rows] == ["running" if i == 3 else "succeeded" for i in range(8)]
+    assert commits.batches < commits.writes
+
+
+def test_a_deferred_write_returns_at_once_and_calls_back_after_commit(dev_backend):
+    row = Job.claimable([str(make_job(dev_backend).pk)])
+    assert Job.claim(row, "w1") == [True]
+    commits = GroupCommit("test-commits")
+    release = threading.Event()
+    seen: list = []
+
+    def slow_many(items):
+        release.wait(5)
+        return Job.mark_succeeded_many(items)
+
+    try:
+        started = time.monotonic()
+        assert commits.run_batched(slow_many, (row[0], result()), then=lambda won: seen.append(won)) is None
+        assert time.monotonic() - started < 1 and not seen  # the caller did not wait for the write
+        release.set()
+    finally:
+        commits.stop()  # commits what is waiting, then the callbacks run
+    assert seen == [True]
+    assert Job.objects.get(pk=row[0].pk).state == JobState.SUCCEEDED
+
+
+def test_write_batched_defers_only_in_a_job_thread_that_takes_outcomes_late(dev_backend):
+    row = Job.claimable([str(make_job(dev_backend).pk)])
+    assert Job.claim(row, "w1") == [True]
+    seen: list = []
+    # Outside a job thread: a plain call, then the callback, and the value comes back.
+    assert inflight.write_batched(Job.mark_succeeded_many, (row[0], result()), then=seen.append) is True
+    assert seen == [True]
+
+
+# --- the write-behind buffer ---------------------------------------------------------------------------
+def test_write_behind_sums_increments_and_sends_them_in_one_flush():
+    client = redis_client()
+    buffer = WriteBehind()
+    for _ in range(500):
+        buffer.hincrby("llmo:test:wb", "jobs", 1)
+        buffer.hincrbyfloat("llmo:test:wb", "cost", 0.5)
+        buffer.expire("llmo:test:wb", 60)
+    client.set("llmo:test:rq-hash", "x")
+    buffer.delete("llmo:test:rq-hash")
+    assert client.hget("llmo:test:wb", "jobs") is None  # nothing sent yet
+    assert buffer.flush() == 4  # HINCRBY, HINCRBYFLOAT, EXPIRE, DEL
+    assert int(client.hget("llmo:test:wb", "jobs")) == 500
+    assert float(client.hget("llmo:test:wb", "cost")) == 250.0
+    assert 0 < client.ttl("llmo:test:wb") <= 60 and not client.exists("llmo:test:rq-hash")
+    assert buffer.flush() == 0
+
+
+# --- claimed jobs waiting for a thread -----------------------------------------------------------------
+class _FakeQueue:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def _entry(job_id: str, rank: int) -> Running:
+    return Running(rq_job=None, queue=_FakeQueue("q"), job_id=job_id, timeout_s=30, rank=rank)
+
+
+def test_waiting_jobs_go_to_free_threads_highest_priority_first_and_prefetch_adapts():
+    order: list[str] = []
+    gate = threading.Event()
+
+    def perform(entry: Running) -> None:
+        order.append(entry.job_id)
+        gate.wait(5)
+
+    threads = JobThreads(1, perform, "test-worker", prefetch=4)
+    try:
+        assert threads.waiting_allowed == 0  # no job time known yet: nothing waits
+        threads.submit(_entry("first", 2))
+        deadline = time.monotonic() + 5
+        while not order and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for job_id, rank in [("low", 2), ("normal", 1), ("high", 0), ("normal-2", 1)]:
+            threads.submit(_entry(job_id, rank))
+        assert (threads.busy, threads.held) == (1, 5)
+        gate.set()
+        assert threads.wait_idle(5)
+        assert order == ["first", "high", "normal", "normal-2", "low"]
+        threads.run_time_s = 0.001  # short jobs: up to `prefetch` may wait
+        assert threads.waiting_allowed == 4 and threads.room == 5
+        threads.run_time_s = 60.0  # long jobs: none may wait (another worker may be free)
+        assert threads.waiting_allowed == 0 and threads.room == 1
+    finally:
+        threads.stop()
+
+
+def test_take_back_waiting_returns_the_jobs_no_thread_started():
+    gate = threading.Event()
+    threads = JobThreads(1, lambda entry: gate.wait(5), "test-worker", prefetch=4)
+    try:
+        threads.submit(_entry("running", 0))
+        deadline = time.monotonic() + 5
+        while not threads.busy and time.monotonic() < deadline:
+            time.sleep(0.01)
+        threads.submit(_entry("b", 1))
+        threads.submit(_entry("a", 0))
+        assert [e.job_id for e in threads.take_back_waiting()] == ["a", "b"]
+        assert [e.job_id for e in threads.snapshot()] == ["running"] and threads.held == 1
+        gate.set()
+        assert threads.wait_idle(5)
+    finally:
+        threads.stop()
+
+
+def test_attempt_rows_match_after_a_batched_claim_and_success(dev_backend):
+    rows = Job.claimable([str(make_job(dev_backend).pk) for _ in range(3)])
+    assert all(Job.claim(rows, "w1"))
+    assert Job.mark_succeeded_many([(r, result()) for r in rows]) == [True] * 3
+    assert JobAttempt.objects.filter(outcome=AttemptOutcome.SUCCEEDED).count() == 3
+    assert not JobAttempt.objects.filter(outcome=AttemptOutcome.RUNNING).exists()
