@@ -27,7 +27,7 @@ from django.conf import settings
 from redis.commands.core import Script
 from redis.exceptions import RedisError
 
-from orchestrator_site.redis import redis_client
+from orchestrator_site.redis import Reply, RoundTrip, redis_client
 from routing.stats import inflight_key
 
 log = logging.getLogger(__name__)
@@ -77,17 +77,38 @@ def lease_ttl_s() -> float:
 
 def try_acquire(backend_name: str, limit: int, *, owner: str = "") -> str | None:
     """A lease id when one of ``limit`` slots was free, else None. ``owner`` (a job id) groups leases."""
+    rt = RoundTrip()
+    lease, taken = acquire_in(rt, backend_name, limit, owner=owner)
+    try:
+        rt.execute()
+    except RedisError as exc:
+        return hold_anyway(lease, backend_name, owner, exc)
+    return lease if taken.value else None
+
+
+def acquire_in(rt: RoundTrip, backend_name: str, limit: int, *, owner: str = "") -> tuple[str, Reply]:
+    """``try_acquire`` as part of ``rt``: the lease id it asks for, and a reply that is True when taken
+    (the lease is then held here). If ``rt`` fails, see :func:`hold_anyway`."""
     lease = uuid.uuid4().hex
     # No process lock around Redis calls: a thread holding one across a round trip makes every
     # other job thread queue behind it (and behind the GIL hand-offs of that round trip).
-    try:
-        if not _scripts()["acquire"](keys=[inflight_key(backend_name)], args=[lease, lease_ttl_s(), max(limit, 1)]):
-            return None
-    except RedisError as exc:
-        # Held anyway: the next renewal writes it to Redis once Redis answers again.
-        log.warning(
-            "backend slot not taken (Redis); calling anyway", extra={"backend": backend_name, "error": str(exc)}
-        )
+
+    def after(ok: int) -> bool:
+        if ok:
+            with _lock:
+                _held[lease] = (backend_name, owner)
+        return bool(ok)
+
+    reply = rt.script(
+        _scripts()["acquire"], keys=[inflight_key(backend_name)], args=[lease, lease_ttl_s(), max(limit, 1)], then=after
+    )
+    return lease, reply
+
+
+def hold_anyway(lease: str, backend_name: str, owner: str, exc: Exception) -> str:
+    """Redis did not answer the acquire: hold the lease anyway (losing Redis must not stop work);
+    the next renewal writes it to Redis once Redis answers again."""
+    log.warning("backend slot not taken (Redis); calling anyway", extra={"backend": backend_name, "error": str(exc)})
     with _lock:
         _held[lease] = (backend_name, owner)
     return lease
@@ -95,14 +116,21 @@ def try_acquire(backend_name: str, limit: int, *, owner: str = "") -> str | None
 
 def release(lease: str) -> None:
     """Give a slot back; Redis trouble is logged (the lease then expires by itself)."""
+    rt = RoundTrip()
+    release_in(rt, lease)
+    try:
+        rt.execute()
+    except RedisError as exc:
+        log.warning("backend slot not released", extra={"lease": lease, "error": str(exc)})
+
+
+def release_in(rt: RoundTrip, lease: str) -> None:
+    """``release`` as part of ``rt``: forgotten here at once, removed in Redis when ``rt`` is sent
+    (if that fails, the lease expires by itself)."""
     with _lock:
         held = _held.pop(lease, None)
-    if held is None:
-        return
-    try:
-        redis_client().zrem(inflight_key(held[0]), lease)
-    except RedisError as exc:
-        log.warning("backend slot not released", extra={"backend": held[0], "error": str(exc)})
+    if held is not None:
+        rt.command("zrem", inflight_key(held[0]), lease)
 
 
 @contextlib.contextmanager

@@ -36,7 +36,7 @@ from typing import Any
 
 from redis.commands.core import Script
 
-from orchestrator_site.redis import key, redis_client
+from orchestrator_site.redis import Reply, RoundTrip, key, redis_client
 from routing.models import config_number
 from routing.stats import circuit_key
 
@@ -185,6 +185,12 @@ return 'closed'
 """
 )
 
+# KEYS: hash, calls, history. The trial granted by _ALLOW is offered again at once.
+_RETURN_TRIAL = """
+if redis.call('HGET', KEYS[1], 'state') == 'half_open' then redis.call('HSET', KEYS[1], 'trial_until', '0') end
+return 1
+"""
+
 # KEYS: hash, calls, history. ARGV: history max, ttl, reason.
 _RESET = (
     _COMMON
@@ -200,9 +206,8 @@ return 'closed'
 @functools.cache
 def _scripts() -> dict[str, Script]:
     client = redis_client()
-    return {
-        name: client.register_script(src) for name, src in (("allow", _ALLOW), ("record", _RECORD), ("reset", _RESET))
-    }
+    sources = (("allow", _ALLOW), ("record", _RECORD), ("reset", _RESET), ("return_trial", _RETURN_TRIAL))
+    return {name: client.register_script(src) for name, src in sources}
 
 
 def _keys(name: str) -> list[str]:
@@ -215,15 +220,51 @@ def allow(name: str, *, trial_lease_s: float = 60.0) -> tuple[bool, str]:
     A closed circuit allows every call; an open one none until its cool-down ends, when exactly one
     caller gets the half-open trial (held for ``trial_lease_s``, then offered again).
     """
-    allowed, state, _trial = _scripts()["allow"](keys=_keys(name), args=[HISTORY_MAX, TTL_S, max(trial_lease_s, 1.0)])
-    state = state.decode() if isinstance(state, bytes) else state
-    return bool(allowed), state
+    rt = RoundTrip()
+    reply = allow_in(rt, name, trial_lease_s=trial_lease_s)
+    rt.execute()
+    allowed, state, _trial = reply.value
+    return allowed, state
+
+
+def allow_in(rt: RoundTrip, name: str, *, trial_lease_s: float = 60.0) -> Reply:
+    """``allow`` as part of ``rt``; the reply is (allowed, effective state, whether this caller got the trial)."""
+
+    def after(raw: list) -> tuple[bool, str, bool]:
+        allowed, state, trial = raw
+        return bool(allowed), state.decode() if isinstance(state, bytes) else state, bool(trial)
+
+    return rt.script(
+        _scripts()["allow"], keys=_keys(name), args=[HISTORY_MAX, TTL_S, max(trial_lease_s, 1.0)], then=after
+    )
+
+
+def return_trial(name: str) -> None:
+    """Hand back a half-open trial this caller got but will not use (it found no backend slot), so the
+    next caller gets it at once instead of after the trial's lease."""
+    _scripts()["return_trial"](keys=_keys(name), args=[])
 
 
 def record(name: str, *, ok: bool, config: CircuitConfig | None = None, error: str = "") -> str:
     """Fold one finished call into the breaker; returns the state after it."""
+    rt = RoundTrip()
+    reply = record_in(rt, name, ok=ok, config=config, error=error)
+    rt.execute()
+    return reply.value
+
+
+def record_in(rt: RoundTrip, name: str, *, ok: bool, config: CircuitConfig | None = None, error: str = "") -> Reply:
+    """``record`` as part of ``rt`` (sent with the caller's other commands); the reply is the state after."""
     cfg = config or CircuitConfig()
-    state = _scripts()["record"](
+
+    def after(state: bytes | str) -> str:
+        state = state.decode() if isinstance(state, bytes) else state
+        if state == OPEN and not ok:
+            log.info("circuit open", extra={"backend": name, "error": error[:REASON_MAX]})
+        return state
+
+    return rt.script(
+        _scripts()["record"],
         keys=_keys(name),
         args=[
             HISTORY_MAX,
@@ -236,11 +277,8 @@ def record(name: str, *, ok: bool, config: CircuitConfig | None = None, error: s
             cfg.cooldown_s,
             (error or "error")[:REASON_MAX],
         ],
+        then=after,
     )
-    state = state.decode() if isinstance(state, bytes) else state
-    if state == OPEN and not ok:
-        log.info("circuit open", extra={"backend": name, "error": error[:REASON_MAX]})
-    return state
 
 
 def reset(name: str, *, reason: str = "closed by an operator") -> None:

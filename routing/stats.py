@@ -29,7 +29,7 @@ from typing import Any
 from redis.client import Pipeline
 from redis.commands.core import Script
 
-from orchestrator_site.redis import key, redis_client
+from orchestrator_site.redis import Reply, RoundTrip, key, redis_client
 from routing.strategies import BackendStats
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,15 @@ def _scripts() -> dict[str, Script]:
 
 def record_call(backend_name: str, *, latency_ms: float, ok: bool, error: str = "") -> None:
     """Fold one finished backend call into the live figures (one round trip)."""
-    _scripts()["record"](
+    rt = RoundTrip()
+    record_call_in(rt, backend_name, latency_ms=latency_ms, ok=ok, error=error)
+    rt.execute()
+
+
+def record_call_in(rt: RoundTrip, backend_name: str, *, latency_ms: float, ok: bool, error: str = "") -> Reply:
+    """``record_call`` as part of ``rt`` (sent with the caller's other commands)."""
+    return rt.script(
+        _scripts()["record"],
         keys=[stats_key(backend_name), window_key(backend_name)],
         args=["1" if ok else "0", f"{max(latency_ms, 0.0):.3f}", error[:ERROR_TEXT_MAX], WINDOW, EWMA_ALPHA, TTL_S],
     )

@@ -89,6 +89,37 @@ def test_a_trial_whose_worker_died_is_offered_again_after_its_lease():
     assert circuit.allow("a") == (True, "half_open")
 
 
+def test_a_trial_handed_back_is_offered_again_at_once():
+    fail("a", 3)
+    wait_out_cooldown("a")
+    assert circuit.allow("a") == (True, "half_open")  # the trial
+    assert circuit.allow("a") == (False, "half_open")
+    circuit.return_trial("a")  # its caller found no backend slot
+    assert circuit.allow("a") == (True, "half_open")
+    circuit.return_trial("b")  # a closed circuit: nothing to hand back, nothing changes
+    assert circuit.allow("b") == (True, "closed")
+
+
+@pytest.mark.django_db
+def test_a_job_that_finds_no_slot_hands_a_granted_trial_back(dev_backend):
+    from routing import capacity
+    from tests.factories import make_job
+    from workers.retry import Deadline
+    from workers.tasks import JobRun
+
+    Backend.objects.filter(pk=dev_backend.pk).update(max_concurrency=1)
+    dev_backend.refresh_from_db()
+    held = capacity.try_acquire("dev", 1)  # another worker's call holds the only slot
+    fail("dev", 3)
+    wait_out_cooldown("dev")
+    run = JobRun(make_job(dev_backend), "w1", Deadline(30))
+    try:
+        assert run.open_call(dev_backend, wait=False) == (None, False)
+        assert circuit.allow("dev") == (True, "half_open")  # the trial is still there for the next caller
+    finally:
+        capacity.release(held)
+
+
 def test_late_outcomes_of_calls_started_before_opening_change_nothing():
     fail("a", 3)
     assert circuit.record("a", ok=True, config=QUICK) == "open"

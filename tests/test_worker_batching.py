@@ -236,3 +236,22 @@ def test_attempt_rows_match_after_a_batched_claim_and_success(dev_backend):
     assert Job.mark_succeeded_many([(r, result()) for r in rows]) == [True] * 3
     assert JobAttempt.objects.filter(outcome=AttemptOutcome.SUCCEEDED).count() == 3
     assert not JobAttempt.objects.filter(outcome=AttemptOutcome.RUNNING).exists()
+
+
+# --- several modules' Redis commands in one round trip ---------------------------------------------------
+def test_round_trip_runs_scripts_and_commands_and_reloads_a_script_redis_forgot():
+    from orchestrator_site.redis import RoundTrip
+    from routing import capacity, circuit
+
+    client = redis_client()
+    rt = RoundTrip()
+    lease, taken = capacity.acquire_in(rt, "rt-backend", 1)
+    asked = circuit.allow_in(rt, "rt-backend")
+    rt.command("set", "llmo:test:rt", "1")
+    client.script_flush()  # as after a Redis restart: EVALSHA answers NOSCRIPT
+    rt.execute()
+    assert taken.value is True and asked.value == (True, "closed", False)
+    assert client.get("llmo:test:rt") == b"1"
+    assert capacity.try_acquire("rt-backend", 1) is None  # the slot is really held
+    capacity.release(lease)
+    assert capacity.try_acquire("rt-backend", 1) is not None

@@ -42,6 +42,7 @@ from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
 from jobs.models import AttemptOutcome, Job
+from orchestrator_site.redis import RoundTrip
 from routing import capacity, circuit, stats
 from routing.models import POOLED_KINDS, Backend
 from workers import inflight
@@ -129,6 +130,7 @@ class JobRun:
     attempt_unused: bool = True
     # The first call waited for a backend slot: its attempt starts when the call does, not at the claim.
     waited_for_slot: bool = False
+    lease: str | None = None  # the backend slot the current call holds
 
     def run(self) -> str:
         try:
@@ -207,45 +209,69 @@ class JobRun:
                     return True
                 if self.cancel.wait(wait):
                     raise _Finished
-            lease = self.take_slot(backend, wait=n > 0)
+            lease, allowed = self.open_call(backend, wait=n > 0)
             if lease is None:
                 return n > 0
+            self.lease = lease
             try:
-                if not self._allowed(backend):
+                if not allowed:
                     if n == 0:
                         self.skipped[backend.name] = "circuit open"
                     return True
                 self.begin_attempt(backend)
                 exc = self.call(backend, breaker)
             finally:
-                capacity.release(lease)
+                capacity.release(lease)  # a no-op when _record gave it back with the call's figures
+                self.lease = None
             retry_after = exc.retry_after_s
             if self.deadline.remaining() < MIN_CALL_S:
                 return True
         return True
 
-    def take_slot(self, backend: Backend, *, wait: bool) -> str | None:
-        """A lease on one of ``backend``'s slots; with ``wait`` (a retry here), poll until the deadline."""
+    def open_call(self, backend: Backend, *, wait: bool) -> tuple[str | None, bool]:
+        """Take one of ``backend``'s slots and ask its breaker, in one round trip: (lease, allowed).
+
+        No lease when every slot is taken (a half-open trial the breaker granted meanwhile is handed
+        back); with ``wait`` (a retry here), poll until the deadline. If Redis cannot answer, the
+        call goes ahead anyway (losing Redis must not stop work).
+        """
+        owner = str(self.job.pk)
         while True:
-            lease = capacity.try_acquire(backend.name, backend.max_concurrency, owner=str(self.job.pk))
-            if lease is not None or not wait:
-                return lease
+            rt = RoundTrip()
+            lease, taken = capacity.acquire_in(rt, backend.name, backend.max_concurrency, owner=owner)
+            asked = circuit.allow_in(rt, backend.name, trial_lease_s=self.deadline.remaining() + 30)
+            error = None
+            try:
+                rt.execute()
+            except RedisError as exc:
+                error = exc
+            if taken.value is None:  # Redis did not answer
+                lease = capacity.hold_anyway(lease, backend.name, owner, error or RedisError("no reply"))
+            elif not taken.value:
+                if asked.value is not None and asked.value[2]:
+                    self._return_trial(backend)
+                lease = None
+            if lease is not None:
+                if asked.value is None:
+                    log.warning("circuit unavailable; calling anyway", extra={**self.ctx(backend), "error": str(error)})
+                    return lease, True
+                allowed, state, _trial = asked.value
+                if not allowed:
+                    log.info("circuit does not allow a call", extra={**self.ctx(backend), "circuit": state})
+                return lease, allowed
+            if not wait:
+                return None, False
             if self.deadline.remaining() < MIN_CALL_S + SLOT_POLL_S:
                 self.out_of_time = True
-                return None
+                return None, False
             if self.cancel.wait(SLOT_POLL_S * (1 + random.random())):
                 raise _Finished
 
-    def _allowed(self, backend: Backend) -> bool:
-        """Ask the shared breaker; if Redis cannot answer, call anyway (losing Redis must not stop work)."""
+    def _return_trial(self, backend: Backend) -> None:
         try:
-            allowed, state = circuit.allow(backend.name, trial_lease_s=self.deadline.remaining() + 30)
-        except RedisError as exc:
-            log.warning("circuit unavailable; calling anyway", extra={**self.ctx(backend), "error": str(exc)})
-            return True
-        if not allowed:
-            log.info("circuit does not allow a call", extra={**self.ctx(backend), "circuit": state})
-        return allowed
+            circuit.return_trial(backend.name)
+        except RedisError as exc:  # the trial's lease runs out by itself
+            log.warning("half-open trial not handed back", extra={**self.ctx(backend), "error": str(exc)})
 
     def call(self, backend: Backend, breaker: circuit.CircuitConfig) -> BackendError:
         """One call; returns the retryable error, or raises _Finished when the job reached its end."""
@@ -372,16 +398,20 @@ class JobRun:
     def _record(
         self, backend: Backend, breaker: circuit.CircuitConfig, started: float, *, ok: bool, error: str = ""
     ) -> None:
-        """Feed the live figures and the breaker; a Redis hiccup must not change the job's outcome."""
+        """Feed the live figures and the breaker and give the slot back, in one round trip; a Redis
+        hiccup must not change the job's outcome (the slot's lease then expires by itself)."""
         latency_ms = (time.monotonic() - started) * 1000
+        rt = RoundTrip()
+        stats.record_call_in(rt, backend.name, latency_ms=latency_ms, ok=ok, error=error)
+        circuit.record_in(rt, backend.name, ok=ok, config=breaker, error=error)
+        if self.lease is not None:
+            capacity.release_in(rt, self.lease)
         try:
-            stats.record_call(backend.name, latency_ms=latency_ms, ok=ok, error=error)
+            rt.execute()
         except RedisError as exc:
-            log.warning("backend stats not recorded", extra={"backend": backend.name, "error": str(exc)})
-        try:
-            circuit.record(backend.name, ok=ok, config=breaker, error=error)
-        except RedisError as exc:
-            log.warning("circuit outcome not recorded", extra={"backend": backend.name, "error": str(exc)})
+            log.warning(
+                "call outcome not recorded (figures, breaker, slot)", extra={"backend": backend.name, "error": str(exc)}
+            )
 
 
 def _ms_since(started: float) -> int:
