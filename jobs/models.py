@@ -15,7 +15,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connections, models, router, transaction
-from django.db.models import F, Q
+from django.db.models import F, Q, prefetch_related_objects
 from django.db.models.expressions import Combinable
 from django.utils import timezone
 
@@ -215,54 +215,38 @@ class Job(models.Model):
         return True
 
     @classmethod
-    def claimable(cls, ids: Collection[str]) -> list[Job]:
-        """The rows of ``ids`` that ``claim`` may move, with their backends (a plain read: no lock)."""
-        return list(cls.objects.select_related("backend").filter(pk__in=ids, state__in=TRANSITIONS[JobState.RUNNING]))
+    def claim(cls, ids: Collection[str], worker: str) -> list[Job]:
+        """queued -> running for many deliveries at once (a worker's batch); returns the rows it won.
 
-    @classmethod
-    def claim(cls, rows: Sequence[Job], worker: str) -> list[bool]:
-        """queued -> running for many deliveries at once (a worker's batch); returns, in order, which it won.
-
-        The set form of ``mark_running``, for rows just read by ``claimable`` (the worker reads
-        outside its writer thread, so the transaction is short): one compare-and-set UPDATE over
-        them, one read of what this claim moved (it carries the claim's exact worker and start time,
-        and stays locked until commit), one INSERT of the attempts. A row whose version moved on
-        since it was read is read again, so every instance returned is exactly the committed row
-        (its version is the fence for its later moves). A row another delivery won, or canceled or
-        deleted meanwhile, or a second instance of the same row, is not won.
+        The set form of ``mark_running`` in three statements: one compare-and-set
+        ``UPDATE ... RETURNING`` over the claimable rows (each instance returned is exactly the row
+        it committed, so its version is the fence for its later moves), one read of their backends,
+        one INSERT of the attempts. An id another delivery won, or that was canceled or deleted
+        meanwhile, or is listed twice, is not returned twice.
         """
-        if not rows:
+        if not ids:
             return []
         now = timezone.now()
-        pks = [row.pk for row in rows]
-        with transaction.atomic():
-            moved = cls.objects.filter(pk__in=pks, state__in=TRANSITIONS[JobState.RUNNING]).update(
-                state=JobState.RUNNING,
-                version=F("version") + 1,
-                attempt_count=F("attempt_count") + 1,
-                worker=worker,
-                started_at=now,
-                updated_at=now,
-            )
-            if not moved:
-                return [False] * len(rows)
-            versions = dict(
-                cls.objects.filter(pk__in=pks, state=JobState.RUNNING, worker=worker, started_at=now).values_list(
-                    "pk", "version"
-                )
-            )
-            jobs, won = [], []
-            for row in rows:
-                version = versions.pop(row.pk, None)  # pop: one instance per row, even if delivered twice
-                won.append(version is not None)
-                if version is None:
-                    continue
-                if version == row.version + 1:  # unchanged since read: only the claim's own fields moved
-                    row.state, row.version, row.attempt_count = JobState.RUNNING, version, row.attempt_count + 1
-                    row.worker, row.started_at, row.updated_at = worker, now, now
-                else:
-                    row.refresh_from_db()
-                jobs.append(row)
+        meta = cls._meta
+        conn = connections[router.db_for_write(cls)]
+        q = conn.ops.quote_name
+        col = {name: q(meta.get_field(name).column) for name in ("state", "version", "attempt_count")}
+        allowed = sorted(TRANSITIONS[JobState.RUNNING])
+        pks = list(dict.fromkeys(meta.pk.get_db_prep_value(i, conn) for i in ids))
+        sql = (
+            f"UPDATE {q(meta.db_table)} SET {col['state']} = %s, {col['version']} = {col['version']} + 1,"
+            f" {col['attempt_count']} = {col['attempt_count']} + 1, {q(meta.get_field('worker').column)} = %s,"
+            f" {q(meta.get_field('started_at').column)} = %s, {q(meta.get_field('updated_at').column)} = %s"
+            f" WHERE {q(meta.pk.column)} IN ({', '.join(['%s'] * len(pks))})"
+            f" AND {col['state']} IN ({', '.join(['%s'] * len(allowed))})"
+            f" RETURNING {', '.join(q(f.column) for f in meta.concrete_fields)}"
+        )
+        at = meta.get_field("started_at").get_db_prep_save(now, conn)
+        with transaction.atomic(using=conn.alias, savepoint=False):  # no savepoint inside a caller's transaction
+            jobs = list(cls.objects.db_manager(conn.alias).raw(sql, [JobState.RUNNING, worker, at, at, *pks, *allowed]))
+            if not jobs:
+                return []
+            prefetch_related_objects(jobs, "backend")
             attempts = JobAttempt.objects.bulk_create(
                 JobAttempt(
                     job=job, number=job.attempt_count, backend_name=job.backend_name, worker=worker, started_at=now
@@ -273,8 +257,8 @@ class Job(models.Model):
 
             for job, attempt in zip(jobs, attempts, strict=True):
                 job._known_attempts = [attempt] if job.attempt_count == 1 else None
-                transaction.on_commit(lambda job=job: status_cache.publish(job))
-        return won
+                transaction.on_commit(lambda job=job: status_cache.publish(job), using=conn.alias)
+        return jobs
 
     def start_attempt(self, backend, worker: str, *, reuse_current: bool = False) -> bool:
         """The next try of a running job (a retry, or a fallback to ``backend``); False when it stopped running.

@@ -39,28 +39,32 @@ def result(**extra) -> dict:
 def test_claim_moves_the_claimable_rows_once_with_exact_versions(dev_backend):
     jobs = [make_job(dev_backend) for _ in range(4)]
     Job.objects.get(pk=jobs[1].pk).cancel()  # canceled after the worker popped it
-    rows = Job.claimable([str(j.pk) for j in jobs])
-    assert {r.pk for r in rows} == {jobs[0].pk, jobs[2].pk, jobs[3].pk}
-    Job.objects.filter(pk=jobs[3].pk).update(priority="high", version=jobs[3].version + 5)  # moved since read
+    ids = [str(j.pk) for j in jobs]
 
-    won = Job.claim([*rows, rows[0]], "w1")  # rows[0] twice: a duplicate delivery in one batch
+    rows = Job.claim([*ids, ids[0]], "w1")  # ids[0] twice: a duplicate delivery in one batch
 
-    assert won == [True, True, True, False]
+    assert sorted(str(r.pk) for r in rows) == sorted([ids[0], ids[2], ids[3]])
     for row in rows:
         fresh = Job.objects.get(pk=row.pk)
-        assert (row.state, row.version, row.attempt_count) == (fresh.state, fresh.version, fresh.attempt_count)
-        assert fresh.state == JobState.RUNNING and fresh.worker == "w1"
+        assert (row.state, row.version, row.attempt_count, row.worker) == (
+            fresh.state,
+            fresh.version,
+            fresh.attempt_count,
+            fresh.worker,
+        )
+        assert fresh.state == JobState.RUNNING and fresh.worker == "w1" and row.started_at == fresh.started_at
+        assert row.backend == dev_backend and row.prompt == "hello"  # the whole row, with its backend
         assert list(fresh.attempts.values_list("number", "outcome")) == [(1, AttemptOutcome.RUNNING)]
-    moved = next(r for r in rows if r.pk == jobs[3].pk)
-    assert Job.objects.get(pk=jobs[3].pk).priority == "high" == moved.priority  # re-read, not stale
+        assert status_cache.read(row.pk)["state"] == "running"
     assert Job.objects.get(pk=jobs[1].pk).state == JobState.CANCELED
-    assert Job.claim(rows, "w2") == [False, False, False]  # a second worker wins nothing
+    assert Job.claim(ids, "w2") == []  # a second worker wins nothing
+    assert Job.claim([], "w2") == []
 
 
 def test_mark_succeeded_many_writes_each_result_and_loses_to_a_cancel(dev_backend):
     jobs = [make_job(dev_backend) for _ in range(3)]
-    rows = Job.claimable([str(j.pk) for j in jobs])
-    assert all(Job.claim(rows, "w1"))
+    rows = sorted(Job.claim([str(j.pk) for j in jobs], "w1"), key=lambda r: [j.pk for j in jobs].index(r.pk))
+    assert len(rows) == 3
     Job.objects.get(pk=rows[1].pk).cancel()  # the operator cancels while the call runs
     done_at = timezone.now() - timedelta(seconds=2)
 
@@ -94,8 +98,8 @@ def _in_threads(n: int, fn) -> list:
 
 def test_group_commit_batches_waiting_writes_and_a_bad_one_fails_alone(dev_backend):
     jobs = [make_job(dev_backend) for _ in range(8)]
-    rows = Job.claimable([str(j.pk) for j in jobs])
-    assert all(Job.claim(rows, "w1"))
+    rows = Job.claim([str(j.pk) for j in jobs], "w1")
+    assert len(rows) == 8
     commits = GroupCommit("test-commits")
     calls: list[int] = []
 
@@ -125,8 +129,8 @@ def test_group_commit_batches_waiting_writes_and_a_bad_one_fails_alone(dev_backe
 
 
 def test_a_deferred_write_returns_at_once_and_calls_back_after_commit(dev_backend):
-    row = Job.claimable([str(make_job(dev_backend).pk)])
-    assert Job.claim(row, "w1") == [True]
+    row = Job.claim([str(make_job(dev_backend).pk)], "w1")
+    assert len(row) == 1
     commits = GroupCommit("test-commits")
     release = threading.Event()
     seen: list = []
@@ -147,8 +151,7 @@ def test_a_deferred_write_returns_at_once_and_calls_back_after_commit(dev_backen
 
 
 def test_write_batched_defers_only_in_a_job_thread_that_takes_outcomes_late(dev_backend):
-    row = Job.claimable([str(make_job(dev_backend).pk)])
-    assert Job.claim(row, "w1") == [True]
+    row = Job.claim([str(make_job(dev_backend).pk)], "w1")
     seen: list = []
     # Outside a job thread: a plain call, then the callback, and the value comes back.
     assert inflight.write_batched(Job.mark_succeeded_many, (row[0], result()), then=seen.append) is True
@@ -231,8 +234,7 @@ def test_take_back_waiting_returns_the_jobs_no_thread_started():
 
 
 def test_attempt_rows_match_after_a_batched_claim_and_success(dev_backend):
-    rows = Job.claimable([str(make_job(dev_backend).pk) for _ in range(3)])
-    assert all(Job.claim(rows, "w1"))
+    rows = Job.claim([str(make_job(dev_backend).pk) for _ in range(3)], "w1")
     assert Job.mark_succeeded_many([(r, result()) for r in rows]) == [True] * 3
     assert JobAttempt.objects.filter(outcome=AttemptOutcome.SUCCEEDED).count() == 3
     assert not JobAttempt.objects.filter(outcome=AttemptOutcome.RUNNING).exists()

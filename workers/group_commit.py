@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -42,6 +43,8 @@ T = TypeVar("T")
 MAX_BATCH = 64
 # Deferred writes (``then=``) waiting at most; past this, callers wait for theirs.
 MAX_DEFERRED = 256
+# How often the writer checks its database connection (age, health), and after any failed batch.
+CHECK_EVERY_S = 30.0
 
 
 class _Write:
@@ -70,6 +73,8 @@ class GroupCommit:
         self._lock = threading.Lock()
         self._stopped = False
         self._deferred = 0  # deferred writes not yet done
+        self._one_writer = connection.vendor == "sqlite"
+        self._checked_at = 0.0  # when the writer's connection was last checked (close_old_connections)
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
         self.batches = 0
@@ -79,6 +84,15 @@ class GroupCommit:
         """Run ``fn`` in the writer's next transaction and wait; directly once the writer stopped
         (a written-off job thread's late outcome) or when called from the writer itself."""
         return self._submit(_Write(fn, args, kwargs))
+
+    def run_alone(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """A write that is a batch already (a worker's claim): at once, in the caller's thread and its
+        own transaction, where the database takes concurrent writers; queued like ``run`` on SQLite,
+        which has one writer at a time (two writers there would sleep on each other's lock)."""
+        if self._one_writer:
+            return self.run(fn, *args, **kwargs)
+        with status_cache.batched(), transaction.atomic():
+            return fn(*args, **kwargs)
 
     def run_batched(
         self, fn: Callable[[list[Any]], list[T]], item: Any, *, then: Callable[[T], None] | None = None
@@ -149,8 +163,11 @@ class GroupCommit:
         for write in batch:
             if write.batched:
                 groups.setdefault(write.fn, []).append(write)
-        try:
+        if time.monotonic() - self._checked_at > CHECK_EVERY_S:
+            # Not per batch: on PostgreSQL each check costs a round trip (the health check's query).
             close_old_connections()
+            self._checked_at = time.monotonic()
+        try:
             with status_cache.batched():  # the batch's mirror writes leave in one pipeline, at the end
                 try:
                     with transaction.atomic():
@@ -163,6 +180,7 @@ class GroupCommit:
                                     self._apply(fn, [write], many=True)
                 except Exception as exc:  # the commit itself failed: none of the batch is written
                     log.exception("group commit failed", extra={"writes": len(batch)})
+                    self._checked_at = 0.0  # a broken connection is replaced before the next batch
                     for write in batch:
                         if write.error is None:
                             write.error = exc

@@ -126,7 +126,8 @@ class OrchestratorWorker(SimpleWorker):
     def _hand_over(self, batch: list[tuple[RQJob, Queue]]) -> None:
         """Claim our own tasks' jobs in one go (``Job.claim``), then hand every job to the threads.
 
-        The rows are read here and claimed by the writer thread (one UPDATE for the batch). A job
+        One transaction claims the batch (``Job.claim``: through the writer thread on SQLite, which
+        has one writer at a time; from this thread on PostgreSQL). A job
         that cannot be claimed (another delivery won, canceled or deleted meanwhile) is dropped:
         its RQ hash is deleted and no thread is used. Other tasks run RQ's way.
         """
@@ -136,9 +137,7 @@ class OrchestratorWorker(SimpleWorker):
         if any(lean):
             ids = [str(j.args[0]) for (j, _), ours in zip(batch, lean, strict=True) if ours]
             try:
-                rows = Job.claimable(ids)  # read here: the writer thread only writes
-                won = self.job_threads.commits.run(Job.claim, rows, self.name)
-                claimed = {str(row.pk): row for row, ok in zip(rows, won, strict=True) if ok}
+                claimed = {str(row.pk): row for row in self.job_threads.commits.run_alone(Job.claim, ids, self.name)}
             except Exception:
                 # Nothing was claimed: put them back in front of their queues, in order, and pause.
                 log.exception("claiming jobs failed; putting them back", extra={"jobs": len(ids)})
