@@ -363,9 +363,9 @@ class Job(models.Model):
         One UPDATE statement executed for each row (``executemany``: compiled once, no ORM work
         per row), fenced like ``transition(fence=True)`` on the state and the version each instance
         holds. Every move sets the same fields (plain values). ``then(winners)`` runs in the same
-        transaction before any instance changes (if anything raises, memory still matches the
-        rolled-back rows). Winners are then updated in memory; losers re-read their state. The
-        status mirror is rewritten after commit, as for one move.
+        transaction. Losers re-read their state; winners change in memory when the transaction
+        commits (so a write whose commit failed can be tried again as it was), and the status
+        mirror is rewritten then, as for one move.
         """
         if not moves:
             return []
@@ -402,16 +402,21 @@ class Job(models.Model):
                 won = [now_at.get(job.pk) == job.version + 1 for job, _ in moves]
             if then is not None:
                 then([job for (job, _), ok in zip(moves, won, strict=True) if ok])
-        from jobs import status_cache
+            for (job, _), ok in zip(moves, won, strict=True):
+                if not ok:
+                    job.refresh_from_db(fields=["state", "version", "attempt_count"])
+            from jobs import status_cache
 
-        for (job, values), ok in zip(moves, won, strict=True):
-            if not ok:
-                job.refresh_from_db(fields=["state", "version", "attempt_count"])
-                continue
-            job.state, job.version, job.updated_at = target, job.version + 1, now
-            for name, value in values.items():
-                setattr(job, name, value)
-            transaction.on_commit(lambda job=job: status_cache.publish(job), using=conn.alias)
+            def settle(job: Job, values: dict[str, Any]) -> None:
+                job.state, job.version, job.updated_at = target, job.version + 1, now
+                for name, value in values.items():
+                    setattr(job, name, value)
+                status_cache.publish(job)
+
+            # Memory follows the rows once they are committed: if the commit fails, each instance
+            # still holds its committed version, so the same write can be tried again.
+            for job, values in (move for move, ok in zip(moves, won, strict=True) if ok):
+                transaction.on_commit(lambda job=job, values=values: settle(job, values), using=conn.alias)
         return won
 
     def mark_failed(
@@ -528,8 +533,12 @@ class JobAttempt(models.Model):
             )
         with conn.cursor() as cursor:
             cursor.executemany(sql, rows)
-        for job, values in closes:
-            for attempt in job._known_attempts or ():
-                if attempt.number == job.attempt_count and attempt.outcome == AttemptOutcome.RUNNING:
-                    for name, value in values.items():
-                        setattr(attempt, name, value)
+
+        def settle() -> None:  # memory follows the rows once committed
+            for job, values in closes:
+                for attempt in job._known_attempts or ():
+                    if attempt.number == job.attempt_count and attempt.outcome == AttemptOutcome.RUNNING:
+                        for name, value in values.items():
+                            setattr(attempt, name, value)
+
+        transaction.on_commit(settle, using=conn.alias)

@@ -257,3 +257,44 @@ def test_round_trip_runs_scripts_and_commands_and_reloads_a_script_redis_forgot(
     assert capacity.try_acquire("rt-backend", 1) is None  # the slot is really held
     capacity.release(lease)
     assert capacity.try_acquire("rt-backend", 1) is not None
+
+
+def test_a_deferred_write_the_database_refused_is_tried_again(dev_backend, monkeypatch):
+    from django.db import OperationalError
+
+    from workers import group_commit
+
+    monkeypatch.setattr(group_commit, "RETRY_PAUSE_S", 0.01)
+    row = Job.claim([str(make_job(dev_backend).pk)], "w1")
+    commits = GroupCommit("test-commits")
+    tries: list[int] = []
+    seen: list = []
+    done = threading.Event()
+
+    def flaky_many(items):
+        tries.append(len(items))
+        if len(tries) < 3:
+            raise OperationalError("server closed the connection unexpectedly")
+        return Job.mark_succeeded_many(items)
+
+    try:
+        commits.run_batched(flaky_many, (row[0], result()), then=lambda won: (seen.append(won), done.set()))
+        assert done.wait(5)
+    finally:
+        commits.stop()
+    assert len(tries) == 3 and seen == [True]
+    fresh = Job.objects.get(pk=row[0].pk)
+    assert fresh.state == JobState.SUCCEEDED and fresh.version == row[0].version  # memory followed the commit
+
+
+def test_a_failed_commit_leaves_the_instance_as_committed_so_the_write_can_be_retried(dev_backend):
+    from django.db import transaction
+
+    row = Job.claim([str(make_job(dev_backend).pk)], "w1")[0]
+    version = row.version
+    with pytest.raises(RuntimeError), transaction.atomic():
+        assert Job.mark_succeeded_many([(row, result())]) == [True]
+        raise RuntimeError("the commit fails")
+    assert (row.state, row.version) == (JobState.RUNNING, version)  # rolled back: memory unchanged
+    assert Job.mark_succeeded_many([(row, result())]) == [True]  # so the retry still holds the fence
+    assert (row.state, row.version) == (JobState.SUCCEEDED, version + 1)

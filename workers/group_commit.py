@@ -19,8 +19,10 @@ raises, each item is retried alone so that only the bad one fails.
 ``run_batched(fn, item, then=callback)`` does not wait: the caller goes on (a job thread takes its
 next job) and ``callback(value)`` runs in the writer once the write is committed and mirrored.
 What is still waiting when the process is killed is lost, as an uncommitted transaction would be:
-the job stays ``running`` on a dead worker and crash recovery runs it again. At most
-``MAX_DEFERRED`` writes wait so; past that, callers wait for theirs (back-pressure).
+the job stays ``running`` on a dead worker and crash recovery runs it again. A deferred write the
+database refused for want of a connection (a restart, a lock timeout) is tried again every
+``RETRY_PAUSE_S`` for ``RETRY_MAX`` tries: nobody else would finish it while this worker is alive.
+At most ``MAX_DEFERRED`` writes wait so; past that, callers wait for theirs (back-pressure).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from django.db import close_old_connections, connection, transaction
+from django.db import InterfaceError, OperationalError, close_old_connections, connection, transaction
 
 from jobs import status_cache
 
@@ -45,10 +47,13 @@ MAX_BATCH = 64
 MAX_DEFERRED = 256
 # How often the writer checks its database connection (age, health), and after any failed batch.
 CHECK_EVERY_S = 30.0
+# A deferred write that failed for want of the database is tried again this often, this many times.
+RETRY_PAUSE_S = 1.0
+RETRY_MAX = 120
 
 
 class _Write:
-    __slots__ = ("fn", "args", "kwargs", "batched", "then", "deferred", "done", "value", "error")
+    __slots__ = ("fn", "args", "kwargs", "batched", "then", "deferred", "tries", "done", "value", "error")
 
     def __init__(
         self,
@@ -60,6 +65,7 @@ class _Write:
     ) -> None:
         self.fn, self.args, self.kwargs, self.batched, self.then = fn, args, kwargs, batched, then
         self.deferred = False  # the caller did not wait
+        self.tries = 1
         self.done = threading.Event()
         self.value: Any = None
         self.error: BaseException | None = None
@@ -75,6 +81,7 @@ class GroupCommit:
         self._deferred = 0  # deferred writes not yet done
         self._one_writer = connection.vendor == "sqlite"
         self._checked_at = 0.0  # when the writer's connection was last checked (close_old_connections)
+        self._pause = False  # a deferred write is to be tried again: wait a moment first
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
         self.batches = 0
@@ -150,11 +157,36 @@ class GroupCommit:
                         stop = True
                         break
                     batch.append(more)
-                self._commit(batch)
+                try:
+                    self._commit(batch)
+                except Exception:  # a bug in our handling must not stop the writer (callers would hang)
+                    log.exception("group commit crashed", extra={"writes": len(batch)})
+                    for write in batch:
+                        write.error = write.error or RuntimeError("group commit crashed")
+                        write.done.set()
                 if stop:
                     return
+                if self._pause:
+                    self._pause = False
+                    time.sleep(RETRY_PAUSE_S)
         finally:
+            self._drop_leftovers()
             connection.close()
+
+    def _drop_leftovers(self) -> None:
+        """At exit: writes queued after the stop (retries) are not committed; say so."""
+        left = 0
+        while True:
+            try:
+                write = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if write is not None:
+                left += 1
+                write.error = write.error or RuntimeError("writer stopped")
+                write.done.set()
+        if left:
+            log.error("writes not committed at exit; their jobs are recovered as lost", extra={"writes": left})
 
     def _commit(self, batch: list[_Write]) -> None:
         self.batches += 1
@@ -195,6 +227,8 @@ class GroupCommit:
         for write in batch:
             if write.then is None:
                 continue
+            if write.deferred and self._retry(write):
+                continue
             if write.deferred:
                 with self._lock:
                     self._deferred -= 1
@@ -208,6 +242,22 @@ class GroupCommit:
                 write.then(write.value)
             except Exception:
                 log.exception("after-write callback failed")
+
+    def _retry(self, write: _Write) -> bool:
+        """Queue a deferred write again when the database refused it for want of a connection."""
+        if not isinstance(write.error, OperationalError | InterfaceError) or write.tries >= RETRY_MAX:
+            return False
+        log.warning(
+            "deferred write failed; trying again",
+            extra={"try": write.tries, "error": repr(write.error), "pause_s": RETRY_PAUSE_S},
+        )
+        write.tries += 1
+        write.error = write.value = None
+        write.done.clear()
+        self._pause = True
+        self._checked_at = 0.0  # a broken connection is replaced before the next try
+        self._queue.put(write)
+        return True
 
     @staticmethod
     def _apply(fn: Callable[..., Any], writes: list[_Write], *, many: bool) -> bool:
