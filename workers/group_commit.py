@@ -17,7 +17,7 @@ items of one batch go to one ``fn(items)`` call, a couple of statements for all 
 raises, each item is retried alone so that only the bad one fails.
 
 ``run_batched(fn, item, then=callback)`` does not wait: the caller goes on (a job thread takes its
-next job) and ``callback(value)`` runs in the writer once the write is committed and mirrored.
+next job) and ``callback(value)`` runs in the writer once the write is committed.
 What is still waiting when the process is killed is lost, as an uncommitted transaction would be:
 the job stays ``running`` on a dead worker and crash recovery runs it again. A deferred write the
 database refused for want of a connection (a restart, a lock timeout) is tried again every

@@ -126,7 +126,7 @@ class JobRun:
     last_error: str = ""
     # Set when a retry was given up for lack of time: then the deadline, not the budget, ended the run.
     out_of_time: bool = False
-    # mark_running opened attempt #n before we knew whether its backend would take a call.
+    # The claim (mark_running, Job.claim) opened attempt #n before we knew whether its backend would take a call.
     attempt_unused: bool = True
     # The first call waited for a backend slot: its attempt starts when the call does, not at the claim.
     waited_for_slot: bool = False

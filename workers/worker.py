@@ -1,12 +1,15 @@
 """The worker class behind ``manage.py rqworker`` (set in ``settings.RQ['WORKER_CLASS']``).
 
 One process runs up to ``MAX_CONCURRENCY`` jobs at once in a pool of threads
-(``workers.inflight``); RQ's loop in the main thread dequeues only when a slot is free, so
-priority order holds for every free slot.
+(``workers.inflight``); RQ's loop in the main thread dequeues only when the threads have room
+(free slots, plus a few claimed jobs waiting), in priority order, and a free thread takes the
+highest-priority waiting job. Database writes go through one writer thread
+(``workers.group_commit``).
 
-Shutdown (SIGTERM or SIGINT, as Kubernetes and systemd send it): stop taking jobs, let the
-running ones finish for ``WORKER_SHUTDOWN_GRACE_S``, then put the rest back on their queues
-(``running -> queued``, the attempt closed as ``interrupted``) and exit 0. A second signal
+Shutdown (SIGTERM or SIGINT, as Kubernetes and systemd send it): stop taking jobs, hand the
+claimed jobs no thread started back at once, let the running ones finish for
+``WORKER_SHUTDOWN_GRACE_S``, then put the rest back on their queues (``running -> queued``, the
+attempt closed as ``interrupted``) and exit 0. A second signal
 re-queues at once. A job whose thread outlives the re-queue cannot write an outcome: the
 process exits, and the fenced compare-and-set would refuse it anyway.
 """
