@@ -298,3 +298,16 @@ def test_a_failed_commit_leaves_the_instance_as_committed_so_the_write_can_be_re
     assert (row.state, row.version) == (JobState.RUNNING, version)  # rolled back: memory unchanged
     assert Job.mark_succeeded_many([(row, result())]) == [True]  # so the retry still holds the fence
     assert (row.state, row.version) == (JobState.SUCCEEDED, version + 1)
+
+
+def test_the_watcher_flushes_the_summed_figures_while_the_worker_runs(settings):
+    settings.WORKER_WATCH_S = 0.05
+    threads = JobThreads(1, lambda entry: None, "test-worker")
+    try:
+        threads.write_behind.hincrby("llmo:test:live", "jobs", 3)
+        deadline = time.monotonic() + 5
+        while redis_client().hget("llmo:test:live", "jobs") is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert redis_client().hget("llmo:test:live", "jobs") == b"3"  # no job ended, no stop: the watcher sent it
+    finally:
+        threads.stop()
