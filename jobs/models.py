@@ -332,6 +332,7 @@ class Job(models.Model):
         ]
 
         def close_attempts(winners: list[Job]) -> None:
+            won = {id(job) for job in winners}
             JobAttempt.close_open_many(
                 [
                     (
@@ -345,7 +346,7 @@ class Job(models.Model):
                         },
                     )
                     for job, job_fields in moves
-                    if job in winners
+                    if id(job) in won
                 ]
             )
 
@@ -371,28 +372,18 @@ class Job(models.Model):
             return []
         allowed = sorted(TRANSITIONS[target])
         names = list(moves[0][1])
-        meta = cls._meta
         conn = connections[router.db_for_write(cls)]
-        q = conn.ops.quote_name
-        fields = [meta.get_field(name) for name in ("state", "version", "updated_at", *names)]
-        state_col, version_col = meta.get_field("state").column, meta.get_field("version").column
-        sql = (
-            f"UPDATE {q(meta.db_table)} SET {', '.join(f'{q(f.column)} = %s' for f in fields)}"
-            f" WHERE {q(meta.pk.column)} = %s AND {q(version_col)} = %s"
-            f" AND {q(state_col)} IN ({', '.join(['%s'] * len(allowed))})"
-        )
         now = timezone.now()
-        rows = []
-        for job, values in moves:
+        for _, values in moves:
             assert list(values) == names, "every move sets the same fields"
-            new = [target, job.version + 1, now, *values.values()]
-            rows.append(
-                [f.get_db_prep_save(v, conn) for f, v in zip(fields, new, strict=True)]
-                + [meta.pk.get_db_prep_value(job.pk, conn), job.version, *allowed]
+        with transaction.atomic(using=conn.alias, savepoint=False):
+            changed = _update_each(
+                cls,
+                ["state", "version", "updated_at", *names],
+                ["pk", "version"],
+                [([target, job.version + 1, now, *values.values()], [job.pk, job.version]) for job, values in moves],
+                also=("state", allowed),
             )
-        with transaction.atomic(using=conn.alias, savepoint=False), conn.cursor() as cursor:
-            cursor.executemany(sql, rows)
-            changed = cursor.rowcount
             if changed == len(moves):
                 won = [True] * len(moves)
             else:  # some lost (a cancel got there first): a winner holds exactly the version it set
@@ -515,24 +506,15 @@ class JobAttempt(models.Model):
         if not closes:
             return
         names = list(closes[0][1])
-        meta = cls._meta
-        conn = connections[router.db_for_write(cls)]
-        q = conn.ops.quote_name
-        fields = [meta.get_field(name) for name in names]
-        job_f, number_f, outcome_f = meta.get_field("job"), meta.get_field("number"), meta.get_field("outcome")
-        sql = (
-            f"UPDATE {q(meta.db_table)} SET {', '.join(f'{q(f.column)} = %s' for f in fields)}"
-            f" WHERE {q(job_f.column)} = %s AND {q(number_f.column)} = %s AND {q(outcome_f.column)} = %s"
-        )
-        rows = []
-        for job, values in closes:
+        for _, values in closes:
             assert list(values) == names, "every close sets the same fields"
-            rows.append(
-                [f.get_db_prep_save(v, conn) for f, v in zip(fields, values.values(), strict=True)]
-                + [job_f.get_db_prep_value(job.pk, conn), job.attempt_count, AttemptOutcome.RUNNING]
-            )
-        with conn.cursor() as cursor:
-            cursor.executemany(sql, rows)
+        _update_each(
+            cls,
+            names,
+            ["job", "number", "outcome"],
+            [(list(values.values()), [job.pk, job.attempt_count, AttemptOutcome.RUNNING]) for job, values in closes],
+        )
+        conn = connections[router.db_for_write(cls)]
 
         def settle() -> None:  # memory follows the rows once committed
             for job, values in closes:
@@ -542,3 +524,38 @@ class JobAttempt(models.Model):
                             setattr(attempt, name, value)
 
         transaction.on_commit(settle, using=conn.alias)
+
+
+def _update_each(
+    model: type[models.Model],
+    set_names: list[str],
+    where_names: list[str],
+    rows: list[tuple[list[Any], list[Any]]],
+    also: tuple[str, list[Any]] | None = None,
+) -> int:
+    """One ``UPDATE … SET set_names WHERE where_names [AND also IN …]`` statement run for each row
+    (``executemany``: compiled once, no ORM work per row); ``rows`` are (set values, where values),
+    prepared for the database by their fields. Returns how many rows changed."""
+    meta = model._meta
+    conn = connections[router.db_for_write(model)]
+    q = conn.ops.quote_name
+    sets = [meta.get_field(name) if name != "pk" else meta.pk for name in set_names]
+    wheres = [meta.get_field(name) if name != "pk" else meta.pk for name in where_names]
+    sql = (
+        f"UPDATE {q(meta.db_table)} SET {', '.join(f'{q(f.column)} = %s' for f in sets)}"
+        f" WHERE {' AND '.join(f'{q(f.column)} = %s' for f in wheres)}"
+    )
+    extra: list[Any] = []
+    if also is not None:
+        name, values = also
+        sql += f" AND {q(meta.get_field(name).column)} IN ({', '.join(['%s'] * len(values))})"
+        extra = list(values)
+    params = [
+        [f.get_db_prep_save(v, conn) for f, v in zip(sets, set_values, strict=True)]
+        + [f.get_db_prep_value(v, conn) for f, v in zip(wheres, where_values, strict=True)]
+        + extra
+        for set_values, where_values in rows
+    ]
+    with conn.cursor() as cursor:
+        cursor.executemany(sql, params)
+        return cursor.rowcount

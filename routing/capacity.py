@@ -115,22 +115,30 @@ def hold_anyway(lease: str, backend_name: str, owner: str, exc: Exception) -> st
 
 
 def release(lease: str) -> None:
-    """Give a slot back; Redis trouble is logged (the lease then expires by itself)."""
-    rt = RoundTrip()
-    release_in(rt, lease)
+    """Give a slot back; Redis trouble is logged (the lease then expires by itself). A lease already
+    given back (by ``release_in``) costs nothing."""
+    backend_name = _forget(lease)
+    if backend_name is None:
+        return
     try:
-        rt.execute()
+        redis_client().zrem(inflight_key(backend_name), lease)
     except RedisError as exc:
-        log.warning("backend slot not released", extra={"lease": lease, "error": str(exc)})
+        log.warning("backend slot not released", extra={"backend": backend_name, "error": str(exc)})
 
 
 def release_in(rt: RoundTrip, lease: str) -> None:
     """``release`` as part of ``rt``: forgotten here at once, removed in Redis when ``rt`` is sent
     (if that fails, the lease expires by itself)."""
+    backend_name = _forget(lease)
+    if backend_name is not None:
+        rt.command("zrem", inflight_key(backend_name), lease)
+
+
+def _forget(lease: str) -> str | None:
+    """Stop holding ``lease`` in this process; its backend's name, or None if it was not held."""
     with _lock:
         held = _held.pop(lease, None)
-    if held is not None:
-        rt.command("zrem", inflight_key(held[0]), lease)
+    return held[0] if held is not None else None
 
 
 @contextlib.contextmanager

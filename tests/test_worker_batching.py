@@ -157,6 +157,27 @@ def test_write_batched_defers_only_in_a_job_thread_that_takes_outcomes_late(dev_
     assert inflight.write_batched(Job.mark_succeeded_many, (row[0], result()), then=seen.append) is True
     assert seen == [True]
 
+    # In a job thread whose entry takes its outcome late: back at once, callback and hook after commit.
+    late = Job.claim([str(make_job(dev_backend).pk)], "w1")[0]
+    returned: list = []
+    hooked = threading.Event()
+
+    def perform(entry: Running) -> None:
+        entry.after_outcome = hooked.set
+        returned.append(inflight.write_batched(Job.mark_succeeded_many, (late, result()), then=seen.append))
+        returned.append(entry.outcome_deferred)
+
+    connection.close()  # the job thread and the writer have their own connections
+    threads = JobThreads(1, perform, "test-worker")
+    try:
+        threads.submit(_entry(str(late.pk), 0))
+        assert hooked.wait(5)
+        assert threads.wait_idle(5)
+    finally:
+        threads.stop()
+    assert returned == [None, True] and seen == [True, True]
+    assert Job.objects.get(pk=late.pk).state == JobState.SUCCEEDED
+
 
 # --- the write-behind buffer ---------------------------------------------------------------------------
 def test_write_behind_sums_increments_and_sends_them_in_one_flush():

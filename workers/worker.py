@@ -127,12 +127,10 @@ class OrchestratorWorker(SimpleWorker):
             self.heartbeat()  # every slot is busy: keep RQ's worker key alive meanwhile
 
     def _hand_over(self, batch: list[tuple[RQJob, Queue]]) -> None:
-        """Claim our own tasks' jobs in one go (``Job.claim``), then hand every job to the threads.
-
-        One transaction claims the batch (``Job.claim``: through the writer thread on SQLite, which
-        has one writer at a time; from this thread on PostgreSQL). A job
-        that cannot be claimed (another delivery won, canceled or deleted meanwhile) is dropped:
-        its RQ hash is deleted and no thread is used. Other tasks run RQ's way.
+        """Claim our own tasks' jobs in one transaction (``Job.claim``: through the writer thread on
+        SQLite, which has one writer at a time; from this thread on PostgreSQL), then hand every job
+        to the threads. A job that cannot be claimed (another delivery won, canceled or deleted
+        meanwhile) is dropped: its RQ hash is deleted and no thread is used. Other tasks run RQ's way.
         """
         since = timezone.now()
         lean = [j.func_name == TASK and len(j.args) == 1 for j, _ in batch]
@@ -221,7 +219,7 @@ class OrchestratorWorker(SimpleWorker):
         with tracing.job_span(job.meta, job_id=job_id, queue=queue.name, worker=self.name, since=entry.since) as span:
             try:
                 run_claimed(entry.job, self.name)
-            except Exception:  # run_job records adapter crashes itself; reaching here is our bug
+            except Exception:  # the task records adapter crashes itself; reaching here is our bug
                 log.exception("job task crashed", extra={"job_id": job_id})
             finally:
                 buffer.delete(job.key)
