@@ -30,6 +30,19 @@ class JobState(models.TextChoices):
 
 ACTIVE_STATES = frozenset({JobState.QUEUED, JobState.RUNNING})
 TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED})
+TEXT_MAX = 10_000  # an error message kept on a row
+
+
+def storable(text: str, limit: int | None = None) -> str:
+    """``text`` as every database can keep it, cut to ``limit`` characters.
+
+    PostgreSQL's text cannot hold NUL, and a backend can send one (a byte-level tokenizer decodes
+    any byte; an API relays what its model wrote): it becomes U+FFFD, as an invalid byte would.
+    """
+    if limit is not None:
+        text = text[:limit]
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+
 
 # target state -> states it may be entered from. The one table of legal moves.
 TRANSITIONS: dict[str, frozenset[str]] = {
@@ -327,7 +340,15 @@ class Job(models.Model):
         now = timezone.now()
         names = ("output", "finish_reason", "prompt_tokens", "completion_tokens", "latency_ms", "cost")
         moves = [
-            (job, {**{n: f[n] for n in names}, "error": "", "finished_at": f.get("finished_at") or now})
+            (
+                job,
+                {
+                    **{n: f[n] for n in names},
+                    "output": storable(f["output"]),
+                    "error": "",
+                    "finished_at": f.get("finished_at") or now,
+                },
+            )
             for job, f in results
         ]
 
@@ -415,7 +436,11 @@ class Job(models.Model):
     ) -> bool:
         with transaction.atomic():
             won = self.transition(
-                JobState.FAILED, fence=True, error=error[:10_000], finished_at=timezone.now(), latency_ms=latency_ms
+                JobState.FAILED,
+                fence=True,
+                error=storable(error, TEXT_MAX),
+                finished_at=timezone.now(),
+                latency_ms=latency_ms,
             )
             if won:
                 self._close_attempt(outcome, error=error, traceback=traceback, latency_ms=latency_ms)
@@ -445,7 +470,7 @@ class Job(models.Model):
             won = self.transition(JobState.QUEUED, fence=True, started_at=None, enqueued_at=timezone.now(), worker="")
             if won:
                 JobAttempt.objects.filter(job=self, number=number, outcome=AttemptOutcome.RUNNING).update(
-                    outcome=AttemptOutcome.INTERRUPTED, error=reason[:10_000], finished_at=timezone.now()
+                    outcome=AttemptOutcome.INTERRUPTED, error=storable(reason, TEXT_MAX), finished_at=timezone.now()
                 )
                 self._known_attempts = None
         return won
@@ -471,8 +496,8 @@ class Job(models.Model):
     ) -> None:
         self.update_current_attempt(
             outcome=outcome,
-            error=error[:10_000],
-            traceback=traceback,
+            error=storable(error, TEXT_MAX),
+            traceback=storable(traceback),
             latency_ms=latency_ms,
             finished_at=timezone.now(),
         )

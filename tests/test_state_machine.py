@@ -134,3 +134,17 @@ def test_requeued_job_does_not_show_its_old_terminal_state(dev_backend):
     assert status_cache.read(job.pk)["state"] == "failed"
     job.requeue()
     assert status_cache.read(job.pk)["state"] == "queued"
+
+
+def test_text_a_backend_sends_with_nul_is_kept_on_every_database(dev_backend):
+    """PostgreSQL refuses NUL in text; a byte-level model or an API can send one."""
+    done, failed = make_job(dev_backend), make_job(dev_backend)
+    assert done.mark_running("w1") and failed.mark_running("w1")
+    assert done.mark_succeeded(
+        output="a\x00b", finish_reason="stop", prompt_tokens=1, completion_tokens=2, latency_ms=5, cost=None
+    )
+    assert failed.mark_failed("bad \x00 byte", traceback="Traceback \x00")
+    done.refresh_from_db()
+    failed.refresh_from_db()
+    assert done.output == "a\ufffdb" and failed.error == "bad \ufffd byte"
+    assert failed.attempts.get().traceback == "Traceback \ufffd"

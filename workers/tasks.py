@@ -41,7 +41,7 @@ from redis.exceptions import RedisError
 from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
-from jobs.models import AttemptOutcome, Job
+from jobs.models import TEXT_MAX, AttemptOutcome, Job, storable
 from orchestrator_site.redis import RoundTrip
 from routing import capacity, circuit, stats
 from routing.models import POOLED_KINDS, Backend
@@ -369,7 +369,7 @@ class JobRun:
         inflight.write(
             self.job.update_current_attempt,
             outcome=AttemptOutcome.FAILED,
-            error=error[:10_000],
+            error=storable(error, TEXT_MAX),
             latency_ms=_ms_since(started),
             finished_at=timezone.now(),
         )
