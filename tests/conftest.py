@@ -185,15 +185,18 @@ def gunicorn_server(transactional_db) -> Iterator:
 
 @pytest.fixture
 def worker_process() -> Iterator[Callable[..., subprocess.Popen]]:
-    """Start long-running `manage.py rqworker high normal low` processes (env overrides as kwargs).
+    """Start long-running `manage.py rqworker high normal low` processes (env overrides as kwargs,
+    ``worker_class`` for ``--worker-class``).
 
     Output goes to a file per process (``proc.log_path``), read back on failure; at the end each
     still running gets SIGTERM, then SIGKILL if it does not exit.
     """
     procs: list[subprocess.Popen] = []
 
-    def start(*queues: str, **env: str) -> subprocess.Popen:
+    def start(*queues: str, worker_class: str | None = None, **env: str) -> subprocess.Popen:
         cmd = [sys.executable, "manage.py", "rqworker", *(queues or settings.JOB_QUEUES)]
+        if worker_class:
+            cmd += ["--worker-class", worker_class]
         log_path = Path(settings.VAR_DIR) / f"worker-{len(procs)}-{time.monotonic_ns()}.log"
         with open(log_path, "w") as out:
             proc = subprocess.Popen(cmd, cwd=ROOT, env=process_env(**env), stdout=out, stderr=subprocess.STDOUT)

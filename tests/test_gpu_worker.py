@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
 from rq.job import Job as RQJob
-from rq.job import JobStatus
 from rq.registry import FinishedJobRegistry, StartedJobRegistry
 
-from jobs.models import AttemptOutcome, Job, JobState
+from jobs.models import AttemptOutcome, Job, JobState, storable
 from orchestrator_site.redis import redis_client
 from routing.models import Backend, BackendKind, RoutingPolicy
 from tests.conftest import ROOT, process_env
@@ -65,9 +68,10 @@ def work(max_jobs: int = 64, round_tokens: int = 128) -> GpuWorker:
 
 
 def alone(backend: Backend, prompt: str, max_tokens: int = 6) -> str:
+    """The answer ``prompt`` gets on its own, as a job's row keeps it (``storable``)."""
     request = GenerationRequest(job_id="x", messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens)
     cfg = BackendConfig(name=backend.name, kind=backend.kind, model=backend.model, config=backend.config)
-    return HFLocalAdapter().generate(cfg, request).output
+    return storable(HFLocalAdapter().generate(cfg, request).output)
 
 
 def test_waiting_jobs_run_as_one_batch_each_with_its_own_result(api, gpu_backend):
@@ -84,13 +88,13 @@ def test_waiting_jobs_run_as_one_batch_each_with_its_own_result(api, gpu_backend
     assert all(j.attempts.get().outcome == AttemptOutcome.SUCCEEDED for j in jobs)
     status = redis_client().hgetall(STATUS_KEY.format(name=worker.name))
     assert int(status[b"batch_size"]) == 4  # one batch, not four
-    # RQ's registries: every RQ job finished, none left as started.
+    # Nothing of RQ's is left behind: the rows hold the outcome, the RQ job hashes are deleted,
+    # no registry keeps them (as for the thread workers' own tasks).
     conn = redis_client()
     assert StartedJobRegistry("gpu-normal", connection=conn).get_job_ids() == []
-    assert sorted(FinishedJobRegistry("gpu-normal", connection=conn).get_job_ids()) == sorted(ids)
-    rq_jobs = RQJob.fetch_many(ids, connection=conn, serializer="rq.serializers.JSONSerializer")
-    assert {j.get_status() for j in rq_jobs} == {JobStatus.FINISHED}
-    assert {j.return_value() for j in rq_jobs} == {JobState.SUCCEEDED}
+    assert FinishedJobRegistry("gpu-normal", connection=conn).get_job_ids() == []
+    assert RQJob.fetch_many(ids, connection=conn, serializer="rq.serializers.JSONSerializer") == [None] * 4
+    assert conn.llen("rq:queue:gpu-normal") == 0
     # Batched jobs feed the fleet metrics and the dashboard like any other job.
     text = metrics_text()
     assert 'llm_orchestrator_jobs_finished_total{backend="tiny",outcome="succeeded"} 4.0' in text
@@ -161,3 +165,127 @@ def test_end_to_end_through_a_real_gpu_worker_process(api, gpu_backend):
     r = api.get(f"/jobs/{ids[2]}/result")
     assert r.status_code == 200 and r.json()["output"] == jobs[2].output
     assert r.json()["usage"]["prompt_tokens"] == len(prompts[2])
+
+
+# --- doing the damage for real: a GPU worker killed with SIGKILL ------------------------------------
+GPU_WORKER = "workers.gpu_worker.GpuWorker"
+FAST_RECOVERY = {"WORKER_HEARTBEAT_MS": "300", "WORKER_LEASE_TTL_MS": "1500", "RECONCILE_INTERVAL_MS": "500"}
+
+
+def wait_for_state(ids: list[str], state: str, timeout: float) -> list[Job]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        jobs = list(Job.objects.filter(pk__in=ids))
+        if all(j.state == state for j in jobs):
+            return jobs
+        time.sleep(0.05)
+    raise AssertionError(f"not all {state} after {timeout}s: {[(j.state, j.error) for j in jobs]}")
+
+
+def full_length_prompts(backend: Backend, n: int, max_tokens: int) -> list[str]:
+    """``n`` prompts the tiny random model answers without an early EOS (so a batch of them runs
+    for all of ``max_tokens`` rounds), picked with one batched call."""
+    cfg = BackendConfig(name=backend.name, kind=backend.kind, model=backend.model, config=backend.config)
+    candidates = [f"survive {i}" for i in range(120)]
+    requests = [
+        GenerationRequest(job_id=str(i), messages=[{"role": "user", "content": p}], max_tokens=max_tokens)
+        for i, p in enumerate(candidates)
+    ]
+    results = HFLocalAdapter().generate_batch(cfg, requests)
+    picked = [p for p, r in zip(candidates, results, strict=True) if r.completion_tokens == max_tokens]
+    assert len(picked) >= n, f"only {len(picked)} of {len(candidates)} prompts run to {max_tokens} tokens"
+    return picked[:n]
+
+
+@pytest.mark.slow
+def test_a_sigkilled_gpu_workers_batch_finishes_on_another_worker(api, gpu_backend, worker_process):
+    prompts = full_length_prompts(gpu_backend, 3, 200)
+    ids = [submit(api, p, max_tokens=200) for p in prompts]
+    # One token per round: the batch takes a couple of hundred rounds, time enough to kill it mid-way.
+    first = worker_process(*QUEUES, worker_class=GPU_WORKER, BATCH_ROUND_TOKENS="1", **FAST_RECOVERY)
+    lost = {j.worker for j in wait_for_state(ids, JobState.RUNNING, timeout=60)}
+    assert len(lost) == 1
+    os.kill(first.pid, signal.SIGKILL)  # no cleanup: its heartbeat just stops
+    first.wait()
+    worker_process(*QUEUES, worker_class=GPU_WORKER, **FAST_RECOVERY)
+    jobs = {j.pk: j for j in wait_for_state(ids, JobState.SUCCEEDED, timeout=60)}
+    for job_id, prompt in zip(ids, prompts, strict=True):
+        job = jobs[uuid.UUID(job_id)]
+        assert job.attempt_count == 2 and job.completion_tokens == 200
+        assert job.output == alone(gpu_backend, prompt, 200)  # the rerun starts over: the same answer
+        outcomes = list(job.attempts.order_by("number").values_list("outcome", "worker"))
+        assert outcomes[0] == (AttemptOutcome.INTERRUPTED, *lost) and outcomes[1][0] == AttemptOutcome.SUCCEEDED
+
+
+@pytest.mark.slow
+def test_jobs_a_gpu_worker_popped_but_never_claimed_are_pushed_again(api, gpu_backend, worker_process):
+    ids = [submit(api, f"popped {n}") for n in range(3)]
+    # Ten seconds' wait to fill the batch: the worker holds the popped jobs, unclaimed, when it dies.
+    first = worker_process(*QUEUES, worker_class=GPU_WORKER, BATCH_WAIT_MS="10000", **FAST_RECOVERY)
+    deadline = time.monotonic() + 60
+    while redis_client().llen("rq:queue:gpu-normal") and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    assert redis_client().llen("rq:queue:gpu-normal") == 0, first.log_path.read_text()[-3000:]
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    assert {j.state for j in Job.objects.filter(pk__in=ids)} == {JobState.QUEUED}
+    worker_process(*QUEUES, worker_class=GPU_WORKER, **FAST_RECOVERY)  # its reconciler pushes them again
+    jobs = wait_for_state(ids, JobState.SUCCEEDED, timeout=60)
+    assert all(j.attempt_count == 1 for j in jobs)
+
+
+def test_a_batch_costs_the_same_database_statements_whatever_its_size(api, gpu_backend):
+    """Claims and results are written for the whole batch at once, not per job (on a fast GPU a
+    batch of short answers takes well under a second; per-job writes would cost a large share)."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    counts = []
+    for n in (2, 8):
+        ids = [submit(api, f"batch of {n}, job {i}") for i in range(n)]
+        with CaptureQueriesContext(connection) as queries:
+            work()
+        assert {j.state for j in Job.objects.filter(pk__in=ids)} == {JobState.SUCCEEDED}
+        counts.append(len(queries))
+    assert counts[0] == counts[1], counts
+
+
+def test_a_result_the_database_refuses_fails_alone(api, gpu_backend, monkeypatch):
+    from django.db import DataError
+
+    ids = [submit(api, p) for p in ("fine one", "poison", "fine two")]
+    poisoned = ids[1]
+    real = Job.mark_succeeded_many.__func__
+
+    def refusing(cls, results):
+        if any(str(job.pk) == poisoned for job, _ in results):
+            raise DataError("value refused")  # as PostgreSQL refuses a row, failing its whole statement
+        return real(cls, results)
+
+    monkeypatch.setattr(Job, "mark_succeeded_many", classmethod(refusing))
+    work()
+    states = {i: Job.objects.get(pk=i) for i in ids}
+    assert [states[i].state for i in ids] == [JobState.SUCCEEDED, JobState.FAILED, JobState.SUCCEEDED]
+    bad = states[poisoned]
+    assert "DataError" in bad.error and bad.attempts.get().outcome == AttemptOutcome.ERRORED
+
+
+def test_result_writes_wait_out_a_database_outage(api, gpu_backend, monkeypatch):
+    from django.db import OperationalError
+
+    from workers import gpu_worker
+
+    monkeypatch.setattr(gpu_worker, "RETRY_PAUSE_S", 0.01)
+    ids = [submit(api, f"outage {n}") for n in range(3)]
+    real, refusals = Job.mark_succeeded_many.__func__, []
+
+    def down_twice(cls, results):
+        if len(refusals) < 2:
+            refusals.append(len(results))
+            raise OperationalError("server closed the connection unexpectedly")
+        return real(cls, results)
+
+    monkeypatch.setattr(Job, "mark_succeeded_many", classmethod(down_twice))
+    work()
+    assert refusals == [3, 3]  # the whole batch, tried again as one
+    assert {Job.objects.get(pk=i).state for i in ids} == {JobState.SUCCEEDED}

@@ -26,19 +26,22 @@ Why a worker class of its own:
   decoding of ``BATCH_ROUND_TOKENS`` tokens. (Splitting batches by requested length instead
   would still let one long batch block every job behind it.)
 
-Each job keeps its own life cycle: ``Job.mark_running`` claims it (a compare-and-set: a
-duplicate delivery or a canceled job is skipped), and its own result, usage, timing and cost
-(``mark_succeeded``) or its own error (``mark_failed``) are written as it finishes. A request
-that is bad on its own (prompt longer than the context, images for a text model) fails alone.
-A retryable error, or a crash of a whole batch (CUDA OOM, a bug), hands each of its jobs to the
-ordinary one-job path (``workers.tasks.JobRun``): retried alone with backoff, then fallen back
-to the policy's next backend, and a job that crashes even alone is marked errored with its
+Each job keeps its own life cycle, written for the whole batch at once (on a fast GPU a
+64-job batch of short answers takes well under a second, so per-job writes would cost a large
+share of it): one ``Job.claim`` statement claims the gathered jobs (a compare-and-set: a
+duplicate delivery or a canceled job is dropped), and each round's finished jobs get their own
+result, usage, timing and cost in one ``Job.mark_succeeded_many`` transaction, their backend
+figures in one Redis round trip and their fleet metrics through the write-behind buffer. A
+request that is bad on its own (prompt longer than the context, images for a text model) fails
+alone. A retryable error, or a crash of a whole batch (CUDA OOM, a bug), hands each of its jobs
+to the ordinary one-job path (``workers.tasks.JobRun``): retried alone with backoff, then fallen
+back to the policy's next backend, and a job that crashes even alone is marked errored with its
 traceback — so one poisonous request cannot fail the others.
 
-RQ's bookkeeping is kept per job: each RQ job gets its execution, is moved to the started
-registry and then finished (or failed, when our own handling crashed) with the same calls
-RQ's ``perform_job`` makes, so registries do not leak. Jobs that are not ``run_job`` calls for
-an ``hf_local`` backend of this pool run through the plain ``SimpleWorker`` path.
+As for the thread workers' own tasks, RQ keeps no per-job record (started registry, execution,
+result): the row holds all of it, the RQ job hash is deleted when the job is done, and a worker
+that dies mid-batch leaves its jobs to the heartbeat and the reconciler. RQ jobs that are not
+our task run through the plain ``SimpleWorker`` path.
 
 Settings (``settings.X`` or the environment): ``BATCH_MAX`` (64), ``BATCH_WAIT_MS`` (10),
 ``BATCH_ROUND_TOKENS`` (128).
@@ -57,26 +60,28 @@ from datetime import datetime
 from typing import Any
 
 from django.conf import settings
-from django.db import close_old_connections, transaction
+from django.db import InterfaceError, OperationalError, close_old_connections
 from django.utils import timezone
 from redis.exceptions import RedisError
-from rq.executions import Execution
 from rq.job import Job as RQJob
 from rq.queue import Queue
-from rq.utils import now
 from rq.worker import WorkerStatus
 
-from jobs.models import Job, JobState
+from jobs import status_cache
+from jobs.models import AttemptOutcome, Job, JobState
 from jobs.queueing import TASK
+from orchestrator_site.redis import RoundTrip
 from routing import circuit, stats
 from routing.models import Backend, BackendKind
 from workers.backends import get_adapter, hf_local
-from workers.backends.base import BackendError
+from workers.backends.base import BackendError, GenerationResult
 from workers.backends.hf_local import HFLocalAdapter, Sequence
+from workers.group_commit import RETRY_MAX, RETRY_PAUSE_S
 from workers.retry import Deadline
 from workers.status import GPU_STATUS_KEY as STATUS_KEY
-from workers.tasks import JobRun, generation_request
+from workers.tasks import JobRun, generation_request, run_claimed
 from workers.worker import OrchestratorWorker, record_run
+from workers.write_behind import WriteBehind
 
 log = logging.getLogger(__name__)
 
@@ -112,15 +117,22 @@ class BatchLimits:
 
 @dataclass
 class Entry:
-    """One job in the batch: the RQ job and its execution, our row, and its sequence."""
+    """One job in the batch: its RQ job and queue, then (once claimed) our row and its sequence."""
 
     rq_job: RQJob
     queue: Queue
-    execution: Execution
-    job: Job
-    backend: Backend
-    seq: Sequence | None = None
     since: datetime = field(default_factory=timezone.now)  # before the claim: what the run's metrics cover
+    job: Job | None = None
+    seq: Sequence | None = None
+
+    @property
+    def job_id(self) -> str:
+        return str(self.rq_job.args[0])
+
+    @property
+    def backend(self) -> Backend:
+        assert self.job is not None and self.job.backend is not None
+        return self.job.backend
 
 
 class GpuWorker(OrchestratorWorker):
@@ -129,6 +141,11 @@ class GpuWorker(OrchestratorWorker):
     batch_limits: BatchLimits | None = None
     batch: Batch | None = None  # the batch running now (what the worker's status reports)
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Fleet figures and RQ hash deletes, summed over a round and sent in one round trip after it.
+        self.write_behind = WriteBehind()
+
     @property
     def slots(self) -> int:
         return (self.batch_limits or BatchLimits.from_settings()).max_jobs
@@ -136,6 +153,26 @@ class GpuWorker(OrchestratorWorker):
     def in_flight(self) -> int:
         batch = self.batch
         return batch.size if batch is not None else 0
+
+    def work(self, *args: Any, **kwargs: Any) -> bool:
+        self.preload()
+        try:
+            return super().work(*args, **kwargs)
+        finally:
+            self.write_behind.flush(self.connection)
+
+    def preload(self) -> None:
+        """Load the models of this worker's queues before taking a job: the first batch then runs
+        at full speed, and the admin shows the model resident as soon as the worker is up."""
+        close_old_connections()
+        names = set(self.queue_names())
+        for backend in Backend.objects.filter(kind=BackendKind.HF_LOCAL, enabled=True):
+            if names.isdisjoint(backend.queue_for(p) for p in ("high", "normal", "low")):
+                continue
+            try:
+                hf_local.load(backend.adapter_config())
+            except BackendError as exc:  # its jobs fail with the reason; the worker serves the others
+                log.warning("model not loaded", extra={"backend": backend.name, "error": exc.message})
 
     def execute_job(self, job: RQJob, queue: Queue) -> None:
         """RQ dequeued ``job``: gather more waiting jobs, run them as a batch, finish each one."""
@@ -147,10 +184,11 @@ class GpuWorker(OrchestratorWorker):
             batch.run()
         finally:
             self.batch = None
+            self.write_behind.flush(self.connection)
         self.set_state(WorkerStatus.IDLE)
 
     def execute_plain(self, job: RQJob, queue: Queue) -> None:
-        """The ``SimpleWorker`` path, in this thread, for jobs that are not batchable."""
+        """The ``SimpleWorker`` path, in this thread, for RQ jobs that are not our task."""
         self.perform_job(job, queue, self.prepare_execution(job))
 
 
@@ -162,11 +200,13 @@ class Batch:
         self.limits = limits
         self.adapter: HFLocalAdapter = get_adapter(BackendKind.HF_LOCAL)  # type: ignore[assignment]
         self.active: list[Entry] = []
-        self.pending: list[Entry] = []  # dequeued (RQ: started), not yet claimed in the database
+        self.pending: list[Entry] = []  # dequeued, not yet claimed in the database
         self.rounds = 0
         self.last_batch_size = 0
+        self.jobs = 0  # claimed into this batch, over all its rounds
         self.tokens = 0
         self.generate_s = 0.0
+        self.opened: float | None = None  # when the first claim began
 
     # --- taking jobs ------------------------------------------------------------------------------
     def fill(self) -> None:
@@ -187,96 +227,92 @@ class Batch:
 
     def take(self, n: int) -> int:
         """Pop up to ``n`` waiting RQ jobs, highest-priority queue first, into ``pending``."""
-        w = self.worker
-        popped: list[tuple[RQJob, Queue]] = []
-        for queue in w.queues:
-            if len(popped) >= n:
-                break
-            ids = w.connection.lpop(queue.key, n - len(popped))  # LPOP with a count: one round trip per queue
-            if not ids:
-                continue
-            ids = [i.decode() if isinstance(i, bytes) else i for i in ids]
-            for rq_job in w.job_class.fetch_many(ids, connection=w.connection, serializer=w.serializer):
-                if rq_job is not None:  # None: deleted since it was queued, as RQ's own dequeue skips it
-                    popped.append((rq_job, queue))
+        popped = self.worker.take_waiting(n)
         if popped:
             self.admit(popped)
         return len(popped)
 
     def admit(self, popped: list[tuple[RQJob, Queue]]) -> None:
-        """Move dequeued jobs into RQ's started registry at once (so a worker that dies now leaves
-        them for RQ's abandoned-job cleanup, not lost); non-batchable ones run the plain way."""
-        close_old_connections()
-        w = self.worker
-        rows = self._batchable_rows([rq_job for rq_job, _ in popped])
+        """Our own tasks wait for the claim; any other RQ job runs now, the plain way.
+
+        No RQ bookkeeping per job (started registry, execution record, result), as for the
+        thread workers' own tasks (``OrchestratorWorker.perform_lean``): the row holds all of it,
+        and a worker that dies now leaves its jobs to our recovery (heartbeat and reconciler).
+        """
         for rq_job, queue in popped:
-            row = rows.get(rq_job.id)
-            if row is None:
-                w.execute_plain(rq_job, queue)
-                w.set_state(WorkerStatus.BUSY)  # still inside this batch (a SIGTERM now is a warm stop)
+            if rq_job.func_name == TASK and len(rq_job.args) == 1:
+                self.pending.append(Entry(rq_job, queue))
                 continue
-            execution = w.prepare_execution(rq_job)
-            w.prepare_job_execution(rq_job, remove_from_intermediate_queue=len(w.queues) == 1)
-            rq_job.started_at = now()
-            self.pending.append(Entry(rq_job, queue, execution, row, row.backend))
+            self.worker.execute_plain(rq_job, queue)
+            self.worker.set_state(WorkerStatus.BUSY)  # still inside this batch (a SIGTERM now is a warm stop)
 
     def claim(self) -> None:
-        """Claim the pending jobs (``mark_running``) and start their sequences.
+        """Claim the pending jobs in one statement (``Job.claim``) and start their sequences.
 
         Claims wait until the batch is gathered, so a job's started_at is when its batch starts.
-        All claims go in one transaction: one commit (and one burst of status-mirror writes after
-        it) instead of one per job; each claim is still its own compare-and-set.
+        A job another delivery won, or canceled or deleted meanwhile, is dropped. A claimed job
+        that is not for an ``hf_local`` backend of this pool (a disabled backend, a policy that
+        sent it elsewhere) runs the one-job way, which falls back or fails it with the reason.
         """
         claiming, self.pending = self.pending, []
         if not claiming:
             return
+        close_old_connections()
+        ids = [e.job_id for e in claiming]
+        self.load_models(ids)
+        if self.opened is None:
+            self.opened = time.monotonic()
+        try:
+            with status_cache.batched():  # the claimed rows' mirror: one pipeline after the commit
+                rows = {str(row.pk): row for row in Job.claim(ids, self.worker.name)}
+        except Exception:
+            # Nothing was claimed: back in front of their queues, in order (as the thread worker does).
+            log.exception("claiming jobs failed; putting them back", extra={"jobs": len(ids)})
+            close_old_connections()
+            for e in reversed(claiming):
+                e.queue.push_job_id(e.rq_job.id, at_front=True)
+            time.sleep(1.0)
+            return
+        skipped = []
         for e in claiming:
+            e.job = rows.pop(e.job_id, None)
+            if e.job is None:
+                skipped.append(e.job_id)
+                self.worker.write_behind.delete(e.rq_job.key)
+            elif not self.batchable(e):
+                self.run_elsewhere(e)
+            else:
+                try:
+                    request = generation_request(e.job, float(e.job.timeout_s))
+                    e.seq = self.adapter.start(e.backend.adapter_config(), request)
+                except BackendError as exc:
+                    self.failed(e, exc, time.monotonic())
+                    continue
+                except Exception:
+                    self.crashed(e, sys.exc_info())
+                    continue
+                self.active.append(e)
+                self.jobs += 1
+        if skipped:
+            log.info("jobs not claimable; skipped", extra={"jobs": skipped})
+
+    def load_models(self, ids: list[str]) -> None:
+        """Load (first use only) the models of these jobs before their claim, so a job's
+        started_at..finished_at is its own run, not a model load. A load error fails the job later."""
+        for backend in Backend.objects.filter(
+            kind=BackendKind.HF_LOCAL, pk__in=Job.objects.filter(pk__in=ids).values("backend_id")
+        ):
             try:
-                # Load the model (first job only) before the claim, so a job's started_at..finished_at
-                # is its own run, not the worker's start-up. A load error fails the job in start() below.
-                hf_local.load(e.backend.adapter_config())
+                hf_local.load(backend.adapter_config())
             except BackendError:
                 pass
-        won: list[bool] = []
-        try:
-            with transaction.atomic():
-                won = [e.job.mark_running(self.worker.name) for e in claiming]
-        except Exception:
-            for e in claiming:
-                self.crashed(e, sys.exc_info())
-            return
-        for e, ok in zip(claiming, won, strict=True):
-            if not ok:
-                log.info("job not claimable; skipped", extra={"job_id": str(e.job.pk), "state": e.job.state})
-                self.finish_rq(e, f"skipped:{e.job.state}")
-                continue
-            try:
-                request = generation_request(e.job, float(e.job.timeout_s))
-                e.seq = self.adapter.start(e.backend.adapter_config(), request)
-            except BackendError as exc:
-                self.failed(e, exc, time.monotonic())
-                continue
-            except Exception:
-                self.crashed(e, sys.exc_info())
-                continue
-            self.active.append(e)
 
-    def _batchable_rows(self, rq_jobs: list[RQJob]) -> dict[str, Job]:
-        """Our rows (one query) for the RQ jobs that are ``run_job`` calls for a queued job on an
-        ``hf_local`` backend of this pool; the others go the plain way, where ``run_job`` reports a
-        missing row, skips a claimed one or falls back from a disabled backend."""
-        ids = {str(j.args[0]): j.id for j in rq_jobs if j.func_name == TASK and len(j.args) == 1}
-        rows: dict[str, Job] = {}
-        for row in Job.objects.select_related("backend").filter(pk__in=list(ids)):
-            backend = row.backend
-            if row.state != JobState.QUEUED or backend is None:
-                continue
-            if backend.kind != BackendKind.HF_LOCAL or not backend.enabled:
-                continue
-            if backend.queue_for(row.priority) != row.queue:
-                continue
-            rows[ids[str(row.pk)]] = row
-        return rows
+    def batchable(self, e: Entry) -> bool:
+        """An enabled ``hf_local`` backend whose queue for the job's priority is the one it came from."""
+        backend = e.job.backend if e.job is not None else None
+        if backend is None or backend.kind != BackendKind.HF_LOCAL or not backend.enabled:
+            return False
+        return backend.queue_for(e.job.priority) == e.job.queue
 
     # --- running rounds ---------------------------------------------------------------------------
     def run(self) -> None:
@@ -294,9 +330,24 @@ class Batch:
             self.rounds += 1
             self.worker.heartbeat()
             self.publish_status()
+            self.worker.write_behind.flush(self.worker.connection)
             if not self.worker._stop_requested and len(self.active) < self.limits.max_jobs:
                 self.take(self.limits.max_jobs - len(self.active))
                 self.claim()
+        if self.rounds:
+            # What the GPU did against what the batch took, claims and writes included.
+            wall_s = time.monotonic() - (self.opened or time.monotonic())
+            log.info(
+                "batch done",
+                extra={
+                    "jobs": self.jobs,
+                    "rounds": self.rounds,
+                    "tokens": self.tokens,
+                    "generate_s": round(self.generate_s, 4),
+                    "wall_s": round(wall_s, 4),
+                    "tokens_per_s": round(self.tokens / wall_s, 1) if wall_s else 0,
+                },
+            )
 
     def round(self, entries: list[Entry]) -> None:
         """One bounded ``generate`` for ``entries`` (one backend and sampling); record those that finished."""
@@ -316,13 +367,9 @@ class Batch:
         self.generate_s += time.monotonic() - started
         self.tokens += sum(len(s.generated) for s in seqs) - before
         done = [e for e in entries if e.seq is not None and e.seq.done]
-        # One transaction for the round's results (one commit, not one per job); RQ hears after it.
-        with transaction.atomic():
-            recorded = [e for e in done if self.succeeded(e)]
         for e in done:
             self.active.remove(e)
-        for e in recorded:
-            self.finish_rq(e, e.job.state)
+        self.succeeded(done)
 
     def drop_gone(self) -> None:
         """Stop generating for jobs canceled (or otherwise finished) while in the batch."""
@@ -333,8 +380,8 @@ class Batch:
         for e in [e for e in self.active if e.job.pk in gone]:
             self.active.remove(e)
             e.job.refresh_from_db(fields=["state"])
-            log.info("job left the batch", extra={"job_id": str(e.job.pk), "state": e.job.state})
-            self.finish_rq(e, f"skipped:{e.job.state}")
+            log.info("job left the batch", extra={"job_id": e.job_id, "state": e.job.state})
+            self.finish(e)
 
     def expire(self) -> None:
         """A job whose own deadline passed fails now instead of taking another round."""
@@ -343,55 +390,102 @@ class Batch:
             self.active.remove(e)
             error = f"{e.backend.name}: timed out after {e.job.timeout_s}s"
             e.job.mark_failed(error, latency_ms=int((clock - e.seq.started) * 1000))
-            self.finish_rq(e, e.job.state)
+            self.finish(e)
 
     # --- outcomes ---------------------------------------------------------------------------------
-    def succeeded(self, e: Entry) -> bool:
-        """Record a finished sequence on its row; False when that crashed (RQ was told already)."""
-        assert e.seq is not None
+    def succeeded(self, done: list[Entry]) -> None:
+        """Record a round's finished sequences: their results in one transaction (one UPDATE run
+        for every row, one for their attempts, one commit), the backends' live figures in one
+        Redis round trip, the status mirror in one pipeline after the commit."""
+        results: list[tuple[Entry, GenerationResult]] = []
+        for e in done:
+            try:
+                results.append((e, self.adapter.result(e.seq)))
+            except Exception:
+                self.crashed(e, sys.exc_info())
+        if not results:
+            return
+        moves = [
+            (
+                e.job,
+                {
+                    "output": r.output,
+                    "finish_reason": r.finish_reason,
+                    "prompt_tokens": r.prompt_tokens,
+                    "completion_tokens": r.completion_tokens,
+                    "latency_ms": r.latency_ms,
+                    "cost": e.backend.cost_for(r.prompt_tokens, r.completion_tokens),
+                },
+            )
+            for e, r in results
+        ]
         try:
-            result = self.adapter.result(e.seq)
-            self.record(e.backend, result.latency_ms, ok=True)
-            won = e.job.mark_succeeded(
-                output=result.output,
-                finish_reason=result.finish_reason,
-                prompt_tokens=result.prompt_tokens,
-                completion_tokens=result.completion_tokens,
-                latency_ms=result.latency_ms,
-                cost=e.backend.cost_for(result.prompt_tokens, result.completion_tokens),
-            )
-            log.info(
-                "job succeeded" if won else "result discarded (job no longer running)",
-                extra={"job_id": str(e.job.pk), "backend": e.backend.name, "latency_ms": result.latency_ms},
-            )
+            won = self.write_results(moves)
         except Exception:
-            self.crashed(e, sys.exc_info())
-            return False
-        return True
+            # One bad row must not fail the others: write each alone; only the ones that fail alone crash.
+            log.exception("batched result write failed; writing each job alone", extra={"jobs": len(moves)})
+            close_old_connections()
+            written, won = [], []
+            for (e, r), move in zip(results, moves, strict=True):
+                try:
+                    won.append(Job.mark_succeeded_many([move])[0])
+                    written.append((e, r))
+                except Exception:
+                    self.crashed(e, sys.exc_info())
+            results = written
+        rt = RoundTrip(self.worker.connection)
+        for e, r in results:
+            stats.record_call_in(rt, e.backend.name, latency_ms=r.latency_ms, ok=True)
+            circuit.record_in(rt, e.backend.name, ok=True, config=circuit.CircuitConfig.from_config(e.backend.config))
+        self.send(rt)
+        for (e, r), ok in zip(results, won, strict=True):
+            log.info(
+                "job succeeded" if ok else "result discarded (job no longer running)",
+                extra={"job_id": e.job_id, "backend": e.backend.name, "latency_ms": r.latency_ms},
+            )
+            self.finish(e)
+
+    def write_results(self, moves: list[tuple[Job, dict[str, Any]]]) -> list[bool]:
+        """``Job.mark_succeeded_many``, tried again while the database is unreachable (a restart, a
+        failover): nobody else would record these results while this worker is alive. Other errors
+        (a row the database refuses) are the caller's to isolate."""
+        tries = 0
+        while True:
+            try:
+                with status_cache.batched():
+                    return Job.mark_succeeded_many(moves)
+            except (OperationalError, InterfaceError) as exc:
+                tries += 1
+                if tries >= RETRY_MAX:
+                    raise
+                log.warning(
+                    "result write failed; trying again",
+                    extra={"jobs": len(moves), "try": tries, "error": repr(exc), "pause_s": RETRY_PAUSE_S},
+                )
+                close_old_connections()
+                time.sleep(RETRY_PAUSE_S)
 
     def failed(self, e: Entry, exc: BackendError, started: float) -> None:
         """A permanent error fails the job with its message; anything else goes the one-job way."""
         latency_ms = int((time.monotonic() - started) * 1000)
         try:
-            if e.job.state != JobState.RUNNING:  # never claimed (the error came before mark_running)
-                self.finish_rq(e, f"skipped:{e.job.state}")
-                return
             status = f" (HTTP {exc.status})" if exc.status else ""
             if not exc.retryable:
                 # The request's fault, not the backend's health (as in workers.tasks).
                 self.record(e.backend, latency_ms, ok=True, error=f"{exc.message}{status}")
                 e.job.mark_failed(f"{e.backend.name}: {exc.message}{status}", latency_ms=latency_ms)
-                log.info("job failed (permanent error)", extra={"job_id": str(e.job.pk), "error": exc.message})
+                log.info("job failed (permanent error)", extra={"job_id": e.job_id, "error": exc.message})
             else:
                 self.record(e.backend, latency_ms, ok=False, error=exc.message)
                 self.run_alone(e, f"{e.backend.name}: {exc.message}{status}", started)
         except Exception:
             self.crashed(e, sys.exc_info())
             return
-        self.finish_rq(e, e.job.state)
+        self.finish(e)
 
     def run_alone(self, e: Entry, error: str, started: float) -> None:
-        """Hand a claimed job to the one-job path: its retries, fallback and crash handling."""
+        """Hand a claimed job whose batched call failed to the one-job path: its retries, fallback
+        and crash handling."""
         remaining = float(e.job.timeout_s) - (time.monotonic() - (e.seq.started if e.seq else started))
         run = JobRun(e.job, self.worker.name, Deadline(max(remaining, 0.0)))
         # The batched call was this attempt: close it, so the next call opens attempt n+1.
@@ -401,38 +495,50 @@ class Batch:
         run.tried.append(e.backend.name)
         run.run()
 
-    def crashed(self, e: Entry, exc_info: Any) -> None:
-        """Our own handling broke: the row records the traceback, RQ marks the job failed."""
-        log.error("batched job crashed", exc_info=exc_info, extra={"job_id": str(e.job.pk)})
+    def run_elsewhere(self, e: Entry) -> None:
+        """A claimed job this batch cannot run: the one-job path, here and now (see ``claim``)."""
         try:
-            from jobs.models import AttemptOutcome
+            run_claimed(e.job, self.worker.name)
+        except Exception:  # the task records adapter crashes itself; reaching here is our bug
+            log.exception("job task crashed", extra={"job_id": e.job_id})
+        self.finish(e)
 
+    def crashed(self, e: Entry, exc_info: Any) -> None:
+        """Our own handling broke: the row records the traceback (RQ keeps nothing, as for any of
+        our tasks)."""
+        log.error("batched job crashed", exc_info=exc_info, extra={"job_id": e.job_id})
+        try:
             e.job.mark_failed(
                 f"{e.backend.name}: unexpected {exc_info[0].__name__}: {exc_info[1]}",
                 outcome=AttemptOutcome.ERRORED,
                 traceback="".join(traceback.format_exception(*exc_info)),
             )
         except Exception:
-            log.exception("could not record the crash", extra={"job_id": str(e.job.pk)})
-        self.worker._finalize_failure(e.rq_job, e.queue, e.execution, exc_info)
-        record_run(str(e.job.pk), e.queue.name, e.since)
+            log.exception("could not record the crash", extra={"job_id": e.job_id})
+        self.finish(e)
 
-    def finish_rq(self, e: Entry, return_value: str) -> None:
-        """RQ's own success bookkeeping (result, registries, counters), as ``perform_job`` does it,
-        then the job's fleet metrics and dashboard figures (``record_run``), as for any worker."""
-        try:
-            self.worker._finalize_success(e.rq_job, e.queue, e.execution, return_value)
-        except Exception:
-            self.worker._finalize_failure(e.rq_job, e.queue, e.execution, sys.exc_info())
-        record_run(str(e.job.pk), e.queue.name, e.since, row=e.job)
+    def finish(self, e: Entry) -> None:
+        """The job's fleet metrics and dashboard figures (``record_run``) and the deletion of its RQ
+        hash, buffered in the worker's write-behind and sent after the round."""
+        buffer = self.worker.write_behind
+        buffer.delete(e.rq_job.key)
+        record_run(e.job_id, e.queue.name, e.since, row=e.job, pipe=buffer)
 
     def record(self, backend: Backend, latency_ms: float, *, ok: bool, error: str = "") -> None:
-        """Feed routing's live figures and the breaker; a Redis hiccup must not change the outcome."""
+        """Feed routing's live figures and the breaker for one call."""
+        rt = RoundTrip(self.worker.connection)
+        stats.record_call_in(rt, backend.name, latency_ms=latency_ms, ok=ok, error=error)
+        circuit.record_in(
+            rt, backend.name, ok=ok, config=circuit.CircuitConfig.from_config(backend.config), error=error
+        )
+        self.send(rt)
+
+    def send(self, rt: RoundTrip) -> None:
+        """A Redis hiccup must not change a job's outcome: the figures are lost, with a warning."""
         try:
-            stats.record_call(backend.name, latency_ms=latency_ms, ok=ok, error=error)
-            circuit.record(backend.name, ok=ok, config=circuit.CircuitConfig.from_config(backend.config), error=error)
+            rt.execute()
         except RedisError as exc:
-            log.warning("backend figures not recorded", extra={"backend": backend.name, "error": str(exc)})
+            log.warning("backend figures not recorded", extra={"error": str(exc)})
 
     def publish_status(self) -> None:
         """What the admin shows of a GPU worker: its models, its last batch and its tokens/s."""
