@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -77,7 +78,10 @@ def test_sigterm_finishes_running_jobs_within_the_grace_requeues_the_rest_and_ex
 
 def test_sigterm_while_idle_exits_0_at_once(worker_process, db):
     worker = worker_process(**FAST)
-    time.sleep(1.5)  # let it reach the blocking dequeue
+    # Registered with RQ: its signal handlers are in place (a fixed sleep lost the race on a busy machine).
+    name = f"{socket.gethostname()}.{worker.pid}"
+    wait_until("the worker registered", lambda: redis_client().exists(f"rq:worker:{name}"), 30, worker)
+    time.sleep(0.3)  # on to the blocking dequeue
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=10) == 0
 
