@@ -289,3 +289,23 @@ def test_result_writes_wait_out_a_database_outage(api, gpu_backend, monkeypatch)
     work()
     assert refusals == [3, 3]  # the whole batch, tried again as one
     assert {Job.objects.get(pk=i).state for i in ids} == {JobState.SUCCEEDED}
+
+
+@pytest.mark.slow
+def test_a_stopped_gpu_worker_hands_its_batch_back_after_the_grace(api, gpu_backend, worker_process):
+    prompts = full_length_prompts(gpu_backend, 2, 200)
+    ids = [submit(api, p, max_tokens=200) for p in prompts]
+    first = worker_process(
+        *QUEUES, worker_class=GPU_WORKER, BATCH_ROUND_TOKENS="1", WORKER_SHUTDOWN_GRACE_MS="300", **FAST_RECOVERY
+    )
+    wait_for_state(ids, JobState.RUNNING, timeout=60)
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=20) == 0, first.log_path.read_text()[-3000:]
+    jobs = list(Job.objects.filter(pk__in=ids))
+    assert {j.state for j in jobs} == {JobState.QUEUED}  # back in line, not left running for the reconciler
+    assert {j.attempts.get().outcome for j in jobs} == {AttemptOutcome.INTERRUPTED}
+    assert "grace 0.3s" in jobs[0].attempts.get().error
+    assert redis_client().llen("rq:queue:gpu-normal") == 2
+    worker_process(*QUEUES, worker_class=GPU_WORKER, **FAST_RECOVERY)
+    for job in wait_for_state(ids, JobState.SUCCEEDED, timeout=60):
+        assert job.attempt_count == 2 and job.output == alone(gpu_backend, prompts[ids.index(str(job.pk))], 200)

@@ -67,7 +67,7 @@ from rq.job import Job as RQJob
 from rq.queue import Queue
 from rq.worker import WorkerStatus
 
-from jobs import status_cache
+from jobs import queueing, status_cache
 from jobs.models import AttemptOutcome, Job, JobState
 from jobs.queueing import TASK
 from orchestrator_site.redis import RoundTrip
@@ -182,10 +182,24 @@ class GpuWorker(OrchestratorWorker):
             batch.admit([(job, queue)])
             batch.fill()
             batch.run()
+        except SystemExit:  # a second signal (cold stop): hand the batch's jobs back now
+            batch.hand_back("stopped by a second signal before the job finished")
+            raise
         finally:
             self.batch = None
             self.write_behind.flush(self.connection)
         self.set_state(WorkerStatus.IDLE)
+
+    _stop_at: float | None = None
+
+    def _shutdown(self) -> None:
+        if self._stop_at is None:
+            self._stop_at = time.monotonic()
+        super()._shutdown()
+
+    def grace_over(self) -> bool:
+        """A stop was asked ``WORKER_SHUTDOWN_GRACE_S`` ago: the batch's unfinished jobs go back."""
+        return self._stop_at is not None and time.monotonic() - self._stop_at >= float(settings.WORKER_SHUTDOWN_GRACE_S)
 
     def execute_plain(self, job: RQJob, queue: Queue) -> None:
         """The ``SimpleWorker`` path, in this thread, for RQ jobs that are not our task."""
@@ -331,6 +345,9 @@ class Batch:
             self.worker.heartbeat()
             self.publish_status()
             self.worker.write_behind.flush(self.worker.connection)
+            if self.worker.grace_over():
+                self.hand_back(f"shut down before the job finished (grace {settings.WORKER_SHUTDOWN_GRACE_S:g}s)")
+                break
             if not self.worker._stop_requested and len(self.active) < self.limits.max_jobs:
                 self.take(self.limits.max_jobs - len(self.active))
                 self.claim()
@@ -391,6 +408,36 @@ class Batch:
             error = f"{e.backend.name}: timed out after {e.job.timeout_s}s"
             e.job.mark_failed(error, latency_ms=int((clock - e.seq.started) * 1000))
             self.finish(e)
+
+    def hand_back(self, why: str) -> int:
+        """Put the batch's unfinished jobs back on their queues (``running -> queued``, the attempt
+        closed as ``interrupted``), as the thread workers do at shutdown; returns how many.
+
+        Popped jobs not claimed yet are still ``queued``: they go back to the front of their queues.
+        A job that finished or was canceled meanwhile is left as it is.
+        """
+        close_old_connections()
+        for e in reversed(self.pending):
+            try:
+                e.queue.push_job_id(e.rq_job.id, at_front=True)
+            except RedisError:
+                pass  # queued in the database, on no queue: the reconciler pushes it again
+        self.pending = []
+        requeued = 0
+        for e in self.active:
+            try:
+                if e.job.requeue_lost(f"worker {self.worker.name} {why}; re-queued"):
+                    queueing.enqueue(e.job)  # the same RQ job id: its hash is reused, not deleted
+                    requeued += 1
+                    record_run(e.job_id, e.queue.name, e.since, row=e.job, pipe=self.worker.write_behind)
+                else:
+                    self.finish(e)
+            except Exception:  # Redis or the database down: the reconciler recovers the job
+                log.exception("job not handed back", extra={"job_id": e.job_id})
+        self.active = []
+        if requeued:
+            log.warning("re-queued jobs at shutdown", extra={"worker": self.worker.name, "jobs": requeued, "why": why})
+        return requeued
 
     # --- outcomes ---------------------------------------------------------------------------------
     def succeeded(self, done: list[Entry]) -> None:
