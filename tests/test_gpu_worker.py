@@ -135,7 +135,7 @@ def test_a_crashing_batch_hands_its_jobs_to_the_one_job_path(api, gpu_backend):
     assert [Job.objects.get(pk=i).state for i in good] == [JobState.SUCCEEDED] * 2
 
 
-def test_long_jobs_continue_across_rounds_and_late_jobs_join(api, gpu_backend):
+def test_a_long_job_continues_across_rounds_with_the_same_answer(api, gpu_backend):
     long_id = submit(api, "long one", max_tokens=20)
     work(round_tokens=4)
     job = Job.objects.get(pk=long_id)
@@ -309,3 +309,19 @@ def test_a_stopped_gpu_worker_hands_its_batch_back_after_the_grace(api, gpu_back
     worker_process(*QUEUES, worker_class=GPU_WORKER, **FAST_RECOVERY)
     for job in wait_for_state(ids, JobState.SUCCEEDED, timeout=60):
         assert job.attempt_count == 2 and job.output == alone(gpu_backend, prompts[ids.index(str(job.pk))], 200)
+
+
+@pytest.mark.slow
+def test_a_job_arriving_during_a_long_batch_joins_it_and_finishes_first(api, gpu_backend, worker_process):
+    [long_prompt] = full_length_prompts(gpu_backend, 1, 200)
+    long_id = submit(api, long_prompt, max_tokens=200)
+    worker_process(*QUEUES, worker_class=GPU_WORKER, BATCH_ROUND_TOKENS="2")  # ~100 rounds for the long job
+    [long_job] = wait_for_state([long_id], JobState.RUNNING, timeout=60)
+    late_id = submit(api, "late and short", max_tokens=4)
+    [late] = wait_for_state([late_id], JobState.SUCCEEDED, timeout=60)
+    assert Job.objects.get(pk=long_id).state == JobState.RUNNING  # joined between rounds, did not wait
+    [long_job] = wait_for_state([long_id], JobState.SUCCEEDED, timeout=60)
+    assert late.worker == long_job.worker and long_job.started_at < late.started_at
+    assert late.finished_at < long_job.finished_at
+    assert late.output == alone(gpu_backend, "late and short", 4)
+    assert long_job.output == alone(gpu_backend, long_prompt, 200)  # joining did not change the long answer
