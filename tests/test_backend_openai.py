@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -15,7 +16,7 @@ from tests.conftest import free_port, run_worker_burst
 from tests.factories import ask, outputs_from_threads
 from tests.fakes.openai_server import OpenAIFake
 from workers.backends import get_adapter
-from workers.backends.base import BackendConfig, BackendError, GenerationRequest
+from workers.backends.base import BackendConfig, BackendError, GenerationRequest, JobCanceled
 from workers.backends.health import probe
 from workers.backends.openai import OpenAIAdapter, sniff_image_type
 
@@ -60,7 +61,15 @@ def test_request_posts_chat_completions_with_bearer_model_messages_and_sampling(
         "messages": messages,
         "max_tokens": 50,
         "temperature": 0.2,
+        "stream": True,  # ours, for cancel and the deadline between chunks; never the job's
+        "stream_options": {"include_usage": True},
     }
+
+
+def test_a_backend_can_turn_streaming_off(fake):
+    result = OpenAIAdapter().generate(backend_for(fake, config={"stream": False}), ask())
+    assert "stream" not in fake.last.body and "stream_options" not in fake.last.body
+    assert (result.output, result.completion_tokens, result.finish_reason) == ("one two three", 3, "stop")
 
 
 def test_no_authorization_header_without_a_key():
@@ -122,12 +131,68 @@ def test_image_type_is_sniffed_from_the_bytes(head, mime):
 
 
 # --- results -----------------------------------------------------------------------------
-def test_result_has_output_usage_and_finish_reason(fake):
-    result = OpenAIAdapter().generate(backend_for(fake), ask())
+@pytest.mark.parametrize("stream", [True, False])
+def test_result_has_output_usage_and_finish_reason(fake, stream):
+    backend = backend_for(fake, config={"stream": stream})
+    result = OpenAIAdapter().generate(backend, ask())
     assert (result.output, result.prompt_tokens, result.completion_tokens) == ("one two three", 3, 3)
     assert result.finish_reason == "stop"
-    result = OpenAIAdapter().generate(backend_for(fake), ask(max_tokens=1))
+    result = OpenAIAdapter().generate(backend, ask(max_tokens=1))
     assert (result.output, result.completion_tokens, result.finish_reason) == ("one", 1, "length")
+
+
+def test_a_server_that_ignores_stream_is_read_as_one_answer(fake, monkeypatch):
+    # Some servers answer a streamed request with one chat.completion object.
+    monkeypatch.setattr(
+        OpenAIFake,
+        "_stream",
+        lambda self, h, head, words, reason, usage, body: h.send_json(
+            200,
+            {
+                **head,
+                "object": "chat.completion",
+                "usage": usage,
+                "choices": [{"index": 0, "message": {"content": " ".join(words)}, "finish_reason": reason}],
+            },
+        ),
+    )
+    result = OpenAIAdapter().generate(backend_for(fake), ask())
+    assert (result.output, result.completion_tokens) == ("one two three", 3)
+
+
+def test_cancel_mid_stream_stops_the_call_and_closes_the_servers_stream():
+    with OpenAIFake(reply=" ".join(f"w{i}" for i in range(100)), chunk_delay_s=0.05) as fake:
+        request = ask()
+        threading.Timer(0.3, request.cancel.set).start()
+        t0 = time.monotonic()
+        with pytest.raises(JobCanceled):
+            OpenAIAdapter().generate(backend_for(fake, api_key=""), request)
+        assert time.monotonic() - t0 < 1.0  # not the 5 s the whole answer takes
+        deadline = time.monotonic() + 3
+        while not fake.clients_gone and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert fake.clients_gone == 1  # the server saw the client go: vLLM aborts the request then
+
+
+def test_the_deadline_holds_between_chunks_of_a_slow_stream():
+    with OpenAIFake(reply=" ".join(f"w{i}" for i in range(100)), chunk_delay_s=0.1) as fake:
+        t0 = time.monotonic()
+        err = fails(backend_for(fake, api_key=""), ask(timeout_s=0.5))  # every read is quicker than 0.5 s
+        assert time.monotonic() - t0 < 1.5
+    assert err.retryable and "Timed out after 0.5s (streaming)" in err.message
+
+
+def test_a_stream_cut_before_its_finish_reason_is_a_truncated_answer():
+    with OpenAIFake(truncate_after=2) as fake:
+        err = fails(backend_for(fake, api_key=""))
+    assert err.retryable and "truncated" in err.message
+
+
+@pytest.mark.parametrize(("status", "retryable"), [(503, True), (400, False)])
+def test_an_error_event_in_the_stream_is_classified_like_an_error_response(status, retryable):
+    with OpenAIFake(error_after=1, fail_status=status, fail_message="engine died") as fake:
+        err = fails(backend_for(fake, api_key=""))
+    assert err.retryable is retryable and err.status == status and "engine died" in err.message
 
 
 def test_one_pooled_client_per_base_url_shared_by_threads(fake):
@@ -188,16 +253,19 @@ def test_rate_limit_in_both_shapes(style):
     assert err.retryable and err.retry_after_s == 1.0 and err.message.startswith("Rate limit reached")
 
 
-@pytest.mark.parametrize("knob", ["empty_choices", "omit_finish_reason"])
-def test_answer_without_choices_or_finish_reason_is_an_error(knob):
+@pytest.mark.parametrize(
+    ("knob", "stream"), [("empty_choices", False), ("omit_finish_reason", False), ("omit_finish_reason", True)]
+)
+def test_answer_without_choices_or_finish_reason_is_an_error(knob, stream):
     with OpenAIFake(**{knob: True}) as fake:
-        err = fails(backend_for(fake))
+        err = fails(backend_for(fake, api_key="", config={"stream": stream}))
     assert err.retryable and err.status is None
 
 
-def test_missing_usage_records_zero_tokens_not_an_error():
+@pytest.mark.parametrize("stream", [True, False])
+def test_missing_usage_records_zero_tokens_not_an_error(stream):
     with OpenAIFake(omit_usage=True) as fake:
-        result = OpenAIAdapter().generate(backend_for(fake), ask())
+        result = OpenAIAdapter().generate(backend_for(fake, api_key="", config={"stream": stream}), ask())
     assert (result.output, result.prompt_tokens, result.completion_tokens) == ("one two three", 0, 0)
 
 
@@ -285,3 +353,31 @@ def test_job_runs_on_an_openai_compatible_server_through_a_real_worker(api, fake
     assert fake.last.headers["authorization"] == f"Bearer {KEY}"
     assert sent["temperature"] == 0.3 and sent["seed"] == 5
     assert sent["messages"][-1]["content"][1]["image_url"]["url"] == f"data:image/png;base64,{PNG_1PX}"
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_canceling_a_running_job_stops_the_servers_generation_and_frees_the_slot(api, worker_process):
+    with OpenAIFake(reply=" ".join(f"w{i}" for i in range(600)), chunk_delay_s=0.05) as fake:  # a 30 s answer
+        Backend.objects.create(name="vllm", kind=BackendKind.OPENAI, base_url=fake.base_url, model="gpt-test")
+        RoutingPolicy.objects.create(name="p", strategy="ordered", params={"order": ["vllm"]}).activate()
+        long_id = api.post("/jobs", {"prompt": "long"}, format="json").json()["id"]
+        worker = worker_process(MAX_CONCURRENCY="1", WORKER_HEARTBEAT_MS="300")
+        deadline = time.monotonic() + 30
+        while Job.objects.get(pk=long_id).state != JobState.RUNNING or not fake.requests:
+            assert time.monotonic() < deadline, worker.log_path.read_text()[-3000:]
+            time.sleep(0.05)
+        time.sleep(0.3)  # streaming
+        assert api.post(f"/jobs/{long_id}/cancel").json()["state"] == JobState.CANCELED
+        t0 = time.monotonic()
+        while not fake.clients_gone:
+            assert time.monotonic() - t0 < 5, "the worker kept the server generating"
+            time.sleep(0.02)
+        fake.reply = "short answer"
+        next_id = api.post("/jobs", {"prompt": "next"}, format="json").json()["id"]
+        while Job.objects.get(pk=next_id).state != JobState.SUCCEEDED:  # the one slot is free again
+            assert time.monotonic() - t0 < 10, worker.log_path.read_text()[-3000:]
+            time.sleep(0.05)
+    job = Job.objects.get(pk=long_id)
+    assert job.state == JobState.CANCELED and job.output == ""
+    assert job.attempts.get().outcome == "canceled"

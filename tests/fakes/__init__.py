@@ -80,7 +80,8 @@ class FakeHandler(BaseHTTPRequestHandler):
                 fake.pause(fake.latency_s)
             fake.handle(self, req)
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            self.close_connection = True  # the client gave up (e.g. its deadline passed)
+            self.close_connection = True  # the client gave up (e.g. its deadline passed, or a cancel)
+            fake._client_gone()
 
     # --- writers -------------------------------------------------------------------
     def send_json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
@@ -165,6 +166,7 @@ class FakeServer:
         self._lock = threading.Lock()
         self._requests: list[RecordedRequest] = []
         self._generation_calls = 0
+        self._clients_gone = 0
         self._stopping = threading.Event()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -236,6 +238,16 @@ class FakeServer:
     def generation_calls(self) -> int:
         with self._lock:
             return self._generation_calls
+
+    def _client_gone(self) -> None:
+        with self._lock:
+            self._clients_gone += 1
+
+    @property
+    def clients_gone(self) -> int:
+        """Responses cut short because the client closed the connection (a server stops generating then)."""
+        with self._lock:
+            return self._clients_gone
 
     def pause(self, seconds: float) -> None:
         """Sleep, but wake at once when the server stops (so teardown never waits on a slow knob)."""

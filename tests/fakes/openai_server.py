@@ -12,7 +12,10 @@ before 0.10.1). 404 for an unknown model, 400 for a bad request, 401 for a wrong
 set (the message echoes the key it got, as careless servers do, so tests can prove we never repeat it),
 failure knobs default to 503; ``retry_after`` adds a ``Retry-After`` header to those failures.
 ``loading=True`` answers 503 "Loading model" everywhere, as llama.cpp does while loading weights.
-Shape knobs for broken servers: ``omit_finish_reason``, ``empty_choices``, ``omit_usage``.
+Shape knobs for broken servers: ``omit_finish_reason``, ``empty_choices``, ``omit_usage``; for streams,
+``truncate_after=N`` ends the stream after N content chunks (no finish_reason, no ``[DONE]``) and
+``error_after=N`` sends N content chunks then ``data: {"error": {...}}`` (code ``fail_status``), as vLLM
+reports a failure after streaming began. ``chunk_delay_s`` paces the content chunks.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ class OpenAIFake(FakeServer):
         omit_finish_reason: bool = False,
         empty_choices: bool = False,
         omit_usage: bool = False,
+        truncate_after: int | None = None,
+        error_after: int | None = None,
         **knobs: Any,
     ) -> None:
         super().__init__(**knobs)
@@ -60,6 +65,8 @@ class OpenAIFake(FakeServer):
         self.omit_finish_reason = omit_finish_reason
         self.empty_choices = empty_choices
         self.omit_usage = omit_usage
+        self.truncate_after = truncate_after
+        self.error_after = error_after
         self._ids = 0
 
     @property
@@ -199,6 +206,15 @@ class OpenAIFake(FakeServer):
         h.start_stream(200, "text/event-stream; charset=utf-8")
         event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
         for i, word in enumerate(words):
+            if i == self.truncate_after:
+                h.end_stream()
+                return
+            if i == self.error_after:
+                message = self.fail_message or _FAIL.get(self.fail_status, ("error", "server_error", None))[0]
+                error = {"message": message, "type": "server_error", "param": None, "code": self.fail_status}
+                h.write_chunk(b"data: " + json.dumps({"error": error}).encode() + b"\n\n")
+                h.end_stream()
+                return
             if self.chunk_delay_s:
                 self.pause(self.chunk_delay_s)
             delta = {"content": word if i == 0 else f" {word}"}

@@ -6,8 +6,16 @@ error message or a log line (a server that echoes it back has it scrubbed).
 
 Body fields merge, later winning: backend config ``params`` < the job's ``params`` < ``model``,
 ``messages``, ``max_tokens`` and ``temperature`` from the job. ``model``, ``messages``, ``stream``,
-``stream_options`` and ``n`` are never taken from params (we parse one non-streamed choice). Config
+``stream_options`` and ``n`` are never taken from params (we parse one choice). Config
 ``max_tokens_param`` renames ``max_tokens`` (OpenAI's newer models want ``max_completion_tokens``).
+
+We stream (``"stream": true`` with ``stream_options.include_usage``) unless the backend's config says
+``"stream": false``: a job canceled while its call runs stops at the next chunk, and closing the stream
+makes the server stop generating (vLLM aborts a request whose client went away), so the GPU is not
+spent on an answer nobody will read; the call's deadline is checked between chunks too. A stream
+must end with a ``finish_reason`` (else the answer is truncated: an error); an ``error`` event in the
+stream is classified like an error response; usage comes from the final usage chunk. A server that
+answers a streamed request with one JSON object is read as such.
 A multimodal job's last user message becomes content parts: its text plus one ``image_url`` data URL per
 image, the MIME type sniffed from the bytes.
 
@@ -22,6 +30,7 @@ from __future__ import annotations
 import base64
 import binascii
 import email.utils
+import json
 import logging
 import threading
 import time
@@ -95,18 +104,24 @@ class OpenAIAdapter:
             raise BackendError("The backend has no base URL.", retryable=False)
         body = build_body(backend, request, model)
         headers = {"Authorization": f"Bearer {backend.api_key}"} if backend.api_key else {}
+        streamed = backend.config.get("stream", True) is not False
+        if streamed:
+            body["stream"], body["stream_options"] = True, {"include_usage": True}
         try:
-            response = self.client(backend.base_url).post(
-                "/chat/completions", json=body, headers=headers, timeout=timeout_s
-            )
+            with self.client(backend.base_url).stream(
+                "POST", "/chat/completions", json=body, headers=headers, timeout=timeout_s
+            ) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise error_from_response(response, backend.api_key)
+                if streamed and response.headers.get("content-type", "").startswith("text/event-stream"):
+                    return read_stream(response, request, backend.api_key, started, started + timeout_s)
+                response.read()
         except httpx.TimeoutException:
             raise BackendError(f"Timed out after {timeout_s:g}s.", retryable=True) from None
         except httpx.TransportError as exc:
             message = scrub(f"Connection failed: {type(exc).__name__}: {exc}", backend.api_key)
             raise BackendError(message, retryable=True) from None
-
-        if response.status_code >= 400:
-            raise error_from_response(response, backend.api_key)
         try:
             data = response.json()
         except ValueError:
@@ -116,6 +131,58 @@ class OpenAIAdapter:
         if data.get("error") or data.get("object") == "error":
             raise error_from_body(data, None, backend.api_key)
         return parse_completion(data, started)
+
+
+def read_stream(
+    response: httpx.Response, request: GenerationRequest, api_key: str, started: float, deadline: float
+) -> GenerationResult:
+    """The answer from a ``chat.completion.chunk`` event stream (see the module docstring).
+
+    Leaving early (a cancel, the deadline, an error event) closes the response, and with it the
+    connection: that is what tells the server to stop.
+    """
+    parts: list[str] = []
+    finish_reason: str | None = None
+    usage: dict[str, Any] | None = None
+    for line in response.iter_lines():
+        request.check_canceled()
+        if time.monotonic() > deadline:
+            raise BackendError(f"Timed out after {deadline - started:g}s (streaming).", retryable=True)
+        if not line.startswith("data:"):
+            continue  # blank separators, ": keep-alive" comments, "event:" lines
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            break
+        try:
+            chunk = json.loads(payload)
+        except ValueError:
+            raise BackendError("Malformed event in the server's stream (not JSON).", retryable=True) from None
+        if not isinstance(chunk, dict):
+            raise BackendError("Malformed event in the server's stream (not an object).", retryable=True)
+        if chunk.get("error") or chunk.get("object") == "error":
+            raise error_from_body(chunk, None, api_key)
+        for choice in chunk.get("choices") or ():
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") or {}
+            content = delta.get("content") if isinstance(delta, dict) else None
+            if isinstance(content, str):
+                parts.append(content)
+            finish_reason = choice.get("finish_reason") or finish_reason
+        if isinstance(chunk.get("usage"), dict):
+            usage = chunk["usage"]
+    if not finish_reason:
+        raise BackendError("The stream ended without a finish_reason: the answer is truncated.", retryable=True)
+    if not usage:
+        log.warning("server reported no usage; recording zero tokens")
+    usage = usage or {}
+    return GenerationResult(
+        output="".join(parts),
+        prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        completion_tokens=int(usage.get("completion_tokens") or 0),
+        finish_reason=str(finish_reason),
+        latency_ms=int((time.monotonic() - started) * 1000),
+    )
 
 
 def build_body(backend: BackendConfig, request: GenerationRequest, model: str) -> dict[str, Any]:
