@@ -60,7 +60,7 @@ from datetime import datetime
 from typing import Any
 
 from django.conf import settings
-from django.db import InterfaceError, OperationalError, close_old_connections
+from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections
 from django.utils import timezone
 from redis.exceptions import RedisError
 from rq.job import Job as RQJob
@@ -68,7 +68,7 @@ from rq.queue import Queue
 from rq.worker import WorkerStatus
 
 from jobs import queueing, status_cache
-from jobs.models import AttemptOutcome, Job, JobState
+from jobs.models import AttemptOutcome, Job, JobState, Priority
 from jobs.queueing import TASK
 from orchestrator_site.redis import RoundTrip
 from routing import circuit, stats
@@ -166,8 +166,13 @@ class GpuWorker(OrchestratorWorker):
         at full speed, and the admin shows the model resident as soon as the worker is up."""
         close_old_connections()
         names = set(self.queue_names())
-        for backend in Backend.objects.filter(kind=BackendKind.HF_LOCAL, enabled=True):
-            if names.isdisjoint(backend.queue_for(p) for p in ("high", "normal", "low")):
+        try:
+            backends = list(Backend.objects.filter(kind=BackendKind.HF_LOCAL, enabled=True))
+        except DatabaseError as exc:  # not fatal: each model then loads before its first batch
+            log.warning("models not preloaded: the database did not answer", extra={"error": str(exc)})
+            return
+        for backend in backends:
+            if names.isdisjoint(backend.queue_for(p) for p in Priority.values):
                 continue
             try:
                 hf_local.load(backend.adapter_config())
