@@ -250,23 +250,37 @@ def test_a_batch_costs_the_same_database_statements_whatever_its_size(api, gpu_b
     assert counts[0] == counts[1], counts
 
 
-def test_a_result_the_database_refuses_fails_alone(api, gpu_backend, monkeypatch):
+def refuse_job_updates(should_refuse):
+    """Make the database refuse batched ``UPDATE`` statements of the job table that
+    ``should_refuse(rows)`` picks (``rows``: each row's parameters, as text): the failure comes from
+    where the database's would (Django's ``execute_wrapper``), and all of our write path runs."""
+    from django.db import connection
+
+    prefix = f"UPDATE {connection.ops.quote_name(Job._meta.db_table)} "
+
+    def wrapper(execute, sql, params, many, context):
+        if many and sql.startswith(prefix):
+            should_refuse([[str(v).replace("-", "") for v in row] for row in params])
+        return execute(sql, params, many, context)
+
+    return connection.execute_wrapper(wrapper)
+
+
+def test_a_result_the_database_refuses_fails_alone(api, gpu_backend):
     from django.db import DataError
 
     ids = [submit(api, p) for p in ("fine one", "poison", "fine two")]
-    poisoned = ids[1]
-    real = Job.mark_succeeded_many.__func__
+    poisoned = ids[1].replace("-", "")
 
-    def refusing(cls, results):
-        if any(str(job.pk) == poisoned for job, _ in results):
+    def refuse(rows):
+        if any(poisoned in row for row in rows):
             raise DataError("value refused")  # as PostgreSQL refuses a row, failing its whole statement
-        return real(cls, results)
 
-    monkeypatch.setattr(Job, "mark_succeeded_many", classmethod(refusing))
-    work()
+    with refuse_job_updates(refuse):
+        work()
     states = {i: Job.objects.get(pk=i) for i in ids}
     assert [states[i].state for i in ids] == [JobState.SUCCEEDED, JobState.FAILED, JobState.SUCCEEDED]
-    bad = states[poisoned]
+    bad = states[ids[1]]
     assert "DataError" in bad.error and bad.attempts.get().outcome == AttemptOutcome.ERRORED
 
 
@@ -277,16 +291,15 @@ def test_result_writes_wait_out_a_database_outage(api, gpu_backend, monkeypatch)
 
     monkeypatch.setattr(gpu_worker, "RETRY_PAUSE_S", 0.01)
     ids = [submit(api, f"outage {n}") for n in range(3)]
-    real, refusals = Job.mark_succeeded_many.__func__, []
+    refusals = []
 
-    def down_twice(cls, results):
+    def down_twice(rows):
         if len(refusals) < 2:
-            refusals.append(len(results))
+            refusals.append(len(rows))
             raise OperationalError("server closed the connection unexpectedly")
-        return real(cls, results)
 
-    monkeypatch.setattr(Job, "mark_succeeded_many", classmethod(down_twice))
-    work()
+    with refuse_job_updates(down_twice):
+        work()
     assert refusals == [3, 3]  # the whole batch, tried again as one
     assert {Job.objects.get(pk=i).state for i in ids} == {JobState.SUCCEEDED}
 

@@ -288,8 +288,7 @@ class Batch:
             # Nothing was claimed: back in front of their queues, in order (as the thread worker does).
             log.exception("claiming jobs failed; putting them back", extra={"jobs": len(ids)})
             close_old_connections()
-            for e in reversed(claiming):
-                e.queue.push_job_id(e.rq_job.id, at_front=True)
+            self.worker.push_back([(e.rq_job, e.queue) for e in claiming])
             time.sleep(1.0)
             return
         skipped = []
@@ -422,11 +421,10 @@ class Batch:
         A job that finished or was canceled meanwhile is left as it is.
         """
         close_old_connections()
-        for e in reversed(self.pending):
-            try:
-                e.queue.push_job_id(e.rq_job.id, at_front=True)
-            except RedisError:
-                pass  # queued in the database, on no queue: the reconciler pushes it again
+        try:
+            self.worker.push_back([(e.rq_job, e.queue) for e in self.pending])
+        except RedisError:
+            pass  # queued in the database, on no queue: the reconciler pushes them again
         self.pending = []
         requeued = 0
         for e in self.active:
@@ -487,8 +485,7 @@ class Batch:
             results = written
         rt = RoundTrip(self.worker.connection)
         for e, r in results:
-            stats.record_call_in(rt, e.backend.name, latency_ms=r.latency_ms, ok=True)
-            circuit.record_in(rt, e.backend.name, ok=True, config=circuit.CircuitConfig.from_config(e.backend.config))
+            self.record_in(rt, e.backend, r.latency_ms, ok=True)
         self.send(rt)
         for (e, r), ok in zip(results, won, strict=True):
             log.info(
@@ -577,13 +574,17 @@ class Batch:
         record_run(e.job_id, e.queue.name, e.since, row=e.job, pipe=buffer)
 
     def record(self, backend: Backend, latency_ms: float, *, ok: bool, error: str = "") -> None:
-        """Feed routing's live figures and the breaker for one call."""
+        """Feed routing's live figures and the breaker for one call, in one round trip."""
         rt = RoundTrip(self.worker.connection)
-        stats.record_call_in(rt, backend.name, latency_ms=latency_ms, ok=ok, error=error)
-        circuit.record_in(
-            rt, backend.name, ok=ok, config=circuit.CircuitConfig.from_config(backend.config), error=error
-        )
+        self.record_in(rt, backend, latency_ms, ok=ok, error=error)
         self.send(rt)
+
+    @staticmethod
+    def record_in(rt: RoundTrip, backend: Backend, latency_ms: float, *, ok: bool, error: str = "") -> None:
+        """``record`` as part of ``rt`` (a round's finished jobs go in one round trip)."""
+        stats.record_call_in(rt, backend.name, latency_ms=latency_ms, ok=ok, error=error)
+        breaker = circuit.CircuitConfig.from_config(backend.config)
+        circuit.record_in(rt, backend.name, ok=ok, config=breaker, error=error)
 
     def send(self, rt: RoundTrip) -> None:
         """A Redis hiccup must not change a job's outcome: the figures are lost, with a warning."""

@@ -143,9 +143,7 @@ class OrchestratorWorker(SimpleWorker):
                 # Nothing was claimed: put them back in front of their queues, in order, and pause.
                 log.exception("claiming jobs failed; putting them back", extra={"jobs": len(ids)})
                 close_old_connections()  # a broken connection is replaced on the next try
-                for (j, q), ours in reversed(list(zip(batch, lean, strict=True))):
-                    if ours:
-                        q.push_job_id(j.id, at_front=True)
+                self.push_back([entry for entry, ours in zip(batch, lean, strict=True) if ours])
                 batch = [entry for entry, ours in zip(batch, lean, strict=True) if not ours]
                 lean = [False] * len(batch)
                 time.sleep(1.0)
@@ -191,6 +189,11 @@ class OrchestratorWorker(SimpleWorker):
                 if rq_job is not None:  # deleted since it was queued: RQ's own dequeue skips those too
                     taken.append((rq_job, queue))
         return taken
+
+    def push_back(self, taken: list[tuple[RQJob, Queue]]) -> None:
+        """Put popped jobs back in front of their queues, in the order they were taken."""
+        for rq_job, queue in reversed(taken):
+            queue.push_job_id(rq_job.id, at_front=True)
 
     def _perform_entry(self, entry: Running) -> None:
         if entry.job is None:  # not our task: RQ's own way, with its execution record

@@ -173,16 +173,7 @@ def read_stream(
             usage = chunk["usage"]
     if not finish_reason:
         raise BackendError("The stream ended without a finish_reason: the answer is truncated.", retryable=True)
-    if not usage:
-        log.warning("server reported no usage; recording zero tokens")
-    usage = usage or {}
-    return GenerationResult(
-        output="".join(parts),
-        prompt_tokens=int(usage.get("prompt_tokens") or 0),
-        completion_tokens=int(usage.get("completion_tokens") or 0),
-        finish_reason=str(finish_reason),
-        latency_ms=int((time.monotonic() - started) * 1000),
-    )
+    return completion_result("".join(parts), finish_reason, usage, started)
 
 
 def build_body(backend: BackendConfig, request: GenerationRequest, model: str) -> dict[str, Any]:
@@ -258,11 +249,16 @@ def parse_completion(data: dict[str, Any], started: float) -> GenerationResult:
         raise BackendError("The answer has no finish_reason: it is truncated.", retryable=True)
     message = choice.get("message") or {}
     content = message.get("content") if isinstance(message, dict) else None
-    usage = data.get("usage") or {}
-    if not usage:
+    return completion_result(content if isinstance(content, str) else "", finish_reason, data.get("usage"), started)
+
+
+def completion_result(output: str, finish_reason: Any, usage: Any, started: float) -> GenerationResult:
+    """The result of a finished answer, streamed or not; a server that reports no usage records zero tokens."""
+    if not isinstance(usage, dict) or not usage:
         log.warning("server reported no usage; recording zero tokens")
+        usage = {}
     return GenerationResult(
-        output=content if isinstance(content, str) else "",
+        output=output,
         prompt_tokens=int(usage.get("prompt_tokens") or 0),
         completion_tokens=int(usage.get("completion_tokens") or 0),
         finish_reason=str(finish_reason),
