@@ -10,8 +10,15 @@ Used by tests/test_hf_local.py, tests/test_gpu_worker.py and bench/p4_gpu.py.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
+
+# Where the hf_local and GPU worker tests run the model: the CPU here and in CI; on a GPU host
+# ``TEST_HF_DEVICE=cuda``. fp32 on either, so that a batched answer must equal the same prompt's
+# answer alone exactly (greedy); bf16 is what bench/p4_gpu.py measures.
+TEST_DEVICE = os.environ.get("TEST_HF_DEVICE", "cpu")
+TEST_CONFIG = {"device": TEST_DEVICE, "dtype": "fp32"}
 
 SPECIALS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.gpu_model import save_tiny_model
+from tests.gpu_model import TEST_CONFIG, TEST_DEVICE, save_tiny_model
 from workers.backends import get_adapter, hf_local
 from workers.backends.base import BackendConfig, BackendError, GenerationRequest
 from workers.backends.hf_local import HFLocalAdapter
@@ -23,7 +23,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def backend(tiny_model_dir) -> BackendConfig:
-    return BackendConfig(name="tiny", kind="hf_local", model=str(tiny_model_dir), config={"device": "cpu"})
+    return BackendConfig(name="tiny", kind="hf_local", model=str(tiny_model_dir), config=dict(TEST_CONFIG))
 
 
 def req(prompt: str, max_tokens: int | None = 6, **kw) -> GenerationRequest:
@@ -41,8 +41,8 @@ def test_model_is_loaded_once_and_stays_resident(backend):
     HFLocalAdapter().generate(backend, req("hello"))
     HFLocalAdapter().generate(backend, req("again"))
     assert hf_local.load(backend) is first
-    assert [k for k in hf_local._MODELS if k[0] == backend.model] == [(backend.model, "float32", "cpu")]
-    assert first.model.device.type == "cpu" and first.model.dtype == torch.float32
+    assert [k for k in hf_local._MODELS if k[0] == backend.model] == [(backend.model, "float32", TEST_DEVICE)]
+    assert first.model.device.type == TEST_DEVICE.split(":")[0] and first.model.dtype == torch.float32
     assert any(m["path"] == backend.model for m in hf_local.resident_models())
 
 
