@@ -18,7 +18,8 @@ from jobs.models import AttemptOutcome, Job, JobState, storable
 from orchestrator_site.redis import redis_client
 from routing.models import Backend, BackendKind, RoutingPolicy
 from tests.conftest import ROOT, process_env
-from tests.gpu_model import save_tiny_model
+from tests.gpu_model import TEST_CONFIG, save_tiny_model
+from workers.backends import hf_local
 from workers.backends.base import BackendConfig, GenerationRequest
 from workers.backends.hf_local import HFLocalAdapter
 from workers.gpu_worker import STATUS_KEY, BatchLimits, GpuWorker
@@ -38,7 +39,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def gpu_backend(db, tiny_model_dir) -> Backend:
     backend = Backend.objects.create(
-        name="tiny", kind=BackendKind.HF_LOCAL, model=str(tiny_model_dir), pool="gpu", config={"device": "cpu"}
+        name="tiny", kind=BackendKind.HF_LOCAL, model=str(tiny_model_dir), pool="gpu", config=dict(TEST_CONFIG)
     )
     RoutingPolicy.objects.create(name="gpu", strategy="ordered", params={"order": ["tiny"]}).activate()
     return backend
@@ -165,6 +166,32 @@ def test_end_to_end_through_a_real_gpu_worker_process(api, gpu_backend):
     r = api.get(f"/jobs/{ids[2]}/result")
     assert r.status_code == 200 and r.json()["output"] == jobs[2].output
     assert r.json()["usage"]["prompt_tokens"] == len(prompts[2])
+
+
+def test_a_gpu_worker_warms_its_model_up_for_a_full_round_of_its_batches(db, tmp_path):
+    """The preload decodes one round at ``BATCH_MAX`` rows x ``BATCH_ROUND_TOKENS`` tokens, so the
+    first batch does not pay the cold costs that grow with the sequence length (on a GPU: seconds)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    path = save_tiny_model(tmp_path / "fresh")  # not resident yet: this preload loads it
+    Backend.objects.create(name="fresh", kind=BackendKind.HF_LOCAL, model=str(path), pool="gpu", config=TEST_CONFIG)
+    rows: list[int] = []
+
+    def count(module, args, output):
+        if isinstance(module, LlamaForCausalLM):
+            rows.append(output.logits.shape[0])
+
+    hook = torch.nn.modules.module.register_module_forward_hook(count)
+    try:
+        worker = GpuWorker(QUEUES, connection=redis_client())
+        worker.batch_limits = BatchLimits(max_jobs=8, wait_s=0.01, round_tokens=12)
+        worker.preload()
+    finally:
+        hook.remove()
+    assert rows.count(8) == 12  # one forward per new token, all 8 rows
+    assert rows.count(1) >= 1 and set(rows) == {1, 8}
+    assert any(m["path"] == str(path) for m in hf_local.resident_models())
 
 
 # --- doing the damage for real: a GPU worker killed with SIGKILL ------------------------------------

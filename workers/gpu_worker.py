@@ -115,6 +115,11 @@ class BatchLimits:
         )
 
 
+def load_model(backend: Backend, limits: BatchLimits) -> None:
+    """Load ``backend``'s model (first use only), warmed up for a full round of this worker's batches."""
+    hf_local.load(backend.adapter_config(), warm_rows=limits.max_jobs, warm_tokens=limits.round_tokens)
+
+
 @dataclass
 class Entry:
     """One job in the batch: its RQ job and queue, then (once claimed) our row and its sequence."""
@@ -175,7 +180,7 @@ class GpuWorker(OrchestratorWorker):
             if names.isdisjoint(backend.queue_for(p) for p in Priority.values):
                 continue
             try:
-                hf_local.load(backend.adapter_config())
+                load_model(backend, self.batch_limits or BatchLimits.from_settings())
             except BackendError as exc:  # its jobs fail with the reason; the worker serves the others
                 log.warning("model not loaded", extra={"backend": backend.name, "error": exc.message})
 
@@ -321,7 +326,7 @@ class Batch:
             kind=BackendKind.HF_LOCAL, pk__in=Job.objects.filter(pk__in=ids).values("backend_id")
         ):
             try:
-                hf_local.load(backend.adapter_config())
+                load_model(backend, self.limits)
             except BackendError:
                 pass
 

@@ -89,8 +89,13 @@ def resolve(backend: BackendConfig) -> tuple[str, str, str]:
     return path, _DTYPES[raw], device
 
 
-def load(backend: BackendConfig) -> LoadedModel:
-    """The resident model for ``backend``, loading it on first use (once per process)."""
+def load(backend: BackendConfig, *, warm_rows: int = 16, warm_tokens: int = 4) -> LoadedModel:
+    """The resident model for ``backend``, loading it on first use (once per process).
+
+    ``warm_rows`` and ``warm_tokens``: the largest batch the caller runs and its new tokens per
+    round (the GPU worker passes ``BATCH_MAX`` and ``BATCH_ROUND_TOKENS``); the load runs one such
+    round so that the first jobs do not pay for it (see ``_warm_up``).
+    """
     key = resolve(backend)
     loaded = _MODELS.get(key)
     if loaded is not None:
@@ -98,11 +103,11 @@ def load(backend: BackendConfig) -> LoadedModel:
     with _load_lock:  # two threads asking at once load it once
         loaded = _MODELS.get(key)
         if loaded is None:
-            loaded = _MODELS[key] = _load(*key, backend=backend)
+            loaded = _MODELS[key] = _load(*key, backend=backend, warm=(warm_rows, warm_tokens))
     return loaded
 
 
-def _load(path: str, dtype: str, device: str, *, backend: BackendConfig) -> LoadedModel:
+def _load(path: str, dtype: str, device: str, *, backend: BackendConfig, warm: tuple[int, int]) -> LoadedModel:
     torch = _torch()
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -125,30 +130,39 @@ def _load(path: str, dtype: str, device: str, *, backend: BackendConfig) -> Load
         pad_id = next(iter(sorted(eos_ids)), 0)
     max_context = int(backend.config.get("max_context") or getattr(model.config, "max_position_embeddings", 2048))
     loaded = LoadedModel(path, dtype, device, model, tokenizer, max_context, eos_ids, pad_id, 0.0)
-    _warm_up(loaded, tokenizer.bos_token_id)
+    _warm_up(loaded, tokenizer.bos_token_id, *warm)
     loaded.load_s = time.monotonic() - started
     return loaded
 
 
-def _warm_up(m: LoadedModel, bos_id: int | None) -> None:
-    """Run prefill and decode once, padded, at two batch sizes, here rather than in the first jobs.
+def _warm_up(m: LoadedModel, bos_id: int | None, rows: int, new_tokens: int) -> None:
+    """Run a padded prefill and decode at one row, then one whole round at ``rows`` x ``new_tokens``.
 
     On an H100 the first ``generate`` of a fresh process took ~4 s longer than the next ones
-    (CUDA context, cuBLAS/cuDNN handles, kernel selection for the decode path): a first batch
-    would pay it in every job's latency. A 1-token generate does not cover the decode steps.
+    (CUDA context, cuBLAS handles, kernel selection): a first batch would pay it in every job's
+    latency. A short warm-up is not enough. On an H200 (1.1B model, bf16), after a warm-up of 64
+    rows x 32 new tokens, the first batch of 64 jobs x 64 new tokens still took 3.6 s against
+    1.1-1.3 s for the next; after more 64-row calls reaching the full 128 positions it took 1.4 s
+    (``bench/first_generate.py``). What stays cold grows with the sequence length at that batch
+    size (the allocator's blocks for the growing KV cache, by the look of it), so the warm-up
+    decodes a whole round: on that card ~1-2 s more at load, once per process.
     """
     torch = _torch()
     token = m.pad_id if bos_id is None else bos_id
-    for rows in (1, 16):
-        ids = torch.full((rows, 16), token, dtype=torch.long, device=m.device)
+    width = min(64, max(2, m.max_context // 2))
+    shapes = [(1, min(16, width), 4)]
+    if rows > 1:
+        shapes.append((rows, width, max(1, min(new_tokens, m.max_context - width))))
+    for batch, cols, new in shapes:
+        ids = torch.full((batch, cols), token, dtype=torch.long, device=m.device)
         mask = torch.ones_like(ids)
-        mask[1:, :4] = 0  # some rows left-padded, as in real batches
+        mask[1:, : cols // 4] = 0  # some rows left-padded, as in real batches
         with torch.inference_mode():
             m.model.generate(
                 input_ids=ids,
                 attention_mask=mask,
-                max_new_tokens=4,
-                min_new_tokens=4,
+                max_new_tokens=new,
+                min_new_tokens=new,  # a random or real model may stop early: reach the length
                 do_sample=False,
                 pad_token_id=m.pad_id,
             )
