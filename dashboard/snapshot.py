@@ -328,6 +328,7 @@ def as_json(snap: Snapshot) -> dict[str, Any]:
                 "state": w.state,
                 "in_flight": w.in_flight,
                 "max_concurrency": w.max_concurrency,
+                "unwritten": w.unwritten,
                 "gpu": w.gpu,
             }
             for w in snap.workers

@@ -126,6 +126,7 @@ def busy_system(dev_backend, policy):
             state="busy",
             in_flight=3,
             max_concurrency=8,
+            unwritten=2,
         )
     )
     client = redis_client()
@@ -171,6 +172,7 @@ def test_page_shows_every_panel_with_data(admin_client, busy_system, policy):
     workers = section(html, "dash-workers")
     assert "gpu-box.1" in workers and "gpu-high, gpu-normal" in workers and "3 / 8" in workers
     assert "Qwen/Qwen2.5-0.5B" in workers and "batch 64" in workers and "1234.5 tokens/s" in workers
+    assert "2 results waiting for the database" in workers
 
     recent = section(html, "dash-recent")
     for job in (busy_system["queued"], busy_system["done"]):

@@ -61,9 +61,14 @@ def metrics_text() -> str:
     return generate_latest(registry).decode()
 
 
-def work(max_jobs: int = 64, round_tokens: int = 128) -> GpuWorker:
+def gpu_worker(max_jobs: int = 64, round_tokens: int = 128) -> GpuWorker:
     worker = GpuWorker(QUEUES, connection=redis_client())
     worker.batch_limits = BatchLimits(max_jobs=max_jobs, wait_s=0.01, round_tokens=round_tokens)
+    return worker
+
+
+def work(max_jobs: int = 64, round_tokens: int = 128) -> GpuWorker:
+    worker = gpu_worker(max_jobs, round_tokens)
     worker.work(burst=True)
     return worker
 
@@ -311,24 +316,59 @@ def test_a_result_the_database_refuses_fails_alone(api, gpu_backend):
     assert "DataError" in bad.error and bad.attempts.get().outcome == AttemptOutcome.ERRORED
 
 
-def test_result_writes_wait_out_a_database_outage(api, gpu_backend, monkeypatch):
+def test_result_writes_wait_out_a_database_outage_however_long(api, gpu_backend, monkeypatch):
+    """Giving up would leave the jobs running on a live worker for good; meanwhile the worker's
+    status (the admin's worker list) says how many results wait."""
     from django.db import OperationalError
 
-    from workers import gpu_worker
+    from workers import gpu_worker as module
+    from workers.status import read_workers
 
-    monkeypatch.setattr(gpu_worker, "RETRY_PAUSE_S", 0.01)
+    monkeypatch.setattr(module, "RETRY_PAUSE_S", 0.001)
     ids = [submit(api, f"outage {n}") for n in range(3)]
-    refusals = []
+    worker = gpu_worker()
+    refusals, shown = [], []
 
-    def down_twice(rows):
-        if len(refusals) < 2:
+    def down(rows):
+        if len(refusals) < 150:  # the worker used to give up after 120 tries
             refusals.append(len(rows))
+            if len(refusals) == 5:
+                worker.publish_status()
+                shown.extend(w.unwritten for w in read_workers() if w.name == worker.name)
             raise OperationalError("server closed the connection unexpectedly")
 
-    with refuse_job_updates(down_twice):
-        work()
-    assert refusals == [3, 3]  # the whole batch, tried again as one
+    with refuse_job_updates(down):
+        worker.work(burst=True)
+    assert set(refusals) == {3} and shown == [3]  # the whole batch, tried again as one
     assert {Job.objects.get(pk=i).state for i in ids} == {JobState.SUCCEEDED}
+    assert worker.unwritten() == 0
+
+
+def test_a_worker_stopped_during_an_outage_leaves_its_jobs_to_recovery(api, gpu_backend, monkeypatch):
+    """After the stop's grace, results that cannot be written are not turned into failures: the
+    rows stay running, the worker leaves, and crash recovery runs the jobs again."""
+    from django.db import OperationalError, connection
+
+    from workers import gpu_worker as module
+
+    monkeypatch.setattr(module, "RETRY_PAUSE_S", 0.001)
+    ids = [submit(api, f"stopped {n}") for n in range(3)]
+    worker = gpu_worker()
+    refusals = []
+
+    def database_down(execute, sql, params, many, context):
+        if sql.startswith(("UPDATE", "INSERT")) and (many or refusals):
+            refusals.append(sql[:30])
+            if len(refusals) == 3:
+                worker._stop_at = time.monotonic() - 3600  # a stop asked long ago: the grace is over
+            raise OperationalError("server closed the connection unexpectedly")
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(database_down):
+        worker.work(burst=True)
+    jobs = [Job.objects.get(pk=i) for i in ids]
+    assert [j.state for j in jobs] == [JobState.RUNNING] * 3 and not any(j.error for j in jobs)
+    assert {j.attempts.get().outcome for j in jobs} == {AttemptOutcome.RUNNING}  # open: recovery closes it
 
 
 @pytest.mark.slow

@@ -280,30 +280,36 @@ def test_round_trip_runs_scripts_and_commands_and_reloads_a_script_redis_forgot(
     assert capacity.try_acquire("rt-backend", 1) is not None
 
 
-def test_a_deferred_write_the_database_refused_is_tried_again(dev_backend, monkeypatch):
+def test_a_deferred_write_the_database_refused_is_tried_again_until_it_answers(dev_backend, monkeypatch):
+    """However long the outage: giving up would leave the job running on a live worker for good.
+    Meanwhile the write is counted in ``retrying`` (the worker's status shows it)."""
     from django.db import OperationalError
 
     from workers import group_commit
 
-    monkeypatch.setattr(group_commit, "RETRY_PAUSE_S", 0.01)
+    monkeypatch.setattr(group_commit, "RETRY_PAUSE_S", 0.001)
+    outage = 150  # tries; the writer used to give up after 120
     row = Job.claim([str(make_job(dev_backend).pk)], "w1")
     commits = GroupCommit("test-commits")
     tries: list[int] = []
+    waiting: list[int] = []
     seen: list = []
     done = threading.Event()
 
     def flaky_many(items):
         tries.append(len(items))
-        if len(tries) < 3:
+        waiting.append(commits.retrying)
+        if len(tries) <= outage:
             raise OperationalError("server closed the connection unexpectedly")
         return Job.mark_succeeded_many(items)
 
     try:
         commits.run_batched(flaky_many, (row[0], result()), then=lambda won: (seen.append(won), done.set()))
-        assert done.wait(5)
+        assert done.wait(30)
     finally:
         commits.stop()
-    assert len(tries) == 3 and seen == [True]
+    assert len(tries) == outage + 1 and seen == [True]
+    assert waiting[0] == 0 and set(waiting[1:]) == {1} and commits.retrying == 0
     fresh = Job.objects.get(pk=row[0].pk)
     assert fresh.state == JobState.SUCCEEDED and fresh.version == row[0].version  # memory followed the commit
 

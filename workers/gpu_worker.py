@@ -76,7 +76,7 @@ from routing.models import Backend, BackendKind
 from workers.backends import get_adapter, hf_local
 from workers.backends.base import BackendError, GenerationResult
 from workers.backends.hf_local import HFLocalAdapter, Sequence
-from workers.group_commit import RETRY_MAX, RETRY_PAUSE_S
+from workers.group_commit import RETRY_LOG_EVERY, RETRY_PAUSE_S
 from workers.retry import Deadline
 from workers.status import GPU_STATUS_KEY as STATUS_KEY
 from workers.tasks import JobRun, generation_request, run_claimed
@@ -120,6 +120,10 @@ def load_model(backend: Backend, limits: BatchLimits) -> None:
     hf_local.load(backend.adapter_config(), warm_rows=limits.max_jobs, warm_tokens=limits.round_tokens)
 
 
+class ResultsUnwritten(Exception):
+    """A round's results could not be written before the worker's stop: the jobs are recovered."""
+
+
 @dataclass
 class Entry:
     """One job in the batch: its RQ job and queue, then (once claimed) our row and its sequence."""
@@ -158,6 +162,10 @@ class GpuWorker(OrchestratorWorker):
     def in_flight(self) -> int:
         batch = self.batch
         return batch.size if batch is not None else 0
+
+    def unwritten(self) -> int:
+        batch = self.batch
+        return batch.unwritten if batch is not None else 0
 
     def work(self, *args: Any, **kwargs: Any) -> bool:
         self.preload()
@@ -231,6 +239,7 @@ class Batch:
         self.tokens = 0
         self.generate_s = 0.0
         self.opened: float | None = None  # when the first claim began
+        self.unwritten = 0  # finished jobs whose results wait for the database (the worker's status)
 
     # --- taking jobs ------------------------------------------------------------------------------
     def fill(self) -> None:
@@ -476,6 +485,11 @@ class Batch:
         ]
         try:
             won = self.write_results(moves)
+        except ResultsUnwritten as exc:
+            # Stopping with the database away: the rows still say running, on a worker about to be
+            # gone; the reconciler re-runs them once its heartbeat lapses. Their RQ hashes stay.
+            log.error("results not written at shutdown; their jobs will run again", extra={"error": str(exc)})
+            return
         except Exception:
             # One bad row must not fail the others: write each alone; only the ones that fail alone crash.
             log.exception("batched result write failed; writing each job alone", extra={"jobs": len(moves)})
@@ -501,23 +515,30 @@ class Batch:
 
     def write_results(self, moves: list[tuple[Job, dict[str, Any]]]) -> list[bool]:
         """``Job.mark_succeeded_many``, tried again while the database is unreachable (a restart, a
-        failover): nobody else would record these results while this worker is alive. Other errors
-        (a row the database refuses) are the caller's to isolate."""
+        failover): nobody else would record these results while this worker is alive, and giving up
+        would leave the jobs ``running`` for good. Once a stop's grace is over it raises
+        ``ResultsUnwritten``: the worker exits and recovery re-runs the jobs. Other errors (a row
+        the database refuses) are the caller's to isolate."""
         tries = 0
-        while True:
-            try:
-                with status_cache.batched():
-                    return Job.mark_succeeded_many(moves)
-            except (OperationalError, InterfaceError) as exc:
-                tries += 1
-                if tries >= RETRY_MAX:
-                    raise
-                log.warning(
-                    "result write failed; trying again",
-                    extra={"jobs": len(moves), "try": tries, "error": repr(exc), "pause_s": RETRY_PAUSE_S},
-                )
-                close_old_connections()
-                time.sleep(RETRY_PAUSE_S)
+        try:
+            while True:
+                try:
+                    with status_cache.batched():
+                        return Job.mark_succeeded_many(moves)
+                except (OperationalError, InterfaceError) as exc:
+                    tries += 1
+                    self.unwritten = len(moves)
+                    if self.worker.grace_over():
+                        raise ResultsUnwritten(f"{len(moves)} results: {exc}") from exc
+                    if tries == 1 or tries % RETRY_LOG_EVERY == 0:
+                        (log.warning if tries == 1 else log.error)(
+                            "result write failed; trying again until the database answers",
+                            extra={"jobs": len(moves), "try": tries, "error": repr(exc), "pause_s": RETRY_PAUSE_S},
+                        )
+                    close_old_connections()
+                    time.sleep(RETRY_PAUSE_S)
+        finally:
+            self.unwritten = 0
 
     def failed(self, e: Entry, exc: BackendError, started: float) -> None:
         """A permanent error fails the job with its message; anything else goes the one-job way."""

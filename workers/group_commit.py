@@ -20,9 +20,12 @@ raises, each item is retried alone so that only the bad one fails.
 next job) and ``callback(value)`` runs in the writer once the write is committed.
 What is still waiting when the process is killed is lost, as an uncommitted transaction would be:
 the job stays ``running`` on a dead worker and crash recovery runs it again. A deferred write the
-database refused for want of a connection (a restart, a lock timeout) is tried again every
-``RETRY_PAUSE_S`` for ``RETRY_MAX`` tries: nobody else would finish it while this worker is alive.
-At most ``MAX_DEFERRED`` writes wait so; past that, callers wait for theirs (back-pressure).
+database refused for want of a connection (a restart, a failover, a lock timeout) is tried again
+every ``RETRY_PAUSE_S`` for as long as the writer runs: nobody else would finish its job while this
+worker is alive, so giving up would leave the job ``running`` for good. ``retrying`` counts those
+writes (the worker's status shows it); when the worker stops, what is still unwritten is recovered
+as a lost job. At most ``MAX_DEFERRED`` writes wait at all; past that, callers wait for theirs
+(back-pressure), and no new job is claimed while the database is away anyway.
 """
 
 from __future__ import annotations
@@ -47,9 +50,10 @@ MAX_BATCH = 64
 MAX_DEFERRED = 256
 # How often the writer checks its database connection (age, health), and after any failed batch.
 CHECK_EVERY_S = 30.0
-# A deferred write that failed for want of the database is tried again this often, this many times.
+# A deferred write that failed for want of the database is tried again this often, while the writer
+# runs; a write still waiting is logged as an error every RETRY_LOG_EVERY tries.
 RETRY_PAUSE_S = 1.0
-RETRY_MAX = 120
+RETRY_LOG_EVERY = 60
 
 
 class _Write:
@@ -79,6 +83,7 @@ class GroupCommit:
         self._lock = threading.Lock()
         self._stopped = False
         self._deferred = 0  # deferred writes not yet done
+        self.retrying = 0  # deferred writes waiting for the database (changed by the writer thread only)
         self._one_writer = connection.vendor == "sqlite"
         self._checked_at = 0.0  # when the writer's connection was last checked (close_old_connections)
         self._pause = False  # a deferred write is to be tried again: wait a moment first
@@ -183,6 +188,8 @@ class GroupCommit:
                 break
             if write is not None:
                 left += 1
+                if write.tries > 1:
+                    self.retrying -= 1
                 write.error = write.error or RuntimeError("writer stopped")
                 write.done.set()
         if left:
@@ -232,6 +239,8 @@ class GroupCommit:
             if write.deferred:
                 with self._lock:
                     self._deferred -= 1
+                if write.tries > 1:
+                    self.retrying -= 1
             if write.error is not None:
                 log.error(
                     "deferred write failed",
@@ -245,12 +254,19 @@ class GroupCommit:
 
     def _retry(self, write: _Write) -> bool:
         """Queue a deferred write again when the database refused it for want of a connection."""
-        if not isinstance(write.error, OperationalError | InterfaceError) or write.tries >= RETRY_MAX:
+        if not isinstance(write.error, OperationalError | InterfaceError):
             return False
-        log.warning(
-            "deferred write failed; trying again",
-            extra={"try": write.tries, "error": repr(write.error), "pause_s": RETRY_PAUSE_S},
-        )
+        if write.tries == 1:
+            self.retrying += 1
+            log.warning(
+                "deferred write failed; trying again until the database answers",
+                extra={"error": repr(write.error), "pause_s": RETRY_PAUSE_S},
+            )
+        elif write.tries % RETRY_LOG_EVERY == 0:
+            log.error(
+                "deferred write still waiting for the database",
+                extra={"try": write.tries, "waiting": self.retrying, "error": repr(write.error)},
+            )
         write.tries += 1
         write.error = write.value = None
         write.done.clear()

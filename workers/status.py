@@ -40,6 +40,7 @@ class WorkerStatus:
     in_flight: int = 0
     max_concurrency: int = 1
     jobs_done: int = 0
+    unwritten: int = 0  # finished jobs whose results wait for the database (an outage)
     started_at: str = ""
     updated_at: str = ""
     gpu: dict[str, Any] = field(default_factory=dict)  # models, batch_size, rounds, tokens_per_s
@@ -56,6 +57,7 @@ def publish(status: WorkerStatus) -> None:
         "in_flight": status.in_flight,
         "max_concurrency": status.max_concurrency,
         "jobs_done": status.jobs_done,
+        "unwritten": status.unwritten,
         "started_at": status.started_at,
         "updated_at": status.updated_at,
     }
@@ -123,6 +125,7 @@ def read_workers() -> list[WorkerStatus]:
                 in_flight=_int(h.get("in_flight")),
                 max_concurrency=_int(h.get("max_concurrency")) or 1,
                 jobs_done=_int(h.get("jobs_done")),
+                unwritten=_int(h.get("unwritten")),
                 started_at=h.get("started_at", ""),
                 updated_at=h.get("updated_at", ""),
                 gpu=gpu,

@@ -326,6 +326,11 @@ class OrchestratorWorker(SimpleWorker):
         """Jobs running in this process now."""
         return self.job_threads.busy if self.job_threads is not None else 0
 
+    def unwritten(self) -> int:
+        """Finished jobs whose results wait for the database to come back."""
+        threads = self.job_threads
+        return threads.commits.retrying if threads is not None else 0
+
     def on_beat(self) -> None:
         """Each heartbeat: renew this process's backend slots and publish its status."""
         capacity.renew_held()
@@ -349,6 +354,7 @@ class OrchestratorWorker(SimpleWorker):
                     in_flight=busy,
                     max_concurrency=self.slots,
                     jobs_done=threads.done if threads is not None else 0,
+                    unwritten=self.unwritten(),
                     started_at=self._started,
                     updated_at=timezone.now().isoformat(),
                 )
