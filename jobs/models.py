@@ -214,28 +214,29 @@ class Job(models.Model):
         return True
 
     def mark_running(self, worker: str) -> bool:
-        """queued -> running; False when another delivery got there first or the job was canceled."""
-        now = timezone.now()
-        with transaction.atomic():
-            if not self.transition(
-                JobState.RUNNING, fence=True, worker=worker, started_at=now, attempt_count=self.attempt_count + 1
-            ):
-                return False
-            attempt = JobAttempt.objects.create(
-                job=self, number=self.attempt_count, backend_name=self.backend_name, worker=worker, started_at=now
-            )
-            self._known_attempts = [attempt] if self.attempt_count == 1 else None
+        """queued -> running for this one delivery: ``claim`` of one row (one move, written once);
+        False when another delivery got there first or the job was canceled. This instance then
+        holds the row it won, so its version is the fence for the job's later moves."""
+        won = type(self).claim([self.pk], worker)
+        if not won:
+            self.refresh_from_db(fields=["state", "version", "attempt_count"])
+            return False
+        row = won[0]
+        for field in self._meta.concrete_fields:
+            setattr(self, field.attname, getattr(row, field.attname))
+        self._known_attempts = row._known_attempts
         return True
 
     @classmethod
     def claim(cls, ids: Collection[str], worker: str) -> list[Job]:
         """queued -> running for many deliveries at once (a worker's batch); returns the rows it won.
 
-        The set form of ``mark_running`` in three statements: one compare-and-set
-        ``UPDATE ... RETURNING`` over the claimable rows (each instance returned is exactly the row
-        it committed, so its version is the fence for its later moves), one read of their backends,
-        one INSERT of the attempts. An id another delivery won, or that was canceled or deleted
-        meanwhile, or is listed twice, is not returned twice.
+        The one place a job starts running (``mark_running`` is its one-row case), in three
+        statements: one compare-and-set ``UPDATE ... RETURNING`` over the claimable rows (each
+        instance returned is exactly the row it committed, so its version is the fence for its
+        later moves), one read of their backends, one INSERT of the attempts. An id another
+        delivery won, or that was canceled or deleted meanwhile, or is listed twice, is not
+        returned twice.
         """
         if not ids:
             return []
