@@ -338,3 +338,57 @@ def test_the_watcher_flushes_the_summed_figures_while_the_worker_runs(settings):
         assert redis_client().hget("llmo:test:live", "jobs") == b"3"  # no job ended, no stop: the watcher sent it
     finally:
         threads.stop()
+
+
+def test_jobs_whose_claim_the_database_refused_go_back_in_order_and_run_once(api, policy):
+    """The worker popped three jobs and the database refused their claim (a restart, a failover):
+    they go back to the front of their queue in the order they were taken, and run once each.
+    The refusal comes from the database boundary of whichever connection claims (the worker's
+    own on PostgreSQL, its writer thread's on SQLite)."""
+    from django.conf import settings
+    from django.db import OperationalError
+    from django.db.backends.signals import connection_created
+
+    from workers.worker import OrchestratorWorker
+
+    ids = []
+    for n in range(3):
+        r = api.post("/jobs", {"prompt": f"claim {n}"}, format="json")
+        assert r.status_code == 202, r.content
+        ids.append(r.json()["id"])
+    rq_ids = [Job.objects.get(pk=i).rq_job_id for i in ids]
+    refused: list[str] = []
+    put_back: list[list[str]] = []
+
+    def refuse_first_claim(execute, sql, params, many, context):
+        if not refused and sql.startswith("UPDATE") and "RETURNING" in sql:
+            refused.append(sql)
+            raise OperationalError("server closed the connection unexpectedly")
+        return execute(sql, params, many, context)
+
+    def install(sender, connection, **kwargs):
+        connection.execute_wrappers.append(refuse_first_claim)
+
+    def watch_queue() -> None:  # the worker pauses 1 s after putting them back: read the queue then
+        client = redis_client()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if refused and client.llen("rq:queue:normal") == 3:
+                put_back.append([i.decode() for i in client.lrange("rq:queue:normal", 0, -1)])
+                return
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch_queue)
+    watcher.start()
+    connection_created.connect(install)
+    connection.execute_wrappers.append(refuse_first_claim)
+    try:
+        OrchestratorWorker(list(settings.JOB_QUEUES), connection=redis_client()).work(burst=True)
+    finally:
+        connection_created.disconnect(install)
+        connection.execute_wrappers.remove(refuse_first_claim)
+        watcher.join()
+    assert len(refused) == 1 and put_back == [rq_ids]
+    jobs = [Job.objects.get(pk=i) for i in ids]
+    assert [j.state for j in jobs] == [JobState.SUCCEEDED] * 3
+    assert [j.attempt_count for j in jobs] == [1, 1, 1] and all(j.attempts.count() == 1 for j in jobs)
