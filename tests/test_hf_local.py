@@ -87,6 +87,46 @@ def test_bad_request_fails_alone_without_failing_the_batch(backend):
     assert not isinstance(outcomes[3], BackendError)
 
 
+def test_greedy_and_sampled_requests_run_as_one_generate_each_with_its_own_setting(backend):
+    """One call for the batch whatever the sampling settings; a greedy row's answer is exactly its
+    answer alone, and a nucleus too small for a second token is greedy decoding too."""
+    hf_local.load(backend)  # the load's warm-up is not what is counted
+    requests = [
+        req("greedy one", 12),
+        req("hot", 12, temperature=1.0),
+        req("nucleus of one", 12, temperature=0.8, params={"top_p": 1e-9}),
+        req("greedy two", 12),
+        req("warm", 12, temperature=0.5, params={"top_p": 0.9}),
+    ]
+    rows: list[int] = []
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: (
+            rows.append(out.logits.shape[0]) if type(module).__name__ == "LlamaForCausalLM" else None
+        )
+    )
+    try:
+        batched = HFLocalAdapter().generate_batch(backend, requests)
+    finally:
+        hook.remove()
+    assert set(rows) == {5}  # every forward of the round carried all five rows
+    greedy = {
+        p: HFLocalAdapter().generate(backend, req(p, 12)).output for p in ("greedy one", "greedy two", "nucleus of one")
+    }
+    assert [batched[i].output for i in (0, 2, 3)] == [greedy[p] for p in ("greedy one", "nucleus of one", "greedy two")]
+    assert all(isinstance(r.output, str) and r.completion_tokens >= 1 for r in batched)
+
+
+def test_sampling_settings_are_checked_per_request(backend):
+    bad = [req("bad", 4, temperature=0.7, params={"top_p": p}) for p in (-1, 0, 1.5, "0.9", True)]
+    outcomes = HFLocalAdapter().generate_batch(backend, [req("fine", 4), *bad])
+    assert not isinstance(outcomes[0], BackendError)
+    for outcome in outcomes[1:]:
+        assert isinstance(outcome, BackendError) and not outcome.retryable and "top_p must be" in outcome.message
+    # A temperature too small to divide by is greedy decoding (as vLLM treats it).
+    tiny = HFLocalAdapter().generate(backend, req("tiny temperature", 8, temperature=1e-9))
+    assert tiny.output == HFLocalAdapter().generate(backend, req("tiny temperature", 8)).output
+
+
 def test_eos_stops_a_sequence_with_finish_reason_stop(backend, tmp_path):
     from transformers import GenerationConfig
 

@@ -352,10 +352,10 @@ class Batch:
         while self.active:
             self.drop_gone()
             self.expire()
-            # One generate per backend and sampling setting, so a crash fails only its own call.
-            groups: dict[tuple[int, Any], list[Entry]] = {}
+            # One generate per backend (greedy and sampled jobs together: hf_local.RowSampling).
+            groups: dict[int, list[Entry]] = {}
             for e in self.active:
-                groups.setdefault((e.backend.pk, e.seq.sampling if e.seq else None), []).append(e)
+                groups.setdefault(e.backend.pk, []).append(e)
             self.last_batch_size = len(self.active)
             for entries in groups.values():
                 self.round(entries)
@@ -385,7 +385,7 @@ class Batch:
             )
 
     def round(self, entries: list[Entry]) -> None:
-        """One bounded ``generate`` for ``entries`` (one backend and sampling); record those that finished."""
+        """One bounded ``generate`` for ``entries`` (one backend); record those that finished."""
         backend = entries[0].backend
         seqs = [e.seq for e in entries if e.seq is not None]
         started = time.monotonic()
@@ -395,9 +395,12 @@ class Batch:
         except Exception as exc:  # the whole batch failed: run each job alone, where it fails alone
             error = f"batch of {len(entries)} failed: {type(exc).__name__}: {exc}"
             log.exception("batch failed; running its jobs one by one", extra={"backend": backend.name})
+            # One call failed, whatever its size: one failure for the breaker, or one bad request in a
+            # batch of 64 would open the circuit on the 63 others. Their runs alone record their own.
+            self.record(backend, (time.monotonic() - started) * 1000, ok=False, error=error)
             for e in entries:
                 self.active.remove(e)
-                self.failed(e, BackendError(error, retryable=True), started)
+                self.alone(e, f"{backend.name}: {error}", started)
             return
         self.generate_s += time.monotonic() - started
         self.tokens += sum(len(s.generated) for s in seqs) - before
@@ -552,7 +555,17 @@ class Batch:
                 log.info("job failed (permanent error)", extra={"job_id": e.job_id, "error": exc.message})
             else:
                 self.record(e.backend, latency_ms, ok=False, error=exc.message)
-                self.run_alone(e, f"{e.backend.name}: {exc.message}{status}", started)
+                self.alone(e, f"{e.backend.name}: {exc.message}{status}", started)
+                return
+        except Exception:
+            self.crashed(e, sys.exc_info())
+            return
+        self.finish(e)
+
+    def alone(self, e: Entry, error: str, started: float) -> None:
+        """``run_alone``, and the job finished whatever happens there."""
+        try:
+            self.run_alone(e, error, started)
         except Exception:
             self.crashed(e, sys.exc_info())
             return

@@ -32,6 +32,8 @@ from typing import Any
 from workers.backends.base import BackendConfig, BackendError, GenerationRequest, GenerationResult
 
 DEFAULT_MAX_TOKENS = 256
+# A temperature below this is greedy decoding (as vLLM does): dividing logits by ~0 overflows.
+GREEDY_BELOW = 1e-5
 _DTYPES = {
     "bf16": "bfloat16",
     "bfloat16": "bfloat16",
@@ -227,6 +229,37 @@ class Sequence:
         return self.max_new - len(self.generated)
 
 
+class RowSampling:
+    """A logits processor giving each row of a batch its own sampling: ``(temperature, top_p)``,
+    or None for greedy decoding.
+
+    transformers applies one temperature and one top-p to a whole ``generate`` call, so a batch
+    of jobs with different settings would need one call per setting (on a GPU, each call costs
+    about as much as the whole batch). Here a greedy row keeps only its argmax (its sampled
+    token is then exactly greedy decoding's), and a sampled row is divided by its temperature
+    and cut to its nucleus, as transformers' ``TopPLogitsWarper`` does for one setting.
+    """
+
+    def __init__(self, settings: list[tuple[float, float] | None], device: str) -> None:
+        torch = _torch()
+        self.greedy = torch.tensor([s is None for s in settings], device=device).unsqueeze(1)
+        self.temperature = torch.tensor([s[0] if s else 1.0 for s in settings], device=device).unsqueeze(1)
+        self.top_p = torch.tensor([s[1] if s else 1.0 for s in settings], device=device).unsqueeze(1)
+        self.nucleus = any(s is not None and s[1] < 1.0 for s in settings)  # else no sort per step
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        torch = _torch()
+        best = scores.argmax(dim=-1, keepdim=True)
+        greedy = torch.full_like(scores, float("-inf")).scatter_(1, best, 0.0)
+        sampled = scores / self.temperature.to(scores.dtype)
+        if self.nucleus:
+            ordered, order = torch.sort(sampled, descending=False)
+            cut = ordered.softmax(dim=-1).cumsum(dim=-1) <= (1 - self.top_p.to(scores.dtype))
+            cut[:, -1:] = False  # the most likely token always stays
+            sampled = sampled.masked_fill(cut.scatter(1, order, cut), float("-inf"))
+        return torch.where(self.greedy, greedy, sampled)
+
+
 class HFLocalAdapter:
     kind = "hf_local"
 
@@ -277,26 +310,28 @@ class HFLocalAdapter:
                 retryable=False,
             )
         sampling = None
-        if request.temperature:  # None or 0: greedy
-            sampling = (float(request.temperature), float(request.params.get("top_p", 1.0)))
+        if request.temperature and request.temperature >= GREEDY_BELOW:  # None, 0 or ~0: greedy
+            top_p = request.params.get("top_p", 1.0)
+            if isinstance(top_p, bool) or not isinstance(top_p, int | float) or not 0 < top_p <= 1:
+                raise BackendError(f"top_p must be a number in (0, 1], not {top_p!r}", retryable=False)
+            sampling = (float(request.temperature), float(top_p))
         now = time.monotonic()
         return Sequence(request, m, ids, max_new, sampling, started=now, deadline=now + request.timeout_s)
 
     def step(self, backend: BackendConfig, seqs: list[Sequence], *, round_tokens: int | None = None) -> None:
-        """One round: a ``model.generate`` per sampling setting, up to ``round_tokens`` new tokens each.
+        """One round: one ``model.generate`` per model for all its sequences, greedy and sampled
+        alike (each row with its own temperature and top-p), up to ``round_tokens`` new tokens each.
 
         Exceptions (CUDA OOM, a bug) propagate: the caller decides how to isolate them.
         """
-        groups: dict[tuple[int, tuple[float, float] | None], list[Sequence]] = defaultdict(list)
+        groups: dict[int, list[Sequence]] = defaultdict(list)
         for seq in seqs:
             if not seq.done:
-                groups[(id(seq.loaded), seq.sampling)].append(seq)
-        for (_, sampling), group in groups.items():
-            self._generate(group[0].loaded, group, sampling, round_tokens)
+                groups[id(seq.loaded)].append(seq)
+        for group in groups.values():
+            self._generate(group[0].loaded, group, round_tokens)
 
-    def _generate(
-        self, m: LoadedModel, group: list[Sequence], sampling: tuple[float, float] | None, round_tokens: int | None
-    ) -> None:
+    def _generate(self, m: LoadedModel, group: list[Sequence], round_tokens: int | None) -> None:
         torch = _torch()
         inputs = [s.prompt_ids + s.generated for s in group]
         width = max(len(x) for x in inputs)
@@ -311,8 +346,15 @@ class HFLocalAdapter:
         if round_tokens:
             new = min(new, round_tokens)
         kwargs: dict[str, Any] = {"do_sample": False}
-        if sampling is not None:
-            kwargs = {"do_sample": True, "temperature": sampling[0], "top_p": sampling[1], "top_k": 0}
+        if any(s.sampling is not None for s in group):
+            # transformers' own warpers take one setting per call: ours (per row) instead, theirs off.
+            kwargs = {
+                "do_sample": True,
+                "temperature": 1.0,
+                "top_p": 1.0,
+                "top_k": 0,
+                "logits_processor": [RowSampling([s.sampling for s in group], m.device)],
+            }
         started = time.monotonic()
         with m.lock, torch.inference_mode():
             out = m.model.generate(
