@@ -384,23 +384,40 @@ class Batch:
                 },
             )
 
-    def round(self, entries: list[Entry]) -> None:
-        """One bounded ``generate`` for ``entries`` (one backend); record those that finished."""
+    def round(self, entries: list[Entry], *, split_from: int = 0) -> None:
+        """One bounded ``generate`` for ``entries`` (one backend); record those that finished.
+
+        If it raises, the batch is tried again in halves, down to single jobs: a bad request is
+        isolated in ~2·log2(n) calls, and a batch too big for the GPU's memory (CUDA OOM, which says
+        nothing about any one job) finds a size that fits. Running every job alone instead would
+        take n one-row calls (64 jobs on the H200: 64 × 1.15 s measured for one row, against ~1.5 s for
+        the batch). A job that still
+        fails alone goes the one-job way (retries, fallback, its own failure). ``split_from``: the
+        size of the batch whose failure led here (0 for a round's own call).
+        """
         backend = entries[0].backend
         seqs = [e.seq for e in entries if e.seq is not None]
         started = time.monotonic()
         before = sum(len(s.generated) for s in seqs)
         try:
             self.adapter.step(backend.adapter_config(), seqs, round_tokens=self.limits.round_tokens)
-        except Exception as exc:  # the whole batch failed: run each job alone, where it fails alone
-            error = f"batch of {len(entries)} failed: {type(exc).__name__}: {exc}"
-            log.exception("batch failed; running its jobs one by one", extra={"backend": backend.name})
-            # One call failed, whatever its size: one failure for the breaker, or one bad request in a
-            # batch of 64 would open the circuit on the 63 others. Their runs alone record their own.
-            self.record(backend, (time.monotonic() - started) * 1000, ok=False, error=error)
-            for e in entries:
-                self.active.remove(e)
-                self.alone(e, f"{backend.name}: {error}", started)
+        except Exception as exc:
+            failed = split_from or len(entries)
+            error = f"batch of {failed} failed: {type(exc).__name__}: {exc}"
+            if not split_from:
+                log.exception("batch failed; trying it in halves", extra={"backend": backend.name, "jobs": failed})
+                # One call failed, whatever its size: one failure for the breaker, or one bad request in
+                # a batch of 64 would open the circuit on the 63 others. Jobs run alone record their own.
+                self.record(backend, (time.monotonic() - started) * 1000, ok=False, error=error)
+            if len(entries) > 1:
+                half = len(entries) // 2
+                self.round(entries[:half], split_from=failed)
+                self.round(entries[half:], split_from=failed)
+                return
+            e = entries[0]
+            log.warning("job failed its batch alone; running it the one-job way", extra={"job_id": e.job_id})
+            self.active.remove(e)
+            self.alone(e, f"{backend.name}: {error}", started)
             return
         self.generate_s += time.monotonic() - started
         self.tokens += sum(len(s.generated) for s in seqs) - before

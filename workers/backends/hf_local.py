@@ -357,14 +357,18 @@ class HFLocalAdapter:
             }
         started = time.monotonic()
         with m.lock, torch.inference_mode():
-            out = m.model.generate(
-                input_ids=ids.to(m.device),
-                attention_mask=mask.to(m.device),
-                max_new_tokens=new,
-                pad_token_id=m.pad_id,
-                eos_token_id=sorted(m.eos_ids) or None,
-                **kwargs,
-            )
+            try:
+                out = m.model.generate(
+                    input_ids=ids.to(m.device),
+                    attention_mask=mask.to(m.device),
+                    max_new_tokens=new,
+                    pad_token_id=m.pad_id,
+                    eos_token_id=sorted(m.eos_ids) or None,
+                    **kwargs,
+                )
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()  # the failed call's blocks back, before the caller tries smaller
+                raise
         tokens = out[:, width:].tolist()
         elapsed_ms = (time.monotonic() - started) * 1000
         for seq, row in zip(group, tokens, strict=True):
