@@ -389,11 +389,10 @@ class Batch:
 
         If it raises, the batch is tried again in halves, down to single jobs: a bad request is
         isolated in ~2·log2(n) calls, and a batch too big for the GPU's memory (CUDA OOM, which says
-        nothing about any one job) finds a size that fits. Running every job alone instead would
-        take n one-row calls (64 jobs on the H200: 64 × 1.15 s measured for one row, against ~1.5 s for
-        the batch). A job that still
-        fails alone goes the one-job way (retries, fallback, its own failure). ``split_from``: the
-        size of the batch whose failure led here (0 for a round's own call).
+        nothing about any one job) finds a size that fits. Running every job alone instead would take
+        n one-row calls (64 jobs on the H200: 64 × 1.15 s measured for one row, against ~1.5 s for the
+        batch). A job that still fails alone goes the one-job way (retries, fallback, its own
+        failure). ``split_from``: the size of the batch whose failure led here (0 for a round's own call).
         """
         backend = entries[0].backend
         seqs = [e.seq for e in entries if e.seq is not None]
