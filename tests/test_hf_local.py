@@ -76,6 +76,38 @@ def test_bounded_rounds_continue_where_they_stopped(backend):
     assert rounds[0].timings["rounds"] >= 2
 
 
+def test_next_round_continues_from_the_cache_and_a_joining_sequence_prefills_again(backend):
+    """Rounds of the same sequences (or fewer: finished ones leave) feed one token per row; a
+    sequence joining makes the round prefill every row. Answers equal the one-call ones."""
+    adapter = HFLocalAdapter()
+    hf_local.load(backend)
+    fed: list[list[int]] = []  # per step: tokens fed per forward
+
+    def count(module, args, out):
+        if type(module).__name__ == "LlamaModel":
+            fed[-1].append(out.last_hidden_state.shape[1])
+
+    # Prompts the tiny model answers without an early EOS, so every round has rows to run.
+    first = [adapter.start(backend, req("row two", 9)), adapter.start(backend, req("alpha", 4))]
+    late = adapter.start(backend, req("late one", 5))
+    hook = torch.nn.modules.module.register_module_forward_hook(count)
+    try:
+        steps = [first, first, first, [*first, late], [*first, late], [*first, late]]
+        for seqs in steps:
+            fed.append([])
+            adapter.step(backend, seqs, round_tokens=2)
+    finally:
+        hook.remove()
+    assert fed[0][0] > 1 and set(fed[0][1:]) <= {1}  # the first round prefills, then decodes
+    assert first[1].rounds == 2 and first[0].batch_sizes == [2, 2, 1, 2, 2]  # "alpha" left after round 2
+    assert set(fed[1]) == {1} and set(fed[2]) == {1}  # the same sequences (or fewer): no prefill
+    assert fed[3][0] > 1  # one joined: every row prefilled again
+    assert set(fed[4]) <= {1} and set(fed[5]) <= {1}
+    whole = adapter.generate_batch(backend, [req("row two", 9), req("alpha", 4)])
+    assert [adapter.result(s).output for s in first] == [w.output for w in whole]
+    assert adapter.result(late).output == adapter.generate(backend, req("late one", 5)).output
+
+
 def test_bad_request_fails_alone_without_failing_the_batch(backend):
     too_long = req("x" * 300, 5)  # the tiny model's context is 256 tokens
     with_image = req("look", 5, images=["aGVsbG8="])

@@ -18,13 +18,14 @@ Why a worker class of its own:
   ``BATCH_WAIT_MS`` for stragglers, and run them as one left-padded ``model.generate``.
 - **Bounded rounds.** A batch runs in rounds of at most ``BATCH_ROUND_TOKENS`` new tokens. After
   each round, finished jobs are recorded at once and waiting jobs join the batch (up to
-  ``BATCH_MAX``); a long job continues in the next round from where it stopped (prompt +
-  generated ids are fed again, so greedy output is the same as in one go). So a job that
-  arrives while a 4,000-token job runs waits for one bounded round, not for the whole long
-  job, and a short job in a batch with a long one is not held until the long one ends. The
-  price is one extra prefill per round for the sequences that continue, small next to the
-  decoding of ``BATCH_ROUND_TOKENS`` tokens. (Splitting batches by requested length instead
-  would still let one long batch block every job behind it.)
+  ``BATCH_MAX``); a long job continues in the next round from where it stopped, greedy output
+  the same as in one go. So a job that arrives while a 4,000-token job runs waits for one
+  bounded round, not for the whole long job, and a short job in a batch with a long one is not
+  held until the long one ends. A round of the same jobs (or fewer: finished ones leave)
+  continues from the last round's KV cache; when a job joins, every row is prefilled again
+  (prompt + generated ids), a price small next to decoding ``BATCH_ROUND_TOKENS`` tokens.
+  (Splitting batches by requested length instead would still let one long batch block every
+  job behind it.)
 
 Each job keeps its own life cycle, written for the whole batch at once (on a fast GPU a
 64-job batch of short answers takes well under a second, so per-job writes would cost a large

@@ -23,6 +23,8 @@ Generation is split into three calls so the GPU worker can batch dynamically:
 
 from __future__ import annotations
 
+import functools
+import inspect
 import threading
 import time
 from collections import defaultdict
@@ -172,6 +174,13 @@ def _warm_up(m: LoadedModel, bos_id: int | None, rows: int, new_tokens: int) -> 
         torch.cuda.synchronize()
 
 
+@functools.cache
+def _cache_kwarg(model_class: type) -> str:
+    """The name ``generate`` takes a KV cache by, and returns it under: ``cache`` from transformers
+    ~5.2x on (the old name then logs a deprecation), ``past_key_values`` before (our GPU host has 5.17)."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
 def resident_models() -> list[dict[str, Any]]:
     """What this process holds, for worker status reports."""
     return [
@@ -200,11 +209,26 @@ def _text(content: Any) -> str:
 
 
 @dataclass
+class Carry:
+    """The KV cache a round's ``generate`` left, for the next round of the same sequences.
+
+    ``rows``: the sequences of that call, in its row order; ``width``: the columns of its output
+    (left padding included), the width the next round's input must have to match the cache.
+    """
+
+    cache: Any
+    width: int
+    rows: list[Sequence]
+
+
+@dataclass
 class Sequence:
     """One request inside a batch: its prompt ids, what it generated so far, and its budget.
 
-    A sequence can span several batch rounds: each round re-feeds prompt + generated ids
-    (greedy decoding continues exactly where it stopped).
+    A sequence can span several batch rounds. When the next round runs the same sequences (or
+    some of them: finished ones leave), it continues from the round's KV cache, so only the last
+    token is fed; when a sequence joins, every row is prefilled again (prompt + generated ids).
+    Greedy decoding continues exactly where it stopped either way.
     """
 
     request: GenerationRequest
@@ -219,6 +243,7 @@ class Sequence:
     rounds: int = 0
     generate_ms: float = 0.0
     batch_sizes: list[int] = field(default_factory=list)
+    carry: Carry | None = field(default=None, repr=False)  # the last round's KV cache, while it can be reused
 
     @property
     def done(self) -> bool:
@@ -334,7 +359,19 @@ class HFLocalAdapter:
     def _generate(self, m: LoadedModel, group: list[Sequence], round_tokens: int | None) -> None:
         torch = _torch()
         inputs = [s.prompt_ids + s.generated for s in group]
-        width = max(len(x) for x in inputs)
+        carry = group[0].carry
+        cache = None
+        if carry is not None and all(s.carry is carry for s in group):
+            # The same sequences as the last round, or some of them: continue from its cache.
+            row_of = {id(s): i for i, s in enumerate(carry.rows)}
+            keep = [row_of[id(s)] for s in group]
+            cache, width = carry.cache, carry.width
+            if keep != list(range(len(carry.rows))):
+                cache.batch_select_indices(torch.tensor(keep, device=m.device))
+        else:
+            width = max(len(x) for x in inputs)
+        for s in group:  # generate extends the cache in place: a failed call leaves it unusable
+            s.carry = None
         # Left padding: every row's last real token sits in the last column, so the new tokens
         # of all rows start at the same position.
         ids = torch.full((len(group), width), m.pad_id, dtype=torch.long)
@@ -355,20 +392,24 @@ class HFLocalAdapter:
                 "top_k": 0,
                 "logits_processor": [RowSampling([s.sampling for s in group], m.device)],
             }
+        if cache is not None:
+            kwargs[_cache_kwarg(type(m.model))] = cache
         started = time.monotonic()
         with m.lock, torch.inference_mode():
             try:
-                out = m.model.generate(
+                result = m.model.generate(
                     input_ids=ids.to(m.device),
                     attention_mask=mask.to(m.device),
                     max_new_tokens=new,
                     pad_token_id=m.pad_id,
                     eos_token_id=sorted(m.eos_ids) or None,
+                    return_dict_in_generate=True,
                     **kwargs,
                 )
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()  # the failed call's blocks back, before the caller tries smaller
                 raise
+        out = result.sequences
         tokens = out[:, width:].tolist()
         elapsed_ms = (time.monotonic() - started) * 1000
         for seq, row in zip(group, tokens, strict=True):
@@ -382,6 +423,12 @@ class HFLocalAdapter:
                 seq.generated.append(token)
             if seq.finish_reason is None and seq.remaining <= 0:
                 seq.finish_reason = "length"
+        kept = getattr(result, _cache_kwarg(type(m.model)), None)
+        if any(not seq.done for seq in group) and kept is not None:
+            # A row still running generated all ``new`` tokens: it is exactly its row of ``out``.
+            carried = Carry(kept, out.shape[1], list(group))
+            for seq in group:
+                seq.carry = None if seq.done else carried
 
     def result(self, seq: Sequence) -> GenerationResult:
         """The finished sequence's own output, usage and timing (its EOS is not counted or shown)."""
