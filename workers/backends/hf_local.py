@@ -370,7 +370,10 @@ class HFLocalAdapter:
                 cache.batch_select_indices(torch.tensor(keep, device=m.device))
         else:
             width = max(len(x) for x in inputs)
-        for s in group:  # generate extends the cache in place: a failed call leaves it unusable
+        # No reference to an unused cache survives into the call (two caches at once on the card), and
+        # none to a used one after it fails: generate extends the cache in place.
+        carry = None
+        for s in group:
             s.carry = None
         # Left padding: every row's last real token sits in the last column, so the new tokens
         # of all rows start at the same position.
