@@ -33,11 +33,13 @@ Prints the table and the ratios (b)/(a) (goal >= 0.85) and (b)/(c) (goal >= 20x)
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import json
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -323,6 +325,8 @@ def worker_figures(ids: list[str], wall_s: float, log_path: Path, all_queued: da
 def main() -> int:
     args = parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="p4-"))
+    if not args.work:  # ours: the model (2.2 GB at 1.1B) and the SQLite file go with it
+        atexit.register(shutil.rmtree, work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,9 @@ builds the 1.1B benchmark model in bf16 (512 new tokens by default), elsewhere a
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -43,13 +45,13 @@ def main() -> int:
     # A 32k vocabulary (one token per word), as a real model has: the random model then all but
     # never draws EOS, so every answer runs its full length and the two ways do the same work.
     path = Path(tempfile.mkdtemp(prefix="rounds-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)  # 2.2 GB for the 1.1B model
     if cuda:
         config, device, dtype = gpu_model.bench_config(layers=22), "cuda", torch.bfloat16
     else:
         config = gpu_model.tiny_config(vocab_size=32000, max_position_embeddings=args.new_tokens + 96)
         device, dtype = "cpu", torch.float32
-    gpu_model.build_model(config, device=device, dtype=dtype).save_pretrained(path)
-    gpu_model.word_level_tokenizer(config.vocab_size).save_pretrained(path)
+    gpu_model.save_word_level_model(path, config, device=device, dtype=dtype)
     prompts = [" ".join(f"w{(i * 7 + j) % 31000 + 3}" for j in range(64)) for i in range(args.jobs)]
     backend = BackendConfig(name="m", kind="hf_local", model=str(path), config={})
     hf_local.load(backend, warm_rows=args.jobs, warm_tokens=args.round_tokens)

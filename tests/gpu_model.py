@@ -122,3 +122,19 @@ def save_tiny_model(path: Path | str, *, seed: int = 0, **config_overrides: Any)
     build_model(tiny_config(**config_overrides), seed=seed).save_pretrained(path)
     byte_level_tokenizer().save_pretrained(path)
     return path
+
+
+def save_word_level_model(path: Path | str, config: Any, *, device: str = "cpu", dtype: Any = None) -> Path:
+    """Write a random model of ``config`` + a word-level tokenizer of its vocabulary to ``path``,
+    built on ``device`` and freed again (the benchmarks load it through ``from_pretrained``)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model = build_model(config, device=device, dtype=dtype)
+    model.save_pretrained(path)
+    word_level_tokenizer(config.vocab_size).save_pretrained(path)
+    del model
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+    return path

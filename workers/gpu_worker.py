@@ -34,10 +34,11 @@ duplicate delivery or a canceled job is dropped), and each round's finished jobs
 result, usage, timing and cost in one ``Job.mark_succeeded_many`` transaction, their backend
 figures in one Redis round trip and their fleet metrics through the write-behind buffer. A
 request that is bad on its own (prompt longer than the context, images for a text model) fails
-alone. A retryable error, or a crash of a whole batch (CUDA OOM, a bug), hands each of its jobs
-to the ordinary one-job path (``workers.tasks.JobRun``): retried alone with backoff, then fallen
-back to the policy's next backend, and a job that crashes even alone is marked errored with its
-traceback — so one poisonous request cannot fail the others.
+alone. A batch whose ``generate`` raises (CUDA OOM, a request that breaks the model) counts once
+for the circuit breaker and is tried again in halves, down to single jobs (``Batch.round``). A job
+that fails alone, or has a retryable error, goes the ordinary one-job path (``workers.tasks.JobRun``):
+retried alone with backoff, then fallen back to the policy's next backend, and a job that crashes
+even alone is marked errored with its traceback — so one poisonous request cannot fail the others.
 
 As for the thread workers' own tasks, RQ keeps no per-job record (started registry, execution,
 result): the row holds all of it, the RQ job hash is deleted when the job is done, and a worker

@@ -149,7 +149,8 @@ def _warm_up(m: LoadedModel, bos_id: int | None, rows: int, new_tokens: int) -> 
     1.1-1.3 s for the next; after more 64-row calls reaching the full 128 positions it took 1.4 s
     (``bench/first_generate.py``). What stays cold grows with the sequence length at that batch
     size (the allocator's blocks for the growing KV cache, by the look of it), so the warm-up
-    decodes a whole round: on that card ~1-2 s more at load, once per process.
+    decodes a whole round: on that card an estimated ~2 s more at load, once per process (the
+    effect on a worker's first batch is not yet measured).
     """
     torch = _torch()
     token = m.pad_id if bos_id is None else bos_id
