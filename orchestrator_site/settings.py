@@ -2,7 +2,7 @@
 
 Defaults are for a laptop: SQLite in ``var/``, Redis on localhost, DEBUG on.
 Set ``DEBUG=0`` in production; then ``SECRET_KEY`` and ``ALLOWED_HOSTS`` are required
-and the secure-cookie/HSTS flags switch on. Every variable is listed in the README.
+and the secure-cookie/HSTS flags switch on. Every variable is listed in docs/configuration.md.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ TEMPLATES = [
 # timeout makes a writer wait instead of failing with "database is locked", and
 # IMMEDIATE transactions take the write lock up front so two writers never
 # deadlock upgrading a read lock. Persistent connections (CONN_MAX_AGE=None)
-# avoid reopening the file on every request (~3x cheaper on our machines).
+# avoid reopening the file on every request, which costs more than most queries.
 DATABASE_URL = env_str("DATABASE_URL", "")
 if not DATABASE_URL:
     VAR_DIR.mkdir(parents=True, exist_ok=True)  # the embedded default lives in var/
@@ -264,7 +264,7 @@ LOGGING = {
     },
 }
 
-# --- Observability (issue 7): metrics, traces; see orchestrator_site/metrics.py and tracing.py ---
+# --- Observability: metrics, traces; see orchestrator_site/metrics.py and tracing.py ---
 # /metrics answers a bearer token equal to METRICS_TOKEN (or METRICS_TOKEN_FILE), or a staff session.
 METRICS_TOKEN = env_secret("METRICS_TOKEN")
 # Tracing is on only when OTEL_EXPORTER_OTLP_ENDPOINT is set (read by orchestrator_site.tracing at start-up).
