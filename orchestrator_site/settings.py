@@ -170,7 +170,7 @@ MAX_CONCURRENCY = env_int("MAX_CONCURRENCY", 8, minimum=1, maximum=1024)
 WORKER_PREFETCH = env_int("WORKER_PREFETCH", MAX_CONCURRENCY // 4, minimum=0, maximum=1024)
 # A worker freezes what it loaded at start (Django, models) out of the garbage collector's view and
 # collects its youngest generation every this many allocations instead of Python's 700: the ORM and
-# the Redis client allocate a lot per job, and collections were a tenth of a busy worker's time.
+# the Redis client allocate a lot per job, so default-frequency collections cost a busy worker dearly.
 # 0 keeps Python's defaults.
 WORKER_GC_GEN0 = env_int("WORKER_GC_GEN0", 20_000, minimum=0, maximum=10_000_000)
 # SIGTERM: stop taking jobs, let in-flight ones finish for this long, re-queue the rest, exit 0.
