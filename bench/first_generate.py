@@ -4,16 +4,12 @@
     python bench/first_generate.py [--rows 64] [--round-tokens 128] [--adapter-only]   # GPU host
     P4_TINY=1 python bench/first_generate.py                      # tiny model, to test it on a CPU
 
-P4 on an H200 showed each GPU worker process's first real batch taking ~3 s more than the next
-ones (64 jobs x 64 new tokens: 4.5 s, then 1.3-1.65 s) after ``hf_local``'s load warm-up. In one
-fresh process this loads the model as the worker does, then times ``generate`` calls that each
-change one thing towards a real job, then the adapter's own batches (``--adapter-only``: those
-alone). A cost once paid is not paid again, so the order matters. Prints one line per step and
-writes ``first_generate.json``.
-
-H200, 1.1B bf16, 64 rows, 64-token prompts, 64 new tokens, warm-up 64 rows x 32 tokens
-(2026-11-27): ``--adapter-only``: first batch 3.63 s, then 1.28, 1.12 s. With the four calls
-before it (the last three reaching all 128 positions): first batch 1.40 s, then 1.13, 0.97 s.
+P4's ``--cold`` run showed a GPU worker process's first real batch taking seconds longer than the
+next ones, although ``hf_local`` had warmed the model up at load. In one fresh process this loads
+the model as the worker does, then times ``generate`` calls that each change one thing towards a
+real job, then the adapter's own batches (``--adapter-only``: those alone). A cost once paid is not
+paid again, so the order matters. Prints one line per step and writes ``first_generate.json``.
+Recorded figures: docs/performance.md.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
     python bench/mixed_sampling.py [--jobs 64] [--new-tokens N] [--rounds 7]
 
 ``hf_local`` runs one ``generate`` for a batch whatever its jobs' temperature and top-p
-(``RowSampling``); before, it ran one ``generate`` per distinct setting, one after the other.
+(``RowSampling``) rather than one ``generate`` per distinct setting, one after the other.
 This times ``HFLocalAdapter.generate_batch`` on ``--jobs`` requests cycling through greedy and
 three sampling settings, and on the same requests all greedy, alternating, and prints the medians
 and their ratio (1.0 = mixed settings cost nothing). On a GPU it builds the 1.1B benchmark model

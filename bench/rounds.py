@@ -5,7 +5,7 @@
 
 The GPU worker runs a batch in rounds (``BATCH_ROUND_TOKENS``) so that waiting jobs can join and
 finished ones report. A round that runs the same sequences as the last one continues from its KV
-cache; before, every round fed prompt + generated ids again (a prefill per round). This times
+cache instead of feeding prompt + generated ids again (a prefill per round). This times
 ``HFLocalAdapter.generate_batch`` with ``round_tokens`` against the same batch in one call,
 alternating, and prints the medians and their ratio (1.0 = rounds cost nothing). On a GPU it
 builds the 1.1B benchmark model in bf16 (512 new tokens by default), elsewhere a tiny one

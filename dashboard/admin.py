@@ -2,7 +2,7 @@
 
 django-rq's pattern gives the page an entry in the app list (an unmanaged model with its ModelAdmin).
 The page itself is an admin-site URL rather than a ModelAdmin one, because a ModelAdmin's URLs all
-live under ``/admin/<app>/<model>/`` while the issue asks for ``/admin/dashboard/``; prepended to the
+live under ``/admin/<app>/<model>/`` while the dashboard belongs at ``/admin/dashboard/``; prepended to the
 site's patterns, it also takes the place of the app's (otherwise empty) index page there.
 """
 

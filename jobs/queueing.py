@@ -23,7 +23,7 @@ _queues: dict[str, Queue] = {}
 
 
 def get_queue(name: str) -> Queue:
-    """Queues are built once per process: building one per request cost ~30% of throughput."""
+    """Queues are built once per process: building one per request is a large share of a submission's cost."""
     queue = _queues.get(name)
     if queue is None:
         queue = _queues[name] = Queue(name, connection=redis_client(), serializer=JSONSerializer)

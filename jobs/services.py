@@ -148,7 +148,7 @@ def _build(
 def _after_commit(job: Job, doc: dict[str, Any], rkey: str, fp: str) -> None:
     """One round trip: the RQ job, the idempotency answer and the status mirror."""
     pipe = redis_client().pipeline()
-    queueing.enqueue(job, pipeline=pipe, meta=tracing.inject())  # observability: trace context (issue 7)
+    queueing.enqueue(job, pipeline=pipe, meta=tracing.inject())  # the worker's span joins this request's trace
     metrics.record_submission(pipe, priority=job.priority, policy=job.policy_name, backend=job.backend_name)
     if rkey:
         pipe.set(rkey, f"{fp}:{job.pk}", ex=idempotency.ttl_s())

@@ -1,7 +1,7 @@
 """API token authentication that remembers a token for a few seconds in each process.
 
 DRF's ``TokenAuthentication`` reads the token and its user on every request: one joined query,
-the largest single cost of ``POST /jobs`` after the insert itself (~0.6 ms of ~3.4 ms of CPU). A
+the largest single cost of ``POST /jobs`` after the insert itself (docs/performance.md). A
 program submitting jobs sends the same token again and again, so each process keeps the answer for
 ``AUTH_TOKEN_CACHE_S`` (default 5 s; 0 turns the cache off). The price is that a deleted token or a
 deactivated user is refused by every process within that many seconds rather than at once; the

@@ -2,7 +2,7 @@
 
 Defaults are for a laptop: SQLite in ``var/``, Redis on localhost, DEBUG on.
 Set ``DEBUG=0`` in production; then ``SECRET_KEY`` and ``ALLOWED_HOSTS`` are required
-and the secure-cookie/HSTS flags switch on. Every variable is listed in the README.
+and the secure-cookie/HSTS flags switch on. Every variable is listed in docs/configuration.md.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ TEMPLATES = [
 # timeout makes a writer wait instead of failing with "database is locked", and
 # IMMEDIATE transactions take the write lock up front so two writers never
 # deadlock upgrading a read lock. Persistent connections (CONN_MAX_AGE=None)
-# avoid reopening the file on every request (~3x cheaper on our machines).
+# avoid reopening the file on every request, which costs more than most queries.
 DATABASE_URL = env_str("DATABASE_URL", "")
 if not DATABASE_URL:
     VAR_DIR.mkdir(parents=True, exist_ok=True)  # the embedded default lives in var/
@@ -170,7 +170,7 @@ MAX_CONCURRENCY = env_int("MAX_CONCURRENCY", 8, minimum=1, maximum=1024)
 WORKER_PREFETCH = env_int("WORKER_PREFETCH", MAX_CONCURRENCY // 4, minimum=0, maximum=1024)
 # A worker freezes what it loaded at start (Django, models) out of the garbage collector's view and
 # collects its youngest generation every this many allocations instead of Python's 700: the ORM and
-# the Redis client allocate a lot per job, and collections were a tenth of a busy worker's time.
+# the Redis client allocate a lot per job, so default-frequency collections cost a busy worker dearly.
 # 0 keeps Python's defaults.
 WORKER_GC_GEN0 = env_int("WORKER_GC_GEN0", 20_000, minimum=0, maximum=10_000_000)
 # SIGTERM: stop taking jobs, let in-flight ones finish for this long, re-queue the rest, exit 0.
@@ -264,7 +264,7 @@ LOGGING = {
     },
 }
 
-# --- Observability (issue 7): metrics, traces; see orchestrator_site/metrics.py and tracing.py ---
+# --- Observability: metrics, traces; see orchestrator_site/metrics.py and tracing.py ---
 # /metrics answers a bearer token equal to METRICS_TOKEN (or METRICS_TOKEN_FILE), or a staff session.
 METRICS_TOKEN = env_secret("METRICS_TOKEN")
 # Tracing is on only when OTEL_EXPORTER_OTLP_ENDPOINT is set (read by orchestrator_site.tracing at start-up).

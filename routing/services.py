@@ -77,8 +77,8 @@ def read_live_stats(names: list[str], *, details: bool = False) -> dict[str, Bac
     """The workers' live figures, or none when Redis cannot say: routing then goes on without them.
 
     Routing reuses a read for ``ROUTING_STATS_MAX_AGE_S`` (default 0.25 s) per process: the
-    figures move on the scale of calls that take seconds, while reading them costs ~0.35 ms,
-    a third of a submission's whole budget.
+    figures move on the scale of calls that take seconds, while reading them is a Redis round trip
+    that would otherwise be paid by every submission.
     """
     names_key = tuple(names)
     max_age = settings.ROUTING_STATS_MAX_AGE_S

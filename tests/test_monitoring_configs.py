@@ -1,6 +1,6 @@
 """The dev stack's configs, checked without a Docker engine.
 
-Parse every YAML/JSON file, check the compose structure the README promises, run
+Parse every YAML/JSON file, check the compose structure the docs promise, run
 ``docker-compose config`` and ``promtool`` when installed (skipped otherwise), and make sure every
 metric a dashboard or alert queries is one ``/metrics`` really exports.
 """
