@@ -96,11 +96,19 @@ def test_compose_app_runs_in_production_mode_and_answers_prometheus():
                 assert target.rsplit(":", 1)[0] in allowed, target
 
 
+def test_compose_publishes_ports_on_this_machine_only():
+    # Fixed dev passwords and tokens: nothing of the stack may answer the network by default.
+    published = [(name, port) for name, svc in compose()["services"].items() for port in svc.get("ports", [])]
+    assert published
+    for name, port in published:
+        assert port.startswith("127.0.0.1:"), f"{name}: {port}"
+
+
 def test_compose_has_the_ollama_server_the_docs_name():
     docs = (ROOT / "README.md").read_text() + (ROOT / "compose" / "README.md").read_text()
     assert "ollama:11434" in docs  # the base_url to register; it must resolve inside the stack
     ollama = compose()["services"]["ollama"]
-    assert ollama["image"].startswith("ollama/ollama:") and "11434:11434" in ollama["ports"]
+    assert ollama["image"].startswith("ollama/ollama:") and "127.0.0.1:11434:11434" in ollama["ports"]
 
 
 def test_compose_builds_and_mounts_files_that_exist():
