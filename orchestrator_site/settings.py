@@ -265,7 +265,8 @@ SECURE_CONTENT_TYPE_NOSNIFF = True
 # before the limit resets the count. Keying on the pair keeps an attacker from locking a real user
 # out from elsewhere. API tokens and sessions do not authenticate with a password, so they are not
 # counted. Attempts are rows in the database (shown in the admin; `manage.py axes_reset` unlocks).
-# Behind a proxy every client shares its address: the lock is then per user name.
+# Behind proxies, TRUSTED_PROXY_COUNT says how many append to X-Forwarded-For (else every client
+# would share the proxy's address): orchestrator_site/client_ip.py.
 AUTHENTICATION_BACKENDS = [
     "axes.backends.AxesStandaloneBackend",  # refuses a locked-out pair before the password is checked
     "django.contrib.auth.backends.ModelBackend",
@@ -275,6 +276,8 @@ AXES_COOLOFF_TIME = timedelta(minutes=env_int("LOGIN_COOLOFF_MINUTES", 15, minim
 AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
 AXES_RESET_ON_SUCCESS = True
 AXES_HTTP_RESPONSE_CODE = 429
+TRUSTED_PROXY_COUNT = env_int("TRUSTED_PROXY_COUNT", 0, minimum=0, maximum=10)
+AXES_CLIENT_IP_CALLABLE = "orchestrator_site.client_ip.client_ip"
 
 # --- Logging: JSON lines on stdout --------------------------------------------
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()

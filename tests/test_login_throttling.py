@@ -94,3 +94,36 @@ def test_failure_limit_comes_from_the_setting(operator, settings):
     settings.AXES_FAILURE_LIMIT = 2
     assert login("/admin/login/", "wrong") == (200, False)
     assert login("/admin/login/", "wrong")[0] == 429
+
+
+def login_via_proxy(forwarded_for: str, password: str = "wrong") -> int:
+    """POST the admin login as it arrives through a local proxy that appended ``forwarded_for``."""
+    client = Client(REMOTE_ADDR="10.0.0.2", HTTP_X_FORWARDED_FOR=forwarded_for)
+    return client.post("/admin/login/", {"username": "operator", "password": password}).status_code
+
+
+@pytest.mark.django_db
+def test_behind_a_trusted_proxy_the_forwarded_client_is_counted(operator, settings):
+    settings.TRUSTED_PROXY_COUNT = 1
+    for i in range(settings.AXES_FAILURE_LIMIT):
+        # The client forges a different left-most entry every time; the proxy's own entry is what counts.
+        status = login_via_proxy(f"192.0.2.{i}, 203.0.113.7")
+    assert status == 429
+    assert login_via_proxy("203.0.113.7", PASSWORD) == 429
+    assert login_via_proxy("198.51.100.9", PASSWORD) == 302  # another client behind the same proxy
+
+
+@pytest.mark.django_db
+def test_forwarded_for_is_ignored_unless_a_proxy_is_trusted(operator, settings):
+    assert settings.TRUSTED_PROXY_COUNT == 0
+    for i in range(settings.AXES_FAILURE_LIMIT):
+        status = login_via_proxy(f"192.0.2.{i}")  # a direct client cannot dodge the count by varying it
+    assert status == 429
+    assert AccessAttempt.objects.get().ip_address == "10.0.0.2"
+
+
+@pytest.mark.django_db
+def test_a_forwarded_value_that_is_no_address_falls_back_to_the_peer(operator, settings):
+    settings.TRUSTED_PROXY_COUNT = 1
+    assert login_via_proxy("not-an-address") == 200  # counted, not a 500 from the IP column
+    assert AccessAttempt.objects.get().ip_address == "10.0.0.2"

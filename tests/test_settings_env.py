@@ -96,10 +96,11 @@ def test_https_flags_are_set_from_the_environment():
 
 
 def test_login_throttling_is_configured_from_the_environment():
-    names = ("AXES_FAILURE_LIMIT", "AXES_COOLOFF_TIME")
-    proc = _settings_with(*names, SECRET_KEY="x" * 50, LOGIN_FAILURE_LIMIT="3", LOGIN_COOLOFF_MINUTES="2")
+    names = ("AXES_FAILURE_LIMIT", "AXES_COOLOFF_TIME", "TRUSTED_PROXY_COUNT")
+    env = {"LOGIN_FAILURE_LIMIT": "3", "LOGIN_COOLOFF_MINUTES": "2", "TRUSTED_PROXY_COUNT": "1"}
+    proc = _settings_with(*names, SECRET_KEY="x" * 50, **env)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == ["3", "datetime.timedelta(seconds=120)"]
+    assert proc.stdout.splitlines() == ["3", "datetime.timedelta(seconds=120)", "1"]
     proc = _settings_with(SECRET_KEY="x" * 50, LOGIN_FAILURE_LIMIT="0")
     assert proc.returncode != 0 and "LOGIN_FAILURE_LIMIT" in proc.stderr
 
