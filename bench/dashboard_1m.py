@@ -417,6 +417,10 @@ def main() -> None:
         LOG_LEVEL="WARNING",
         VAR_DIR=tmp,
         STATIC_ROOT=tmp,
+        # DEBUG on only while Django loads: static files from the app directories (no collectstatic run),
+        # a dev key; the test client's host name. DEBUG itself is switched off below, before timing.
+        DEBUG="1",
+        ALLOWED_HOSTS="testserver",
         WORKER_LEASE_TTL_MS="3600000",  # nobody beats for the fake workers: keep them listed while timing
     )
     import django

@@ -28,6 +28,9 @@ logconfig_dict: dict[str, Any] = {
     "disable_existing_loggers": False,
     "formatters": {"json": {"()": "orchestrator_site.logs.JsonFormatter"}},
     "handlers": {"stdout": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stdout"}},
+    # gunicorn merges this over its own defaults, whose root logger names a "console" handler that
+    # this dict replaces: without a root of our own the server refuses to start.
+    "root": {"handlers": ["stdout"], "level": os.environ.get("LOG_LEVEL", "INFO")},
     "loggers": {
         "gunicorn.error": {"handlers": ["stdout"], "level": os.environ.get("LOG_LEVEL", "INFO"), "propagate": False},
         "gunicorn.access": {"handlers": ["stdout"], "level": "INFO", "propagate": False},

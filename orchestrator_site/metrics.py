@@ -481,8 +481,11 @@ def authorized(request: HttpRequest) -> bool:
     """A bearer token equal to ``METRICS_TOKEN``, or a logged-in staff user."""
     token = getattr(settings, "METRICS_TOKEN", "")
     header = request.headers.get("Authorization", "")
-    if token and header.startswith("Bearer ") and compare_digest(header.removeprefix("Bearer ").strip(), token):
-        return True
+    if token and header.startswith("Bearer "):
+        # Bytes, not str: compare_digest refuses non-ASCII str, and a header may hold any bytes.
+        offered = header.removeprefix("Bearer ").strip().encode("utf-8", "surrogatepass")
+        if compare_digest(offered, token.encode("utf-8", "surrogatepass")):
+            return True
     user = getattr(request, "user", None)
     return bool(user is not None and user.is_active and user.is_staff)
 

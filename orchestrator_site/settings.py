@@ -1,12 +1,15 @@
 """Settings for LLM Orchestrator, all read from the environment (12-factor).
 
-Defaults are for a laptop: SQLite in ``var/``, Redis on localhost, DEBUG on.
-Set ``DEBUG=0`` in production; then ``SECRET_KEY`` and ``ALLOWED_HOSTS`` are required
-and the secure-cookie/HSTS flags switch on. Every variable is listed in docs/configuration.md.
+Defaults are safe to expose: DEBUG off, so ``SECRET_KEY`` (or ``SECRET_KEY_FILE``) must be set,
+and only localhost is served until ``ALLOWED_HOSTS`` says otherwise. ``make run`` turns DEBUG on
+for itself. SQLite in ``var/`` and Redis on localhost are the embedded defaults. The HTTPS flags
+(secure cookies, HSTS, the proxy's ``X-Forwarded-Proto``) are off until set, so plain local http
+works. Every variable is listed in docs/configuration.md.
 """
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -17,14 +20,16 @@ from orchestrator_site.env import env_bool, env_int, env_list, env_secret, env_s
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("VAR_DIR", str(BASE_DIR / "var")))
 
-DEBUG = env_bool("DEBUG", True)
+# Off unless set: a debug page shows settings and local variables (tokens, database URLs) to anyone.
+DEBUG = env_bool("DEBUG", False)
 SECRET_KEY = env_secret("SECRET_KEY")
 if not SECRET_KEY:
     if not DEBUG:
         raise ImproperlyConfigured("SECRET_KEY (or SECRET_KEY_FILE) must be set when DEBUG is off")
     SECRET_KEY = "dev-only-insecure-key-do-not-use-in-production"
 
-ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"] if not DEBUG else ["*"])
+# Host names this site answers to; anything else gets a 400 (no host-header tricks in built URLs).
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 
 INSTALLED_APPS = [
@@ -39,6 +44,7 @@ INSTALLED_APPS = [
     "rest_framework.authtoken",
     "drf_spectacular",
     "django_rq",
+    "axes",
     "routing",
     "jobs",
     "workers",
@@ -238,14 +244,40 @@ STORAGES = {
 # Serve admin/DRF static files from the app dirs when collectstatic has not run (dev, tests).
 WHITENOISE_USE_FINDERS = DEBUG
 
-# --- Production hardening (on whenever DEBUG is off) --------------------------
-if not DEBUG:
+# --- HTTPS (behind a TLS-terminating proxy) -------------------------------------
+# Off by default so plain http on localhost works; turn them on where the site is served over HTTPS.
+# SECURE_PROXY_SSL_HEADER=1 trusts the proxy's X-Forwarded-Proto: set it only when a proxy you run
+# always sets (or strips) that header, or any client could claim to be on HTTPS.
+if env_bool("SECURE_PROXY_SSL_HEADER", False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
-    SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", True)
-    CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", True)
-    SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", False)
-    SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0, minimum=0)
-    SECURE_CONTENT_TYPE_NOSNIFF = True
+SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", False)
+CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", False)
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", False)
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
+SECURE_CONTENT_TYPE_NOSNIFF = True
+
+# --- Login throttling (django-axes) ------------------------------------------------
+# Every password login (/admin/login/, /api-auth/login/) goes through Django's authenticate(), where
+# axes counts failures per user name *and* client address: LOGIN_FAILURE_LIMIT failures lock that
+# pair out for LOGIN_COOLOFF_MINUTES (a further failure while locked restarts the clock); a success
+# before the limit resets the count. Keying on the pair keeps an attacker from locking a real user
+# out from elsewhere. API tokens and sessions do not authenticate with a password, so they are not
+# counted. Attempts are rows in the database (shown in the admin; `manage.py axes_reset` unlocks).
+# Behind proxies, TRUSTED_PROXY_COUNT says how many append to X-Forwarded-For (else every client
+# would share the proxy's address): orchestrator_site/client_ip.py.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",  # refuses a locked-out pair before the password is checked
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env_int("LOGIN_FAILURE_LIMIT", 5, minimum=1)
+AXES_COOLOFF_TIME = timedelta(minutes=env_int("LOGIN_COOLOFF_MINUTES", 15, minimum=1))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_HTTP_RESPONSE_CODE = 429
+TRUSTED_PROXY_COUNT = env_int("TRUSTED_PROXY_COUNT", 0, minimum=0, maximum=10)
+AXES_CLIENT_IP_CALLABLE = "orchestrator_site.client_ip.client_ip"
 
 # --- Logging: JSON lines on stdout --------------------------------------------
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
@@ -275,4 +307,6 @@ MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     *MIDDLEWARE,
     "django_prometheus.middleware.PrometheusAfterMiddleware",
+    # Last, as axes requires: turns a locked-out login into its 429 answer.
+    "axes.middleware.AxesMiddleware",
 ]

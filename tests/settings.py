@@ -10,6 +10,13 @@ import os
 import tempfile
 
 os.environ["REDIS_URL"] = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+# The processes tests start (gunicorn, workers, a Django test Client in a subprocess) inherit these:
+# a key of their own, the test Client's host name, and DEBUG on so they serve static files from the
+# app directories without a collectstatic run. Production mode (DEBUG off, the manifest storage,
+# collected files) has its own test: tests/test_production_image.py.
+os.environ.setdefault("SECRET_KEY", "test-only-secret-key-not-for-any-deployment")
+os.environ.setdefault("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver")
+os.environ.setdefault("DEBUG", "1")
 os.environ.setdefault("LOG_LEVEL", "WARNING")
 os.environ.setdefault("VAR_DIR", tempfile.mkdtemp(prefix="llmo-test-var-"))
 

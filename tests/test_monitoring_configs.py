@@ -66,6 +66,51 @@ def test_compose_has_the_whole_stack():
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"].startswith("http://otel-collector:")
 
 
+def test_compose_starts_in_order_on_healthy_dependencies():
+    services = compose()["services"]
+    for name in ("postgres", "redis", "app", "ollama"):
+        assert services[name]["healthcheck"]["test"], name
+    init = services["init"]
+    assert "migrate --noinput" in " ".join(init["command"]) and "bootstrap_demo" in " ".join(init["command"])
+    assert init["restart"] == "no"
+    # Everything that runs our code waits for an answering database and Redis, and for init.
+    ours = [name for name, svc in services.items() if "build" in svc]
+    assert {"app", "init", "worker-high", "worker-normal", "worker-low"} <= set(ours)
+    for name in ours:
+        deps = services[name]["depends_on"]
+        assert isinstance(deps, dict), f"{name}: depends_on without conditions"
+        assert deps["postgres"]["condition"] == "service_healthy", name
+        assert deps["redis"]["condition"] == "service_healthy", name
+        if name != "init":
+            assert deps["init"]["condition"] == "service_completed_successfully", name
+    assert services["prometheus"]["depends_on"]["app"]["condition"] == "service_healthy"
+
+
+def test_compose_app_runs_in_production_mode_and_answers_prometheus():
+    env = compose()["services"]["app"]["environment"]
+    assert env["DEBUG"] == "0" and env["SECRET_KEY"]
+    allowed = env["ALLOWED_HOSTS"].split(",")
+    for job in load_yaml(MONITORING / "prometheus.yml")["scrape_configs"]:
+        if job["job_name"].startswith("llmo-"):
+            for target in job["static_configs"][0]["targets"]:
+                assert target.rsplit(":", 1)[0] in allowed, target
+
+
+def test_compose_publishes_ports_on_this_machine_only():
+    # Fixed dev passwords and tokens: nothing of the stack may answer the network by default.
+    published = [(name, port) for name, svc in compose()["services"].items() for port in svc.get("ports", [])]
+    assert published
+    for name, port in published:
+        assert port.startswith("127.0.0.1:"), f"{name}: {port}"
+
+
+def test_compose_has_the_ollama_server_the_docs_name():
+    docs = (ROOT / "README.md").read_text() + (ROOT / "compose" / "README.md").read_text()
+    assert "ollama:11434" in docs  # the base_url to register; it must resolve inside the stack
+    ollama = compose()["services"]["ollama"]
+    assert ollama["image"].startswith("ollama/ollama:") and "127.0.0.1:11434:11434" in ollama["ports"]
+
+
 def test_compose_builds_and_mounts_files_that_exist():
     base = COMPOSE.parent
     for name, svc in compose()["services"].items():

@@ -3,19 +3,21 @@
 #
 #   1. Redis at $REDIS_URL: use the one that answers, or start a private one (tools/ensure_redis.sh).
 #   2. migrate, collectstatic, bootstrap_demo (a `dev` backend, an active policy, an admin + token).
-#   3. gunicorn on $HOST:$PORT (default 0.0.0.0:8000) and one RQ worker; wait for /readyz.
+#   3. gunicorn on $HOST:$PORT (default 127.0.0.1:8000) and one RQ worker; wait for /readyz.
 #   4. Submit a demo job, print its result, then a summary (URLs, credentials, curl example).
 #   5. Keep running until Ctrl-C / SIGTERM; then stop what it started, in order, and wait for it.
 #      If gunicorn or the worker dies on its own, show the end of its log and exit non-zero.
 #
 # Safe to run again: every set-up step is idempotent. Logs: var/log/{web,worker,redis}.log.
 # Environment: VENV (.venv), HOST, PORT, WEB_WORKERS (2), REDIS_URL, plus every Django setting.
+# This is a development server: DEBUG is on (unless DEBUG is set) and it listens on this machine
+# only; HOST=0.0.0.0 shows it to the network (then every host name is allowed, unless ALLOWED_HOSTS says).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV="${VENV:-.venv}"
 PY="$VENV/bin/python"
-HOST="${HOST:-0.0.0.0}"
+HOST="${HOST:-127.0.0.1}"
 PORT="${PORT:-8000}"
 WEB_WORKERS="${WEB_WORKERS:-2}"
 VAR_DIR="${VAR_DIR:-var}"
@@ -24,6 +26,7 @@ WEB_LOG="$LOG_DIR/web.log"
 WORKER_LOG="$LOG_DIR/worker.log"
 export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379/0}" # gunicorn, the worker and manage.py all use it
 export PYTHONUNBUFFERED=1                                  # logs reach the files at once (for the tail on a crash)
+export DEBUG="${DEBUG:-1}"                                 # the settings default to off (production)
 
 WEB_PID=""
 WORKER_PID=""
@@ -123,6 +126,13 @@ case "$BARE_HOST" in # BIND for gunicorn, LOCAL_HOST for our own checks, PUBLIC_
   *) BIND="$BARE_HOST:$PORT" LOCAL_HOST=$BARE_HOST PUBLIC_HOST=$BARE_HOST ;;
 esac
 LOCAL_URL="http://$LOCAL_HOST:$PORT"
+if [ -z "${ALLOWED_HOSTS:-}" ]; then # the settings allow only localhost names by default
+  case "$BARE_HOST" in
+    127.* | ::1 | localhost) ;;
+    0.0.0.0 | ::) export ALLOWED_HOSTS="*" ;; # reachable under any of this machine's names
+    *) export ALLOWED_HOSTS="localhost,127.0.0.1,[::1],$PUBLIC_HOST" ;;
+  esac
+fi
 BASE_URL="http://$PUBLIC_HOST:$PORT"
 
 # --- 0. Refuse early if the port is taken (before starting anything) ---------------
