@@ -21,7 +21,7 @@ from django.db import connection
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from jobs import queueing, status_cache
+from jobs import queueing, status_mirror
 from orchestrator_site.redis import redis_client
 from routing import registry
 from routing import services as routing_services
@@ -41,7 +41,7 @@ def redis_db() -> Iterator:
     registry._snapshot = None
     routing_services._stats_cache.clear()
     queueing._queues.clear()
-    status_cache._script = None
+    status_mirror._script = None
     yield client
     client.flushdb()
 

@@ -18,7 +18,7 @@ from rq.serializers import JSONSerializer
 
 from jobs.models import Job, JobAttempt, JobState
 from jobs.queueing import TASK, get_queue
-from jobs.status_cache import cache_key
+from jobs.status_mirror import cache_key
 from routing.models import Backend, BackendKind
 from tests.conftest import run_worker_burst, token_client
 
