@@ -1,4 +1,4 @@
-"""Request validation and the job status document."""
+"""Request validation, and the status document as the API describes it (``Job.status_document`` builds it)."""
 
 from __future__ import annotations
 
