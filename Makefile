@@ -23,6 +23,7 @@ test: venv-dev
 lint: venv-dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/python tests/test_import_cycles.py
 
 bench-p1: venv
 	$(VENV)/bin/python bench/p1_submit.py

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Collection, Sequence
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -18,6 +19,8 @@ from django.db import connections, models, router, transaction
 from django.db.models import F, Q, prefetch_related_objects
 from django.db.models.expressions import Combinable
 from django.utils import timezone
+
+from jobs import cancellation, status_mirror
 
 
 class JobState(models.TextChoices):
@@ -42,6 +45,25 @@ def storable(text: str, limit: int | None = None) -> str:
     if limit is not None:
         text = text[:limit]
     return text.replace("\x00", "\ufffd") if "\x00" in text else text
+
+
+def _str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _api_datetime(value: datetime | None) -> str | None:
+    """ISO 8601 in the current time zone with UTC as ``Z``: DRF's format, which the API has always answered."""
+    if not value:
+        return None
+    if settings.USE_TZ:
+        zone = timezone.get_current_timezone()
+        value = value.astimezone(zone) if timezone.is_aware(value) else timezone.make_aware(value, zone)
+    text = value.isoformat()
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
 
 
 # target state -> states it may be entered from. The one table of legal moves.
@@ -174,6 +196,52 @@ class Job(models.Model):
         """The request as a chat: ``messages`` as given, or the prompt as one user message."""
         return list(self.messages) if self.messages else [{"role": "user", "content": self.prompt}]
 
+    def status_document(self) -> dict[str, Any]:
+        """What ``GET /jobs/<id>`` answers and the Redis status mirror holds, JSON-ready, in the API's order.
+
+        Built here, beside the state machine that re-mirrors it after every change (the API's serializer
+        only describes it for the schema). On that hot path it reads the instance alone: the attempts
+        come from memory on the worker's path, so it adds no query there.
+        """
+        pk, attempts = self.pk, self.attempt_count
+        return {
+            "id": _str(pk),
+            "state": _str(self.state),
+            "priority": _str(self.priority),
+            "backend": _str(self.backend_name),
+            "policy": _str(self.policy_name),
+            "policy_version": _int(self.policy_version),
+            "model": _str(self.model),
+            "queue": _str(self.queue),
+            "attempts": _int(attempts),
+            "created_at": _api_datetime(self.created_at),
+            "enqueued_at": _api_datetime(self.enqueued_at),
+            "started_at": _api_datetime(self.started_at),
+            "finished_at": _api_datetime(self.finished_at),
+            "error": _str(self.error),
+            "usage": self.usage,
+            "cost": float(self.cost) if self.cost is not None else None,
+            "latency_ms": _int(self.latency_ms),
+            "finish_reason": _str(self.finish_reason),
+            "output": _str(self.output),
+            "metadata": self.metadata,
+            "attempt_log": [
+                {
+                    "number": a.number,
+                    "backend": a.backend_name,
+                    "worker": a.worker,
+                    "outcome": a.outcome,
+                    "started_at": a.started_at.isoformat() if a.started_at else None,
+                    "finished_at": a.finished_at.isoformat() if a.finished_at else None,
+                    "latency_ms": a.latency_ms,
+                    "error": a.error,
+                }
+                for a in (self.attempt_rows() if attempts else ())
+            ],
+            "links": {"self": f"/jobs/{pk}", "result": f"/jobs/{pk}/result", "cancel": f"/jobs/{pk}/cancel"},
+            "owner_id": _int(self.created_by_id),
+        }
+
     # --- state machine -------------------------------------------------------------
     def transition(self, target: str, *, fence: bool = False, **fields: Any) -> bool:
         """Move to ``target`` if the current DB state allows it; returns whether this call won.
@@ -207,10 +275,8 @@ class Job(models.Model):
         else:
             self.refresh_from_db()
             self._known_attempts = None
-        from jobs import status_cache
-
         job = self
-        transaction.on_commit(lambda: status_cache.publish(job))
+        transaction.on_commit(lambda: status_mirror.publish(job))
         return True
 
     def mark_running(self, worker: str) -> bool:
@@ -267,11 +333,9 @@ class Job(models.Model):
                 )
                 for job in jobs
             )
-            from jobs import status_cache
-
             for job, attempt in zip(jobs, attempts, strict=True):
                 job._known_attempts = [attempt] if job.attempt_count == 1 else None
-                transaction.on_commit(lambda job=job: status_cache.publish(job), using=conn.alias)
+                transaction.on_commit(lambda job=job: status_mirror.publish(job), using=conn.alias)
         return jobs
 
     def start_attempt(self, backend, worker: str, *, reuse_current: bool = False) -> bool:
@@ -304,10 +368,8 @@ class Job(models.Model):
                 )
                 if known is not None:
                     known.append(attempt)
-            from jobs import status_cache
-
             job = self
-            transaction.on_commit(lambda: status_cache.publish(job))
+            transaction.on_commit(lambda: status_mirror.publish(job))
         return True
 
     def mark_succeeded(
@@ -418,13 +480,12 @@ class Job(models.Model):
             for (job, _), ok in zip(moves, won, strict=True):
                 if not ok:
                     job.refresh_from_db(fields=["state", "version", "attempt_count"])
-            from jobs import status_cache
 
             def settle(job: Job, values: dict[str, Any]) -> None:
                 job.state, job.version, job.updated_at = target, job.version + 1, now
                 for name, value in values.items():
                     setattr(job, name, value)
-                status_cache.publish(job)
+                status_mirror.publish(job)
 
             # Memory follows the rows once they are committed: if the commit fails, each instance
             # still holds its committed version, so the same write can be tried again.
@@ -454,8 +515,6 @@ class Job(models.Model):
             won = self.transition(JobState.CANCELED, finished_at=timezone.now())
             if won and was_running:
                 self._close_attempt(AttemptOutcome.CANCELED)
-                from jobs import cancellation
-
                 job_id = str(self.pk)
                 transaction.on_commit(lambda: cancellation.request_stop(job_id))
         return won

@@ -18,7 +18,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 from redis.exceptions import RedisError
 
-from jobs import idempotency, queueing, status_cache
+from jobs import idempotency, queueing, status_mirror
 from jobs.models import Job, JobState
 from orchestrator_site import metrics, tracing
 from orchestrator_site.redis import redis_client
@@ -82,7 +82,7 @@ def submit(data: dict[str, Any], *, user, body: Any, idempotency_key: str | None
         job_id = uuid.uuid4()
         decision = route(job_facts(data, key=str(job_id)), snap)
         job = _build(job_id, data, user, decision, snap.backends[decision.backend], idempotency_key, fp)
-        doc = status_cache.document(job)
+        doc = job.status_document()
         try:
             with transaction.atomic():
                 job.save(force_insert=True)
@@ -152,7 +152,7 @@ def _after_commit(job: Job, doc: dict[str, Any], rkey: str, fp: str) -> None:
     metrics.record_submission(pipe, priority=job.priority, policy=job.policy_name, backend=job.backend_name)
     if rkey:
         pipe.set(rkey, f"{fp}:{job.pk}", ex=idempotency.ttl_s())
-    status_cache.write(job, doc, pipeline=pipe)
+    status_mirror.write(job, doc, pipeline=pipe)
     try:
         pipe.execute()
     except RedisError as exc:
@@ -182,12 +182,12 @@ def _existing_for_key(user, idempotency_key: str, fp: str, rkey: str) -> Submiss
         )
     remaining = max(1, int((existing.idempotency_expires_at - timezone.now()).total_seconds()))
     redis_client().set(rkey, f"{fp}:{existing.pk}", ex=remaining)
-    return Submission(existing, status_cache.document(existing), created=False)
+    return Submission(existing, existing.status_document(), created=False)
 
 
 def replay(job_id: str) -> Submission:
-    doc = status_cache.read(job_id)
+    doc = status_mirror.read(job_id)
     if doc is not None:
         return Submission(None, doc, created=False)
     job = Job.objects.get(pk=job_id)
-    return Submission(job, status_cache.document(job), created=False)
+    return Submission(job, job.status_document(), created=False)

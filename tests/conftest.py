@@ -21,7 +21,7 @@ from django.db import connection
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from jobs import queueing, status_cache
+from jobs import queueing, status_mirror
 from orchestrator_site.redis import redis_client
 from routing import registry
 from routing import services as routing_services
@@ -41,7 +41,7 @@ def redis_db() -> Iterator:
     registry._snapshot = None
     routing_services._stats_cache.clear()
     queueing._queues.clear()
-    status_cache._script = None
+    status_mirror._script = None
     yield client
     client.flushdb()
 
@@ -249,6 +249,53 @@ def private_redis() -> Iterator:
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+# --- which tests run on the second database ---------------------------------------------
+# Fixtures through which a test reaches the database (pytest-django's own, and ours that start
+# processes against it). ``item.fixturenames`` holds every fixture a test requests, directly or
+# through other fixtures; pytest-django's ``django_db_blocker`` is in every test's, so it says nothing.
+DATABASE_FIXTURES = frozenset({"db", "transactional_db", "live_server", "gunicorn_server", "worker_process"})
+
+
+def uses_database(item: pytest.Item) -> bool:
+    if item.get_closest_marker("django_db") is not None:
+        return True
+    names = getattr(item, "fixturenames", ())
+    return any(
+        name in DATABASE_FIXTURES or (name.startswith("django_db_") and name != "django_db_blocker") for name in names
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On PostgreSQL, leave out the tests that never touch a database: the SQLite run covers them.
+
+    ``make test`` runs the suite on SQLite, then on PostgreSQL to catch what differs between the
+    databases; a test without a database answers the same on both, so running it twice only costs time.
+    Deselected, not skipped: they were not meant to run here, and nothing is hidden in the skip count.
+    """
+    if connection.vendor != "postgresql":
+        return
+    kept = [item for item in items if uses_database(item)]
+    left_out = [item for item in items if not uses_database(item)]
+    if left_out:
+        items[:] = kept
+        config.hook.pytest_deselected(items=left_out)
+    config.stash[_DATABASE_FREE] = len(left_out)
+
+
+_DATABASE_FREE = pytest.StashKey[int]()
+
+
+def pytest_report_collectionfinish(config: pytest.Config) -> list[str]:
+    count = config.stash.get(_DATABASE_FREE, 0)
+    if not count:
+        return []
+    return [
+        f"{count} tests need no database: run on SQLite only"
+        if count > 1
+        else "1 test needs no database: run on SQLite only"
+    ]
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:

@@ -8,7 +8,7 @@ import threading
 import pytest
 from django.db import close_old_connections, connection
 
-from jobs import status_cache
+from jobs import status_mirror
 from jobs.models import TERMINAL_STATES, TRANSITIONS, AttemptOutcome, Job, JobState
 from tests.factories import make_job
 
@@ -112,9 +112,9 @@ def test_concurrent_claims_have_exactly_one_winner(dev_backend):
 def test_status_mirror_follows_every_transition(dev_backend):
     job = make_job(dev_backend)
     job.mark_running("w")
-    assert status_cache.read(job.pk)["state"] == "running"
+    assert status_mirror.read(job.pk)["state"] == "running"
     succeed(job)
-    doc = status_cache.read(job.pk)
+    doc = status_mirror.read(job.pk)
     assert doc["state"] == "succeeded" and doc["output"] == "ok" and doc["attempts"] == 1
 
 
@@ -123,17 +123,17 @@ def test_status_mirror_never_moves_backwards(dev_backend):
     job.mark_running("w")
     stale = Job.objects.get(pk=job.pk)  # version of the running state
     succeed(job)
-    status_cache.write(stale, status_cache.document(stale))  # a late writer with an older version
-    assert status_cache.read(job.pk)["state"] == "succeeded"
+    status_mirror.write(stale, stale.status_document())  # a late writer with an older version
+    assert status_mirror.read(job.pk)["state"] == "succeeded"
 
 
 def test_requeued_job_does_not_show_its_old_terminal_state(dev_backend):
     job = make_job(dev_backend)
     job.mark_running("w")
     job.mark_failed("boom")
-    assert status_cache.read(job.pk)["state"] == "failed"
+    assert status_mirror.read(job.pk)["state"] == "failed"
     job.requeue()
-    assert status_cache.read(job.pk)["state"] == "queued"
+    assert status_mirror.read(job.pk)["state"] == "queued"
 
 
 def test_text_a_backend_sends_with_nul_is_kept_on_every_database(dev_backend):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -28,23 +27,6 @@ def submit(api, **body) -> str:
     return r.json()["id"]
 
 
-def test_worker_runs_job_and_writes_result_usage_and_timings(api, policy):
-    job_id = submit(
-        api, messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "echo me back"}]
-    )
-    run_worker_burst()
-    job = Job.objects.get(pk=job_id)
-    assert job.state == JobState.SUCCEEDED
-    assert job.output == "echo me back"
-    assert (job.prompt_tokens, job.completion_tokens) == (5, 3)
-    assert job.created_at <= job.enqueued_at <= job.started_at <= job.finished_at
-    assert job.worker.startswith(f"{socket.gethostname()}.") and job.latency_ms is not None and job.cost == 0
-    assert job.attempts.get().outcome == AttemptOutcome.SUCCEEDED
-    r = api.get(f"/jobs/{job_id}/result")
-    assert r.status_code == 200
-    assert r.json()["output"] == "echo me back" and r.json()["usage"] == {"prompt_tokens": 5, "completion_tokens": 3}
-
-
 def test_rq_job_carries_only_the_job_id_as_json(api, policy):
     job_id = submit(api, priority="high")
     raw = redis_client().hget(f"rq:job:{job_id}", "data")
@@ -52,13 +34,6 @@ def test_rq_job_carries_only_the_job_id_as_json(api, policy):
     assert payload[0] == "workers.tasks.run_job"
     assert payload[2] == [job_id] and payload[3] == {}
     assert RQJob.fetch(job_id, connection=redis_client(), serializer="rq.serializers.JSONSerializer").origin == "high"
-
-
-def test_priority_order_high_before_normal_before_low(api, policy):
-    ids = {p: submit(api, priority=p, prompt=p) for p in ("low", "normal", "high")}
-    run_worker_burst("high", "normal", "low", MAX_CONCURRENCY="1")
-    started = {p: Job.objects.get(pk=i).started_at for p, i in ids.items()}
-    assert started["high"] < started["normal"] < started["low"]
 
 
 def test_cost_uses_the_backends_prices(api, db):
@@ -88,7 +63,11 @@ def test_backend_error_fails_job_with_message_and_attempts(api, db, status, trie
     for attempt in job.attempts.all():
         assert attempt.outcome == AttemptOutcome.FAILED and f"HTTP {status}" in attempt.error
     r = api.get(f"/jobs/{job_id}/result")
-    assert r.status_code == 200 and r.json()["state"] == "failed" and r.json()["error"] == job.error
+    assert r.status_code == 200
+    result = r.json()
+    assert (result["state"], result["backend"], result["output"], result["error"]) == ("failed", "flaky", "", job.error)
+    doc = api.get(f"/jobs/{job_id}").json()
+    assert doc["state"] == "failed" and doc["error"] == job.error and doc["finished_at"]
 
 
 def test_job_over_its_deadline_fails_with_a_clear_error(api, db):

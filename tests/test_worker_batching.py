@@ -11,7 +11,7 @@ import pytest
 from django.db import connection
 from django.utils import timezone
 
-from jobs import status_cache
+from jobs import status_mirror
 from jobs.models import AttemptOutcome, Job, JobAttempt, JobState
 from orchestrator_site.redis import redis_client
 from tests.factories import make_job
@@ -55,7 +55,7 @@ def test_claim_moves_the_claimable_rows_once_with_exact_versions(dev_backend):
         assert fresh.state == JobState.RUNNING and fresh.worker == "w1" and row.started_at == fresh.started_at
         assert row.backend == dev_backend and row.prompt == "hello"  # the whole row, with its backend
         assert list(fresh.attempts.values_list("number", "outcome")) == [(1, AttemptOutcome.RUNNING)]
-        assert status_cache.read(row.pk)["state"] == "running"
+        assert status_mirror.read(row.pk)["state"] == "running"
     assert Job.objects.get(pk=jobs[1].pk).state == JobState.CANCELED
     assert Job.claim(ids, "w2") == []  # a second worker wins nothing
     assert Job.claim([], "w2") == []
@@ -81,7 +81,7 @@ def test_mark_succeeded_many_writes_each_result_and_loses_to_a_cancel(dev_backen
     assert (loser.state, loser.output) == (JobState.CANCELED, "")
     assert rows[1].state == JobState.CANCELED and rows[1].version == loser.version  # re-read in memory
     assert loser.attempts.get().outcome == AttemptOutcome.CANCELED
-    assert status_cache.read(rows[0].pk)["state"] == "succeeded"
+    assert status_mirror.read(rows[0].pk)["state"] == "succeeded"
     assert rows[0]._known_attempts[0].outcome == AttemptOutcome.SUCCEEDED  # memory follows the rows
 
 

@@ -39,7 +39,8 @@ except psycopg.OperationalError as exc:
         raise
     psycopg.connect(sys.argv[1], dbname="postgres", connect_timeout=3).close()
 PYEOF
-  echo "==> tests on PostgreSQL ($PG_URL)"
+  # Only the tests that use a database run again here (tests/conftest.py deselects the others).
+  echo "==> tests on PostgreSQL ($PG_URL): those that use the database"
   DATABASE_URL="$PG_URL" "$VENV/bin/pytest" "$@"
 elif [ "${REQUIRE_POSTGRES:-0}" = "1" ]; then
   echo "PostgreSQL does not answer at $PG_URL and REQUIRE_POSTGRES=1" >&2

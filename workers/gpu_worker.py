@@ -69,7 +69,7 @@ from rq.job import Job as RQJob
 from rq.queue import Queue
 from rq.worker import WorkerStatus
 
-from jobs import queueing, status_cache
+from jobs import queueing, status_mirror
 from jobs.models import AttemptOutcome, Job, JobState, Priority
 from jobs.queueing import TASK
 from orchestrator_site.redis import RoundTrip
@@ -298,7 +298,7 @@ class Batch:
         if self.opened is None:
             self.opened = time.monotonic()
         try:
-            with status_cache.batched():  # the claimed rows' mirror: one pipeline after the commit
+            with status_mirror.batched():  # the claimed rows' mirror: one pipeline after the commit
                 rows = {str(row.pk): row for row in Job.claim(ids, self.worker.name)}
         except Exception:
             # Nothing was claimed: back in front of their queues, in order (as the thread worker does).
@@ -544,7 +544,7 @@ class Batch:
         try:
             while True:
                 try:
-                    with status_cache.batched():
+                    with status_mirror.batched():
                         return Job.mark_succeeded_many(moves)
                 except (OperationalError, InterfaceError) as exc:
                     tries += 1

@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 
 from django.db import InterfaceError, OperationalError, close_old_connections, connection, transaction
 
-from jobs import status_cache
+from jobs import status_mirror
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -103,7 +103,7 @@ class GroupCommit:
         which has one writer at a time (two writers there would sleep on each other's lock)."""
         if self._one_writer:
             return self.run(fn, *args, **kwargs)
-        with status_cache.batched(), transaction.atomic():
+        with status_mirror.batched(), transaction.atomic():
             return fn(*args, **kwargs)
 
     def run_batched(
@@ -207,7 +207,7 @@ class GroupCommit:
             close_old_connections()
             self._checked_at = time.monotonic()
         try:
-            with status_cache.batched():  # the batch's mirror writes leave in one pipeline, at the end
+            with status_mirror.batched():  # the batch's mirror writes leave in one pipeline, at the end
                 try:
                     with transaction.atomic():
                         for write in batch:

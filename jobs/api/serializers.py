@@ -1,4 +1,4 @@
-"""Request validation and the job status document."""
+"""Request validation, and the status document as the API describes it (``Job.status_document`` builds it)."""
 
 from __future__ import annotations
 
@@ -189,13 +189,15 @@ def validate_submission(data: Any) -> dict:
 class JobSerializer(serializers.ModelSerializer):
     """The status document: what ``GET /jobs/<id>`` answers and what Redis mirrors."""
 
+    # These fields describe the document for the schema; ``Job.status_document`` builds it, for the mirror too.
+
     backend = serializers.CharField(source="backend_name")
     policy = serializers.CharField(source="policy_name")
     attempts = serializers.IntegerField(source="attempt_count")
-    usage = serializers.SerializerMethodField()
-    cost = serializers.SerializerMethodField()
-    attempt_log = serializers.SerializerMethodField()
-    links = serializers.SerializerMethodField()
+    usage = serializers.DictField(child=serializers.IntegerField(allow_null=True), read_only=True)
+    cost = serializers.FloatField(allow_null=True, read_only=True)
+    attempt_log = serializers.ListField(child=serializers.DictField(), read_only=True)
+    links = serializers.DictField(child=serializers.CharField(), read_only=True)
     owner_id = serializers.IntegerField(source="created_by_id")
 
     class Meta:
@@ -227,31 +229,8 @@ class JobSerializer(serializers.ModelSerializer):
         ]
         read_only_fields = fields
 
-    def get_usage(self, job: Job) -> dict[str, int | None]:
-        return job.usage
-
-    def get_cost(self, job: Job) -> float | None:
-        return float(job.cost) if job.cost is not None else None
-
-    def get_attempt_log(self, job: Job) -> list[dict]:
-        if not job.attempt_count:
-            return []
-        return [
-            {
-                "number": a.number,
-                "backend": a.backend_name,
-                "worker": a.worker,
-                "outcome": a.outcome,
-                "started_at": a.started_at.isoformat() if a.started_at else None,
-                "finished_at": a.finished_at.isoformat() if a.finished_at else None,
-                "latency_ms": a.latency_ms,
-                "error": a.error,
-            }
-            for a in job.attempt_rows()
-        ]
-
-    def get_links(self, job: Job) -> dict[str, str]:
-        return {"self": f"/jobs/{job.pk}", "result": f"/jobs/{job.pk}/result", "cancel": f"/jobs/{job.pk}/cancel"}
+    def to_representation(self, instance: Job) -> dict[str, Any]:
+        return instance.status_document()
 
 
 # Fields of the status document that are internal (access control) or belong to /result.

@@ -14,7 +14,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from jobs import services, status_cache
+from jobs import services, status_mirror
 from jobs.api.serializers import (
     RESULT_FIELDS,
     JobCreateSerializer,
@@ -52,14 +52,14 @@ def _job_uuid(job_id: str) -> uuid.UUID:
 def _status_doc(request: Request, job_id: str) -> dict[str, Any]:
     """The status document from Redis, or the database when the mirror has no entry."""
     job_id = str(_job_uuid(job_id))
-    doc = status_cache.read(job_id)
+    doc = status_mirror.read(job_id)
     if doc is None:
         try:
             job = Job.objects.get(pk=job_id)
         except Job.DoesNotExist:
             raise NotFound(f"No job with id {job_id}.") from None
-        doc = status_cache.document(job)
-        status_cache.publish(job)
+        doc = job.status_document()
+        status_mirror.publish(job)
     if not request.user.is_staff and doc.get("owner_id") != request.user.pk:
         raise NotFound(f"No job with id {job_id}.")
     return doc
@@ -149,4 +149,4 @@ class JobCancel(APIView):
                 {"detail": f"Job is {job.state}; only queued or running jobs can be canceled.", "state": job.state},
                 status=status.HTTP_409_CONFLICT,
             )
-        return Response(public(status_cache.document(job)))
+        return Response(public(job.status_document()))

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
-from routing.strategies import (
+from routing.strategies.base import (
     NO_STATS,
     BackendStats,
     Candidate,

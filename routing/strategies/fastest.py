@@ -19,7 +19,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from routing.strategies import (
+from routing.strategies.base import (
     NO_STATS,
     BackendStats,
     Candidate,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from routing.strategies import BackendStats, Candidate, JobFacts, Ranked, Strategy, check_params
+from routing.strategies.base import BackendStats, Candidate, JobFacts, Ranked, Strategy, check_params
 
 
 def validate_params(params: Mapping[str, Any]) -> None:

@@ -16,7 +16,7 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from routing.strategies import BackendStats, Candidate, JobFacts, Ranked, Strategy, check_params
+from routing.strategies.base import BackendStats, Candidate, JobFacts, Ranked, Strategy, check_params
 
 _system = random.SystemRandom()
 

@@ -15,7 +15,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from django.conf import settings
 from redis.exceptions import RedisError
@@ -25,7 +25,18 @@ from orchestrator_site.redis import key, redis_client
 if TYPE_CHECKING:
     from redis.client import Pipeline
 
-    from jobs.models import Job
+
+class MirroredJob(Protocol):
+    """What the mirror needs of a ``jobs.models.Job``; named by its shape, because the state machine imports this."""
+
+    pk: Any
+    version: int
+
+    @property
+    def is_terminal(self) -> bool: ...
+
+    def status_document(self) -> dict[str, Any]: ...
+
 
 log = logging.getLogger(__name__)
 ACTIVE_TTL_S = 30
@@ -40,7 +51,6 @@ redis.call('SET', KEYS[1], ARGV[1] .. '|' .. ARGV[2], 'EX', ARGV[3])
 return 1
 """
 _script = None
-_serializer = None
 _local = threading.local()
 
 
@@ -55,24 +65,7 @@ def _cas():
     return _script
 
 
-def document(job: Job) -> dict[str, Any]:
-    """``JobSerializer(job).data``, from one serializer per process.
-
-    A ModelSerializer rebuilds its fields from the model on every instantiation, which
-    cost a fifth of ``POST /jobs``; ``to_representation`` keeps no state, so reuse it.
-    """
-    global _serializer
-    serializer = _serializer
-    if serializer is None:
-        from jobs.api.serializers import JobSerializer
-
-        serializer = JobSerializer()
-        serializer.fields  # noqa: B018 (build and bind the fields now, once)
-        _serializer = serializer
-    return dict(serializer.to_representation(job))
-
-
-def write(job: Job, doc: dict[str, Any], pipeline: Pipeline | None = None) -> None:
+def write(job: MirroredJob, doc: dict[str, Any], pipeline: Pipeline | None = None) -> None:
     ttl = settings.JOB_STATUS_CACHE_TTL_S if job.is_terminal else min(ACTIVE_TTL_S, settings.JOB_STATUS_CACHE_TTL_S)
     payload = json.dumps(doc, separators=(",", ":"), default=str)
     if pipeline is not None:
@@ -83,14 +76,14 @@ def write(job: Job, doc: dict[str, Any], pipeline: Pipeline | None = None) -> No
     _cas()(keys=[cache_key(job.pk)], args=[job.version, payload, ttl])
 
 
-def publish(job: Job) -> None:
+def publish(job: MirroredJob) -> None:
     """Mirror ``job`` after a committed change; a Redis failure only costs a cache miss later."""
     pending = getattr(_local, "pending", None)
     if pending is not None:
         pending[job.pk] = job  # inside batched(): one write per job, the latest
         return
     try:
-        write(job, document(job))
+        write(job, job.status_document())
     except RedisError as exc:
         log.warning("status mirror write failed", extra={"job_id": str(job.pk), "error": str(exc)})
 
@@ -110,7 +103,7 @@ def batched() -> Iterator[None]:
             try:
                 with redis_client().pipeline(transaction=False) as pipe:
                     for job in pending.values():
-                        write(job, document(job), pipeline=pipe)
+                        write(job, job.status_document(), pipeline=pipe)
                     pipe.execute()
             except RedisError as exc:
                 log.warning("status mirror write failed", extra={"jobs": len(pending), "error": str(exc)})
