@@ -251,3 +251,26 @@ def test_a_key_with_a_newline_reaches_no_job_error_attempt_or_worker_log(api):
         for attempt in job.attempt_rows():
             assert_no_key(attempt.error or "")
         assert_no_key(api.get(f"/jobs/{job_id}").content.decode())
+
+
+# --- token caps hold in the adapters too (rows written before the API's check, backend config) ---------
+def test_the_openai_adapter_clamps_token_params_to_the_caps(settings):
+    settings.JOB_LIMITS = {**settings.JOB_LIMITS, "max_tokens": 50, "context_tokens": 1000}
+    backend_params = {"params": {"max_completion_tokens": 10**6}}
+    with OpenAIFake() as fake:
+        OpenAIAdapter().generate(
+            config("openai", fake.base_url, config=backend_params), ask(params={"max_tokens": 10**9, "n_ctx": 10**9})
+        )
+        sent = fake.last.body
+    assert (sent["max_tokens"], sent["max_completion_tokens"], sent["n_ctx"]) == (50, 50, 1000)
+
+
+def test_the_ollama_adapter_clamps_num_predict_and_num_ctx_to_the_caps(settings):
+    settings.JOB_LIMITS = {**settings.JOB_LIMITS, "max_tokens": 50, "context_tokens": 1000}
+    with OllamaFake() as fake:
+        OllamaAdapter().generate(
+            config("ollama", fake.url, config={"options": {"num_ctx": 10**7}}),
+            ask(params={"options": {"num_predict": -1}}),
+        )
+        options = fake.last.body["options"]
+    assert (options["num_predict"], options["num_ctx"]) == (50, 1000)
