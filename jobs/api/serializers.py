@@ -152,10 +152,7 @@ class JobCreateSerializer(serializers.Serializer):
 
     def validate_params(self, params: dict) -> dict:
         """No token count above the output or context cap, under any backend kind's parameter name."""
-        limits = _limits()
-        problems = token_params.problems(
-            params, limits["max_tokens"], limits.get("context_tokens", token_params.caps()[1])
-        )
+        problems = token_params.problems(params, *token_params.caps())
         if problems:
             raise serializers.ValidationError([f"{path}: {message}" for path, message in problems.items()])
         return params

@@ -23,7 +23,7 @@ NESTED = ("options",)
 
 def caps() -> tuple[int, int]:
     """``(MAX_OUTPUT_TOKENS, MAX_CONTEXT_TOKENS)`` from the settings (defaults when unset)."""
-    from django.conf import settings
+    from django.conf import settings  # here, so the adapters import without configured settings
 
     limits = getattr(settings, "JOB_LIMITS", {})
     return int(limits.get("max_tokens", 32_768)), int(limits.get("context_tokens", 131_072))
