@@ -16,7 +16,14 @@ from tests.conftest import run_worker_burst
 from tests.factories import ask
 from tests.fakes.ollama_server import OllamaFake
 from tests.fakes.openai_server import OpenAIFake
-from tests.fakes.redirect_server import INTERNAL_SECRET, REDIRECT_BODY, InternalServiceFake, RedirectFake
+from tests.fakes.redirect_server import (
+    BANNER_SECRET,
+    INTERNAL_SECRET,
+    REDIRECT_BODY,
+    BannerServer,
+    InternalServiceFake,
+    RedirectFake,
+)
 from workers.backends.base import BackendConfig, BackendError
 from workers.backends.health import probe
 from workers.backends.ollama import OllamaAdapter
@@ -110,6 +117,18 @@ def test_the_admins_probe_action_shows_a_summary_not_the_foreign_answer(admin_cl
     assert "moved:" in shown and "HTTP 302" in shown and "redirect not followed" in shown, shown
     assert INTERNAL_SECRET not in shown and REDIRECT_BODY not in shown
     assert internal.requests == []
+
+
+@pytest.mark.parametrize("kind", ["openai", "ollama"])
+def test_a_service_that_does_not_speak_http_is_not_quoted(kind):
+    with BannerServer() as banner:
+        result = probe(config(kind, backend_url(kind, banner.url)))
+        with pytest.raises(BackendError) as err:
+            ADAPTERS[kind]().generate(config(kind, backend_url(kind, banner.url)), ask())
+    assert result.status == "down" and "not valid HTTP" in result.detail, result.detail
+    assert "not valid HTTP" in err.value.message, err.value.message
+    assert "OpenSSH" not in repr(result) + err.value.message
+    assert BANNER_SECRET not in repr(result) + err.value.message
 
 
 def test_a_healthy_probe_is_a_status_summary():

@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 
 from workers.backends.base import BackendConfig
-from workers.backends.outbound import header_problem, scrub, url_problem
+from workers.backends.outbound import header_problem, scrub, transport_summary, url_problem
 
 DEFAULT_TIMEOUT_S = 5.0
 MAX_NAME_CHARS = 200
@@ -64,7 +64,7 @@ def probe(backend: BackendConfig, timeout_s: float = DEFAULT_TIMEOUT_S) -> Probe
     except httpx.TimeoutException:
         fields = {"status": "down", "detail": f"No answer within {timeout_s:g}s."}
     except httpx.TransportError as exc:
-        fields = {"status": "down", "detail": f"Unreachable: {type(exc).__name__}: {exc}"}
+        fields = {"status": "down", "detail": f"Unreachable: {transport_summary(exc)}"}
     except (ValueError, AttributeError, TypeError):  # a body that is not the protocol's JSON
         fields = {"status": "down", "detail": "Unexpected answer: not the protocol's JSON."}
     if backend.api_key and fields.get("detail"):

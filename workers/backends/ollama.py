@@ -35,7 +35,7 @@ import pydantic
 
 from workers.backends import params as token_params
 from workers.backends.base import BackendConfig, BackendError, GenerationRequest, GenerationResult
-from workers.backends.outbound import refuse_unsafe, scrubbing
+from workers.backends.outbound import refuse_unsafe, scrubbing, transport_summary
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class OllamaAdapter:
         except httpx.TimeoutException:
             raise BackendError(f"Timed out after {timeout_s:g}s.", retryable=True) from None
         except (httpx.TransportError, ConnectionError) as exc:
-            raise BackendError(f"Connection failed: {type(exc).__name__}: {exc}", retryable=True) from None
+            raise BackendError(f"Connection failed: {transport_summary(exc)}", retryable=True) from None
         except (json.JSONDecodeError, pydantic.ValidationError) as exc:
             # Not Ollama's protocol (a proxy's error page, a cut line): the server side is broken, try again.
             raise BackendError(f"Malformed stream from the server: {type(exc).__name__}", retryable=True) from None

@@ -40,7 +40,7 @@ import httpx
 
 from workers.backends import params as token_params
 from workers.backends.base import BackendConfig, BackendError, GenerationRequest, GenerationResult
-from workers.backends.outbound import refuse_unsafe, scrub, scrubbing
+from workers.backends.outbound import refuse_unsafe, scrub, scrubbing, transport_summary
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class OpenAIAdapter:
         except httpx.TimeoutException:
             raise BackendError(f"Timed out after {timeout_s:g}s.", retryable=True) from None
         except httpx.TransportError as exc:
-            message = scrub(f"Connection failed: {type(exc).__name__}: {exc}", backend.api_key)
+            message = scrub(f"Connection failed: {transport_summary(exc)}", backend.api_key)
             raise BackendError(message, retryable=True) from None
         try:
             data = response.json()

@@ -9,6 +9,7 @@
   of a str or of bytes, which is how h11 reports an illegal header value), JSON-escaped and URL-encoded.
 - :func:`scrubbing`: what an adapter's call raises, scrubbed; :func:`refuse_unsafe`: both checks above
   as a ``BackendError`` before a call.
+- :func:`transport_summary`: a connection failure described without quoting what the server sent.
 - :func:`header_problem`: an API key that cannot travel in an HTTP header is refused before sending,
   so the HTTP library never gets to quote it back in its error.
 """
@@ -107,6 +108,17 @@ def scrub(text: str, *secrets: str) -> str:
         for form in secret_forms(secret):
             text = text.replace(form, REDACTED)
     return text
+
+
+def transport_summary(exc: Exception) -> str:
+    """A failed connection in our words: the class, and the OS's message for a network error. A protocol
+    error's text quotes the bytes the other side sent (``illegal status line: bytearray(b'SSH-2.0-...')``),
+    which is how a URL aimed at a non-HTTP internal service would read its banner back, so it is left out."""
+    import httpx  # here: the model validator imports this module in web processes, which need no client
+
+    if isinstance(exc, httpx.ProtocolError):
+        return f"{type(exc).__name__} (the answer is not valid HTTP)"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def refuse_unsafe(backend: BackendConfig) -> None:
