@@ -153,9 +153,11 @@ JOB_LIMITS = {
     "images": env_int("MAX_IMAGES", 8, minimum=0),
     "image_bytes": env_int("MAX_IMAGE_BYTES", 10 * 1024 * 1024, minimum=1),
     "max_tokens": env_int("MAX_OUTPUT_TOKENS", 32_768, minimum=1),
+    "context_tokens": env_int("MAX_CONTEXT_TOKENS", 131_072, minimum=1),  # num_ctx and the like in params
     "timeout_s": env_int("MAX_JOB_TIMEOUT_S", JOB_TIMEOUT_S, minimum=1),
     "json_field_bytes": env_int("MAX_JSON_FIELD_BYTES", 16 * 1024, minimum=64),
 }
+REQUEST_JSON_MAX_DEPTH = env_int("REQUEST_JSON_MAX_DEPTH", 32, minimum=2, maximum=256)  # deeper bodies get a 400
 # Room for MAX_IMAGES base64 images plus the prompt; larger bodies get a 413.
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int(
     "MAX_REQUEST_BYTES",
@@ -209,7 +211,7 @@ REST_FRAMEWORK = {
         "rest_framework.renderers.JSONRenderer",
         "rest_framework.renderers.BrowsableAPIRenderer",
     ],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["orchestrator_site.parsers.BoundedJSONParser"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "orchestrator_site.api.exception_handler",
 }

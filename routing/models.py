@@ -55,6 +55,12 @@ def validate_base_url(value: str) -> None:
         raise ValidationError("Enter a valid http(s) URL.") from None
     if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in value):
         raise ValidationError("Enter a valid http(s) URL.")
+    # Credentials and link-local/metadata hosts are refused (workers.backends.outbound says why).
+    from workers.backends.outbound import url_problem
+
+    problem = url_problem(value)
+    if problem:
+        raise ValidationError(problem)
 
 
 class Backend(models.Model):

@@ -309,7 +309,7 @@ def test_probe_flags_a_model_that_is_not_served(fake):
 def test_probe_of_a_loading_llama_cpp_server_is_loading_not_down():
     with OpenAIFake(loading=True) as fake:
         result = probe(backend_for(fake))
-        assert (result.ok, result.status) == (False, "loading") and "Loading model" in result.detail
+        assert (result.ok, result.status) == (False, "loading") and "model is loading" in result.detail
         fake.loading = False
         assert probe(backend_for(fake, api_key="")).status == "ok"
 

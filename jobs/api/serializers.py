@@ -11,6 +11,7 @@ from django.conf import settings
 from rest_framework import serializers
 
 from jobs.models import Job, Priority
+from workers.backends import params as token_params
 
 ROLES = ("system", "user", "assistant", "tool")
 IMAGE_MAGIC = {
@@ -148,6 +149,13 @@ class JobCreateSerializer(serializers.Serializer):
                 f"Messages hold {total} characters; the limit is {limits['prompt_chars']}."
             )
         return [dict(m) for m in messages]
+
+    def validate_params(self, params: dict) -> dict:
+        """No token count above the output or context cap, under any backend kind's parameter name."""
+        problems = token_params.problems(params, *token_params.caps())
+        if problems:
+            raise serializers.ValidationError([f"{path}: {message}" for path, message in problems.items()])
+        return params
 
     def validate(self, attrs: dict) -> dict:
         has_prompt = bool(attrs.get("prompt"))

@@ -1,18 +1,20 @@
-"""Backend adapters by kind. Adding a kind: a module beside ``dev.py`` and a line in ``_ADAPTERS``."""
+"""Backend adapters by kind. Adding a kind: a module beside ``dev.py`` and a line in ``_ADAPTERS``.
+
+Adapters are imported when first asked for, so a web process that only needs a small helper from this
+package (the token caps, the outbound URL rules) does not load every client library.
+"""
 
 from __future__ import annotations
 
-from workers.backends.base import Adapter, BackendError
-from workers.backends.dev import DevAdapter
-from workers.backends.hf_local import HFLocalAdapter
-from workers.backends.ollama import OllamaAdapter
-from workers.backends.openai import OpenAIAdapter
+import importlib
 
-_ADAPTERS: dict[str, type] = {
-    "dev": DevAdapter,
-    "ollama": OllamaAdapter,
-    "openai": OpenAIAdapter,
-    "hf_local": HFLocalAdapter,
+from workers.backends.base import Adapter, BackendError
+
+_ADAPTERS: dict[str, str] = {
+    "dev": "workers.backends.dev:DevAdapter",
+    "ollama": "workers.backends.ollama:OllamaAdapter",
+    "openai": "workers.backends.openai:OpenAIAdapter",
+    "hf_local": "workers.backends.hf_local:HFLocalAdapter",
 }
 _instances: dict[str, Adapter] = {}
 
@@ -21,8 +23,9 @@ def get_adapter(kind: str) -> Adapter:
     """The process's adapter for ``kind`` (adapters hold pooled clients, so one each)."""
     adapter = _instances.get(kind)
     if adapter is None:
-        cls = _ADAPTERS.get(kind)
-        if cls is None:
+        path = _ADAPTERS.get(kind)
+        if path is None:
             raise BackendError(f"No adapter for backend kind {kind!r} is installed in this worker.", retryable=False)
-        adapter = _instances[kind] = cls()
+        module, _, name = path.partition(":")
+        adapter = _instances[kind] = getattr(importlib.import_module(module), name)()
     return adapter

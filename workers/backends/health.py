@@ -11,6 +11,10 @@ key, our model missing).
 - openai: ``GET {base_url}/models``; when that does not answer 200, the server root's ``/health``
   (llama.cpp, vLLM and TGI have one) tells loading from down.
 - dev: always ok. Other kinds (hf_local runs inside workers) have no network probe: ``unknown``.
+
+``detail`` is a summary we write ("HTTP 302 redirect not followed", "HTTP 200, 3 models"), never text
+from the server's answer: the admin shows it, and a URL that leads somewhere unintended must not read
+that place back. Redirects are not followed; a URL or key that ``outbound`` refuses is not called.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ from typing import Any
 import httpx
 
 from workers.backends.base import BackendConfig
+from workers.backends.outbound import header_problem, scrub, transport_summary, url_problem
 
 DEFAULT_TIMEOUT_S = 5.0
+MAX_NAME_CHARS = 200
 
 
 @dataclass(frozen=True)
@@ -46,18 +52,23 @@ def probe(backend: BackendConfig, timeout_s: float = DEFAULT_TIMEOUT_S) -> Probe
     prober = _PROBES.get(backend.kind)
     if prober is None:
         return ProbeResult(ok=False, status="unknown", detail=f"No network probe for kind {backend.kind!r}.")
+    problem = url_problem(backend.base_url) if backend.kind != "dev" else None
+    if not problem and backend.api_key:
+        problem = header_problem(backend.api_key)
+    if problem:
+        return ProbeResult(ok=False, status="error", detail=f"Not probed: {problem}")
     headers = {"Authorization": f"Bearer {backend.api_key}"} if backend.api_key else {}
     try:
-        with httpx.Client(timeout=timeout_s, headers=headers, follow_redirects=True) as client:
+        with httpx.Client(timeout=timeout_s, headers=headers, follow_redirects=False) as client:
             fields = prober(client, backend)
     except httpx.TimeoutException:
         fields = {"status": "down", "detail": f"No answer within {timeout_s:g}s."}
     except httpx.TransportError as exc:
-        fields = {"status": "down", "detail": f"Unreachable: {type(exc).__name__}: {exc}"}
-    except ValueError as exc:  # a body that is not the protocol's JSON
-        fields = {"status": "down", "detail": f"Unexpected answer: {exc}"}
+        fields = {"status": "down", "detail": f"Unreachable: {transport_summary(exc)}"}
+    except (ValueError, AttributeError, TypeError):  # a body that is not the protocol's JSON
+        fields = {"status": "down", "detail": "Unexpected answer: not the protocol's JSON."}
     if backend.api_key and fields.get("detail"):
-        fields["detail"] = fields["detail"].replace(backend.api_key, "[redacted]")
+        fields["detail"] = scrub(fields["detail"], backend.api_key)
     status = fields.pop("status")
     latency_ms = int((time.monotonic() - started) * 1000)
     return ProbeResult(ok=status == "ok", status=status, latency_ms=latency_ms, **fields)
@@ -89,20 +100,20 @@ def _probe_ollama(client: httpx.Client, backend: BackendConfig) -> dict[str, Any
     r = client.get(f"{base}/api/version")
     if r.status_code != 200:
         return {"status": "down" if r.status_code >= 500 else "error", "detail": _detail(r, "/api/version")}
-    version = str(r.json().get("version", ""))
+    version = _name(r.json().get("version", ""))
     r = client.get(f"{base}/api/tags")
     if r.status_code != 200:
         return {"status": "down" if r.status_code >= 500 else "error", "detail": _detail(r, "/api/tags")}
-    models = [str(m.get("name") or m.get("model")) for m in r.json().get("models") or []]
+    models = [_name(m.get("name") or m.get("model")) for m in r.json().get("models") or []]
     out: dict[str, Any] = {"version": version, "models": models}
     if not backend.model:
-        return {**out, "status": "ok", "detail": f"Ollama {version}, {len(models)} models."}
+        return {**out, "status": "ok", "detail": f"HTTP 200, Ollama {version}, {len(models)} models."}
     if _ollama_name(backend.model) not in {_ollama_name(m) for m in models}:
         return {**out, "status": "error", "detail": f"Model {backend.model!r} is not pulled on this server."}
     r = client.post(f"{base}/api/show", json={"model": backend.model})
     if r.status_code != 200:
         return {**out, "status": "error", "detail": _detail(r, "/api/show")}
-    capabilities = [str(c) for c in r.json().get("capabilities") or []]
+    capabilities = [_name(c) for c in r.json().get("capabilities") or []]
     return {**out, "status": "ok", "capabilities": capabilities, "detail": f"Ollama {version}, model ready."}
 
 
@@ -110,21 +121,25 @@ def _probe_openai(client: httpx.Client, backend: BackendConfig) -> dict[str, Any
     base = backend.base_url.rstrip("/")
     r = client.get(f"{base}/models")
     if r.status_code == 200:
-        models = [str(m.get("id")) for m in r.json().get("data") or [] if isinstance(m, dict)]
+        models = [_name(m.get("id")) for m in r.json().get("data") or [] if isinstance(m, dict)]
         if backend.model and models and backend.model not in models:
             return {"status": "error", "models": models, "detail": f"Model {backend.model!r} is not served here."}
-        return {"status": "ok", "models": models, "detail": f"{len(models)} models."}
+        return {"status": "ok", "models": models, "detail": f"HTTP 200, {len(models)} models."}
     if r.status_code in (401, 403):
         return {"status": "error", "detail": _detail(r, "/models")}
     if _is_loading(r):
-        return {"status": "loading", "detail": _detail(r, "/models")}
+        return {"status": "loading", "detail": f"{_detail(r, '/models')} The model is loading."}
     # No usable /models (older TGI, a gateway): the server root's /health decides.
     root = re.sub(r"/v\d+$", "", base)  # the API version segment; /health lives at the root
     h = client.get(f"{root}/health")
     if h.status_code == 200:
-        return {"status": "ok", "detail": f"/health is ok; /models answered {r.status_code}."}
+        return {"status": "ok", "detail": f"/health is ok; /models answered HTTP {r.status_code}."}
     if h.status_code == 503:
-        return {"status": "loading" if _is_loading(h) else "down", "detail": _detail(h, "/health")}
+        loading = _is_loading(h)
+        return {
+            "status": "loading" if loading else "down",
+            "detail": f"{_detail(h, '/health')}{' The model is loading.' if loading else ''}",
+        }
     return {"status": "down" if max(r.status_code, h.status_code) >= 500 else "error", "detail": _detail(r, "/models")}
 
 
@@ -133,17 +148,16 @@ def _is_loading(r: httpx.Response) -> bool:
 
 
 def _detail(r: httpx.Response, path: str) -> str:
-    """``path`` answered ``status``: the server's message in either error shape, else its text."""
-    message = ""
-    try:
-        data = r.json()
-    except ValueError:
-        data = None
-    if isinstance(data, dict):
-        err = data.get("error")
-        message = err.get("message", "") if isinstance(err, dict) else str(err or data.get("message") or "")
-    message = message or r.text.strip()[:200]
-    return f"{path} answered {r.status_code}: {message}"
+    """``path`` answered ``status``: our summary, never the answer's text (see the module docstring)."""
+    if r.is_redirect or 300 <= r.status_code < 400:
+        return f"{path} answered HTTP {r.status_code}: redirect not followed."
+    return f"{path} answered HTTP {r.status_code}."
+
+
+def _name(value: Any) -> str:
+    """A model name, version or capability as the server gave it, printable and bounded."""
+    text = "".join(c for c in str(value) if c.isprintable())
+    return text[:MAX_NAME_CHARS]
 
 
 _PROBES = {"dev": _probe_dev, "ollama": _probe_ollama, "openai": _probe_openai}

@@ -33,7 +33,9 @@ import httpx
 import ollama
 import pydantic
 
+from workers.backends import params as token_params
 from workers.backends.base import BackendConfig, BackendError, GenerationRequest, GenerationResult
+from workers.backends.outbound import refuse_unsafe, scrubbing, transport_summary
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +64,10 @@ class OllamaAdapter:
             client = self._clients.get(cache_key)
             if client is None:
                 headers = {"authorization": f"Bearer {backend.api_key}"} if backend.api_key else None
-                client = ollama.Client(host=backend.base_url, timeout=timeout_s, headers=headers)
+                # The client follows redirects by default; one could lead to an internal service.
+                client = ollama.Client(
+                    host=backend.base_url, timeout=timeout_s, headers=headers, follow_redirects=False
+                )
                 self._clients[cache_key] = client
                 # Bounded: job timeouts vary. An evicted client is not closed here because another
                 # thread may be mid-call on it; the garbage collector closes its pool.
@@ -73,6 +78,10 @@ class OllamaAdapter:
             return client
 
     def generate(self, backend: BackendConfig, request: GenerationRequest) -> GenerationResult:
+        with scrubbing(backend.api_key):
+            return self._generate(backend, request)
+
+    def _generate(self, backend: BackendConfig, request: GenerationRequest) -> GenerationResult:
         started = time.monotonic()
         timeout_s = min(request.timeout_s, backend.timeout_s)
         deadline = started + timeout_s
@@ -81,6 +90,7 @@ class OllamaAdapter:
             raise BackendError("No model: set one on the backend or the job.", retryable=False)
         if not backend.base_url:  # the client would silently fall back to OLLAMA_HOST or localhost
             raise BackendError("The backend has no base URL.", retryable=False)
+        refuse_unsafe(backend)
         kwargs = build_chat_kwargs(backend, request, model)
         client = self.client(backend, timeout_s)
 
@@ -107,7 +117,7 @@ class OllamaAdapter:
         except httpx.TimeoutException:
             raise BackendError(f"Timed out after {timeout_s:g}s.", retryable=True) from None
         except (httpx.TransportError, ConnectionError) as exc:
-            raise BackendError(f"Connection failed: {type(exc).__name__}: {exc}", retryable=True) from None
+            raise BackendError(f"Connection failed: {transport_summary(exc)}", retryable=True) from None
         except (json.JSONDecodeError, pydantic.ValidationError) as exc:
             # Not Ollama's protocol (a proxy's error page, a cut line): the server side is broken, try again.
             raise BackendError(f"Malformed stream from the server: {type(exc).__name__}", retryable=True) from None
@@ -143,6 +153,7 @@ def build_chat_kwargs(backend: BackendConfig, request: GenerationRequest, model:
         options["num_predict"] = request.max_tokens
     if request.temperature is not None:
         options["temperature"] = request.temperature
+    token_params.clamp(options, *token_params.caps())
 
     kwargs: dict[str, Any] = {"model": model, "messages": build_messages(request), **fields}
     if options:
@@ -173,6 +184,11 @@ def build_messages(request: GenerationRequest) -> list[dict[str, Any]]:
 
 def classify_response_error(exc: ollama.ResponseError) -> BackendError:
     """Ollama's HTTP status decides; an ``{"error"}`` line inside a 200 stream (status -1) is retryable."""
+    if exc.status_code is not None and 300 <= exc.status_code < 400:  # the body is not Ollama's: not repeated
+        return BackendError(
+            f"HTTP {exc.status_code} redirect not followed: set the backend's base URL to the server itself.",
+            retryable=False,
+        )
     message = str(exc.error) or "Ollama returned an error."
     if exc.status_code is None or exc.status_code < 100:
         # The server failed after it began answering (runner crash, out of memory): another try may pass.

@@ -38,7 +38,9 @@ from typing import Any
 
 import httpx
 
+from workers.backends import params as token_params
 from workers.backends.base import BackendConfig, BackendError, GenerationRequest, GenerationResult
+from workers.backends.outbound import refuse_unsafe, scrub, scrubbing, transport_summary
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +93,15 @@ class OpenAIAdapter:
                     base_url=base,
                     limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
                     headers={"Accept": "application/json"},
+                    follow_redirects=False,  # a redirect could point at an internal service
                 )
             return client
 
     def generate(self, backend: BackendConfig, request: GenerationRequest) -> GenerationResult:
+        with scrubbing(backend.api_key):
+            return self._generate(backend, request)
+
+    def _generate(self, backend: BackendConfig, request: GenerationRequest) -> GenerationResult:
         started = time.monotonic()
         timeout_s = min(request.timeout_s, backend.timeout_s)
         model = request.model or backend.model
@@ -102,6 +109,7 @@ class OpenAIAdapter:
             raise BackendError("No model: set one on the backend or the job.", retryable=False)
         if not backend.base_url:
             raise BackendError("The backend has no base URL.", retryable=False)
+        refuse_unsafe(backend)
         body = build_body(backend, request, model)
         headers = {"Authorization": f"Bearer {backend.api_key}"} if backend.api_key else {}
         streamed = backend.config.get("stream", True) is not False
@@ -111,6 +119,8 @@ class OpenAIAdapter:
             with self.client(backend.base_url).stream(
                 "POST", "/chat/completions", json=body, headers=headers, timeout=timeout_s
             ) as response:
+                if 300 <= response.status_code < 400:
+                    raise redirect_error(response.status_code)
                 if response.status_code >= 400:
                     response.read()
                     raise error_from_response(response, backend.api_key)
@@ -120,7 +130,7 @@ class OpenAIAdapter:
         except httpx.TimeoutException:
             raise BackendError(f"Timed out after {timeout_s:g}s.", retryable=True) from None
         except httpx.TransportError as exc:
-            message = scrub(f"Connection failed: {type(exc).__name__}: {exc}", backend.api_key)
+            message = scrub(f"Connection failed: {transport_summary(exc)}", backend.api_key)
             raise BackendError(message, retryable=True) from None
         try:
             data = response.json()
@@ -195,7 +205,14 @@ def build_body(backend: BackendConfig, request: GenerationRequest, model: str) -
         body[max_tokens_param] = request.max_tokens
     if request.temperature is not None:
         body["temperature"] = request.temperature
-    return body
+    return token_params.clamp(body, *token_params.caps())
+
+
+def redirect_error(status: int) -> BackendError:
+    """Redirects are not followed (one could lead to an internal service); the base URL must be the server's."""
+    return BackendError(
+        f"HTTP {status} redirect not followed: set the backend's base URL to the server itself.", retryable=False
+    )
 
 
 def build_messages(request: GenerationRequest) -> list[dict[str, Any]]:
@@ -321,8 +338,3 @@ def parse_retry_after(headers: httpx.Headers) -> float | None:
     if value is None or value != value:  # NaN
         return None
     return min(max(value, 0.0), MAX_RETRY_AFTER_S)
-
-
-def scrub(text: str, api_key: str) -> str:
-    """``text`` with the API key removed (servers sometimes echo a rejected key)."""
-    return text.replace(api_key, "[redacted]") if api_key else text
