@@ -43,6 +43,7 @@ INSTALLED_APPS = [
     "jobs",
     "workers",
     "dashboard",
+    "audit",
 ]
 
 MIDDLEWARE = [
