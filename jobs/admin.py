@@ -5,12 +5,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
+from functools import wraps
 from typing import Any
 
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
+from django.urls import URLPattern
+from django_rq.admin import QueueAdmin
+from django_rq.models import Dashboard as RQDashboard
 from redis.exceptions import RedisError
 from rq.exceptions import NoSuchJobError
 from rq.job import Job as RQJob
@@ -148,6 +153,32 @@ def _audit(request: HttpRequest, job: Job, action: str, was: str) -> None:
     audit_log.record(
         job, action, user=request.user, source="admin", changes={"state": [was, job.state]}, name=str(job.pk)
     )
+
+
+# --- django-rq's queue pages ---------------------------------------------------------------------------
+class QueueAdminNeedingChangeJob(QueueAdmin):
+    """django-rq's pages check the staff flag only, yet their POSTs delete, re-queue and stop jobs and
+    empty whole queues: those need ``jobs.change_job``, like the job actions. Looking stays open to staff."""
+
+    def get_urls(self) -> list:
+        return [_post_needs(p, "jobs.change_job") if isinstance(p, URLPattern) else p for p in super().get_urls()]
+
+
+def _post_needs(pattern: URLPattern, perm: str) -> URLPattern:
+    view = pattern.callback
+
+    @wraps(view)
+    def guarded(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        if request.method == "POST" and not request.user.has_perm(perm):
+            raise PermissionDenied
+        return view(request, *args, **kwargs)
+
+    return URLPattern(pattern.pattern, guarded, pattern.default_args, pattern.name)
+
+
+if admin.site.is_registered(RQDashboard):  # RQ_SHOW_ADMIN_LINK: django-rq registered its own
+    admin.site.unregister(RQDashboard)
+    admin.site.register(RQDashboard, QueueAdminNeedingChangeJob)
 
 
 # --- the timeline ---------------------------------------------------------------------------------------

@@ -3,9 +3,11 @@ permission, is not offered without it, and a forged POST of it is refused with n
 
 from __future__ import annotations
 
+import django_rq
 import pytest
 from django.contrib.auth.models import Permission
 from django.urls import reverse
+from django_rq.settings import get_queues_list
 
 from audit.models import AuditEntry
 from jobs.models import Job, JobState
@@ -159,3 +161,17 @@ def test_the_change_permission_runs_backend_and_job_actions(client, operator, de
 
     assert Backend.objects.get(pk=dev_backend.pk).enabled is False
     assert Job.objects.get(pk=queued.pk).state == JobState.CANCELED
+
+
+def test_django_rq_queue_pages_need_the_change_permission_to_empty_a_queue(client, viewer, operator, dev_backend):
+    queue = django_rq.get_queue(get_queues_list()[0]["name"])
+    queue.enqueue_call("jobs.nonexistent.task", args=["x"])
+    empty = reverse("admin:django_rq_clear", args=[0])
+    client.force_login(viewer)
+    assert client.get(reverse("admin:django_rq_home")).status_code == 200  # looking is fine
+    assert client.post(empty, {"post": "yes"}).status_code == 403
+    assert queue.count == 1
+
+    client.force_login(operator)
+    assert client.post(empty, {"post": "yes"}).status_code == 302
+    assert queue.count == 0
