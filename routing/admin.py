@@ -347,7 +347,13 @@ class RoutingPolicyAdmin(RefuseForbiddenActionsMixin, admin.ModelAdmin):
         try:
             policies.delete(obj, user=request.user, source="admin")
         except policies.ActivePolicyError as exc:
+            request._policy_kept = True  # type: ignore[attr-defined]  (read by response_delete)
             self.message_user(request, str(exc), messages.ERROR)
+
+    def response_delete(self, request: HttpRequest, obj_display: str, obj_id) -> HttpResponse:
+        if getattr(request, "_policy_kept", False):  # no "deleted successfully" for a policy that was kept
+            return HttpResponseRedirect(reverse("admin:routing_routingpolicy_change", args=[obj_id]))
+        return super().response_delete(request, obj_display, obj_id)
 
     def delete_queryset(self, request: HttpRequest, queryset) -> None:
         for obj in queryset:

@@ -170,7 +170,10 @@ def test_the_audit_log_is_read_only_and_searchable_in_the_admin(admin_client, de
 
 
 def test_the_active_policy_cannot_be_deleted_from_its_admin_page(admin_client, policy):
-    admin_client.post(reverse("admin:routing_routingpolicy_delete", args=[policy.pk]), {"post": "yes"})
+    r = admin_client.post(reverse("admin:routing_routingpolicy_delete", args=[policy.pk]), {"post": "yes"}, follow=True)
+    assert [str(m) for m in r.context["messages"]] == [
+        "The active policy 'default' cannot be deleted; activate another policy first."
+    ]
     assert RoutingPolicy.objects.filter(pk=policy.pk, is_active=True).exists()
     assert not PolicyChange.objects.filter(action="delete").exists()
 
@@ -180,3 +183,12 @@ def test_the_active_policy_cannot_be_deleted_through_the_api(staff_api, policy):
     assert r.status_code == 409 and "active policy" in r.json()["detail"]
     assert RoutingPolicy.objects.filter(pk=policy.pk, is_active=True).exists()
     assert not PolicyChange.objects.filter(action="delete").exists()
+
+
+def test_credentials_in_a_base_url_never_reach_the_log(staff_api):
+    """Rows from before base_url refused credentials may still hold some; the log masks them."""
+    old = Backend.objects.create(name="old", kind=BackendKind.OLLAMA, base_url="http://ops:hunter2@gpu-1:11434")
+    assert staff_api.delete(f"/backends/{old.pk}").status_code == 204
+    (entry,) = entries(target_type="routing.backend")
+    assert entry.changes["base_url"] == ["http://***@gpu-1:11434", None]
+    assert "hunter2" not in the_whole_log()
