@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from routing import policies
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -448,7 +450,9 @@ def main() -> None:
             ids[name] = b.pk
         if not RoutingPolicy.objects.filter(name="default").exists():
             RoutingPolicy.objects.create(name="cheap", strategy="ordered", params={"order": ["dev"]})
-            RoutingPolicy.objects.create(name="default", strategy="ordered", params={"order": list(ids)}).activate()
+            policies.activate(
+                RoutingPolicy.objects.create(name="default", strategy="ordered", params={"order": list(ids)})
+            )
         from jobs.models import Job
 
         if not args.reuse:

@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from routing import policies
+
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_DB = 14
 P3_CONCURRENCY = 32
@@ -169,7 +171,7 @@ class Bench:
             defaults={"kind": BackendKind.DEV, "config": {"latency_ms": latency_ms}, "max_concurrency": 64},
         )
         if not RoutingPolicy.objects.filter(is_active=True).exists():
-            RoutingPolicy.objects.create(name="bench", strategy="ordered", params={}).activate()
+            policies.activate(RoutingPolicy.objects.create(name="bench", strategy="ordered", params={}))
 
     def submit(self, n: int) -> None:
         """``n`` jobs through the real POST /jobs (validation, routing, idempotency-free enqueue)."""

@@ -48,6 +48,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from routing import policies
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 QUEUES = ["gpu-high", "gpu-normal", "gpu-low"]
@@ -357,7 +359,7 @@ def main() -> int:
         timeout_s=600,
         config={"dtype": "bf16" if torch.cuda.is_available() else "fp32"},
     )
-    RoutingPolicy.objects.create(name="p4", strategy="ordered", params={"order": ["p4-model"]}).activate()
+    policies.activate(RoutingPolicy.objects.create(name="p4", strategy="ordered", params={"order": ["p4-model"]}))
 
     def measure(batch_max: int, texts: list[str], seed: int, log: Path) -> dict[str, float]:
         if args.cold:

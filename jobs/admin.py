@@ -5,19 +5,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
+from functools import wraps
 from typing import Any
 
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
+from django.urls import URLPattern
+from django_rq.admin import QueueAdmin
+from django_rq.models import Dashboard as RQDashboard
 from redis.exceptions import RedisError
 from rq.exceptions import NoSuchJobError
 from rq.job import Job as RQJob
 from rq.serializers import JSONSerializer
 
+from audit import log as audit_log
 from jobs import queueing
 from jobs.models import ACTIVE_STATES, Job, JobAttempt, JobState
+from orchestrator_site.admin_actions import RefuseForbiddenActionsMixin
 from orchestrator_site.redis import redis_client
 
 RETRYABLE_STATES = frozenset({JobState.FAILED, JobState.CANCELED})  # what Job.requeue accepts
@@ -35,8 +42,9 @@ class JobAttemptInline(admin.TabularInline):
 
 
 @admin.register(Job)
-class JobAdmin(admin.ModelAdmin):
-    """Jobs are read-only here: they change only through their state machine (the actions)."""
+class JobAdmin(RefuseForbiddenActionsMixin, admin.ModelAdmin):
+    """Jobs are read-only here: they change only through their state machine (the actions), which
+    need the change permission and are written to the audit log, one entry per job moved."""
 
     list_display = [
         "id",
@@ -98,27 +106,39 @@ class JobAdmin(admin.ModelAdmin):
         return super().render_change_form(request, context, add, change, form_url, obj)
 
     # --- bulk actions: every change goes through a Job method, whose CAS decides ------------------
-    @admin.action(description="Cancel selected jobs (only queued or running ones)")
+    @admin.action(description="Cancel selected jobs (only queued or running ones)", permissions=["change"])
     def cancel_jobs(self, request: HttpRequest, queryset: QuerySet[Job]) -> None:
         selected = list(queryset)
-        # cancel() is a compare-and-set: a job that finished since the page was drawn is skipped, not clobbered.
-        canceled = sum(1 for job in selected if job.state in ACTIVE_STATES and job.cancel())
+        canceled = 0
+        for job in selected:
+            if job.state not in ACTIVE_STATES:
+                continue
+            was = job.state
+            with transaction.atomic():
+                # cancel() is a compare-and-set: a job that finished since the page was drawn is skipped, not clobbered.
+                if job.cancel():
+                    canceled += 1
+                    _audit(request, job, "cancel", was)
         skipped = len(selected) - canceled
         text = f"Canceled {canceled} job(s)."
         if skipped:
             text += f" Skipped {skipped} that were no longer queued or running."
         self.message_user(request, text, messages.SUCCESS if canceled else messages.WARNING)
 
-    @admin.action(description="Retry selected failed/canceled jobs (re-queued on their backend)")
+    @admin.action(
+        description="Retry selected failed/canceled jobs (re-queued on their backend)", permissions=["change"]
+    )
     def retry_jobs(self, request: HttpRequest, queryset: QuerySet[Job]) -> None:
         selected = list(queryset)
         retried = 0
         for job in selected:
             if job.state not in RETRYABLE_STATES:
                 continue
+            was = job.state
             with transaction.atomic():
                 if job.requeue():
                     retried += 1
+                    _audit(request, job, "retry", was)
                     # Enqueue only once the row says `queued`, or a fast worker would find it still failed.
                     transaction.on_commit(lambda job=job: queueing.enqueue(job))
         skipped = len(selected) - retried
@@ -126,6 +146,39 @@ class JobAdmin(admin.ModelAdmin):
         if skipped:
             text += f" Skipped {skipped} that were not failed or canceled."
         self.message_user(request, text, messages.SUCCESS if retried else messages.WARNING)
+
+
+def _audit(request: HttpRequest, job: Job, action: str, was: str) -> None:
+    """One audit entry for a job an operator moved; inside the transaction that moved it."""
+    audit_log.record(
+        job, action, user=request.user, source="admin", changes={"state": [was, job.state]}, name=str(job.pk)
+    )
+
+
+# --- django-rq's queue pages ---------------------------------------------------------------------------
+class QueueAdminNeedingChangeJob(QueueAdmin):
+    """django-rq's pages check the staff flag only, yet their POSTs delete, re-queue and stop jobs and
+    empty whole queues: those need ``jobs.change_job``, like the job actions. Looking stays open to staff."""
+
+    def get_urls(self) -> list:
+        return [_post_needs(p, "jobs.change_job") if isinstance(p, URLPattern) else p for p in super().get_urls()]
+
+
+def _post_needs(pattern: URLPattern, perm: str) -> URLPattern:
+    view = pattern.callback
+
+    @wraps(view)
+    def guarded(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        if request.method == "POST" and not request.user.has_perm(perm):
+            raise PermissionDenied
+        return view(request, *args, **kwargs)
+
+    return URLPattern(pattern.pattern, guarded, pattern.default_args, pattern.name)
+
+
+if admin.site.is_registered(RQDashboard):  # RQ_SHOW_ADMIN_LINK: django-rq registered its own
+    admin.site.unregister(RQDashboard)
+    admin.site.register(RQDashboard, QueueAdminNeedingChangeJob)
 
 
 # --- the timeline ---------------------------------------------------------------------------------------

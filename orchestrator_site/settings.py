@@ -49,6 +49,7 @@ INSTALLED_APPS = [
     "jobs",
     "workers",
     "dashboard",
+    "audit",
 ]
 
 MIDDLEWARE = [

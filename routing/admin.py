@@ -9,14 +9,14 @@ from datetime import UTC, datetime
 from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
-from django.db import transaction
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 from redis.exceptions import RedisError
 
-from routing import audit, circuit
+from orchestrator_site.admin_actions import RefuseForbiddenActionsMixin
+from routing import backends, circuit, policies
 from routing.models import Backend, PolicyAction, PolicyChange, RoutingPolicy
 from routing.services import read_live_stats
 from routing.simulate import DEFAULT_JOBS, simulate
@@ -64,7 +64,10 @@ class BackendForm(forms.ModelForm):
 
 
 @admin.register(Backend)
-class BackendAdmin(admin.ModelAdmin):
+class BackendAdmin(RefuseForbiddenActionsMixin, admin.ModelAdmin):
+    """Every write (the form, delete, each action) is audited through :mod:`routing.backends`;
+    each action needs the change permission, not staff alone."""
+
     form = BackendForm
     list_display = [
         "name",
@@ -199,30 +202,39 @@ class BackendAdmin(admin.ModelAdmin):
     def api_key_status(self, obj: Backend) -> str:
         return "set" if obj.has_api_key else "not set"
 
-    # --- switches: save() per row so the routing snapshot is invalidated; counts say what moved ---------
+    # --- audited writes ---------------------------------------------------------------------------
+    def save_model(self, request: HttpRequest, obj: Backend, form, change: bool) -> None:
+        backends.save(obj, user=request.user, source="admin")
+
+    def delete_model(self, request: HttpRequest, obj: Backend) -> None:
+        backends.delete(obj, user=request.user, source="admin")
+
+    def delete_queryset(self, request: HttpRequest, queryset) -> None:
+        for obj in queryset:
+            backends.delete(obj, user=request.user, source="admin")
+
+    # --- switches: one audited save() per row (it invalidates routing); counts say what moved -------
     def _switch(self, request: HttpRequest, queryset, field: str, value: bool, done: str, already: str) -> None:
         changed = skipped = 0
         for backend in queryset:
-            if getattr(backend, field) == value:
+            if backends.switch(backend, field, value, user=request.user, source="admin"):
+                changed += 1
+            else:
                 skipped += 1
-                continue
-            setattr(backend, field, value)
-            backend.save(update_fields=[field, "updated_at"])
-            changed += 1
         text = done.format(n=changed)
         if skipped:
             text += " " + already.format(n=skipped)
         self.message_user(request, text, messages.SUCCESS if changed else messages.WARNING)
 
-    @admin.action(description="Enable selected backends")
+    @admin.action(description="Enable selected backends", permissions=["change"])
     def enable(self, request: HttpRequest, queryset) -> None:
         self._switch(request, queryset, "enabled", True, "Enabled {n} backend(s).", "Skipped {n} already enabled.")
 
-    @admin.action(description="Disable selected backends")
+    @admin.action(description="Disable selected backends", permissions=["change"])
     def disable(self, request: HttpRequest, queryset) -> None:
         self._switch(request, queryset, "enabled", False, "Disabled {n} backend(s).", "Skipped {n} already disabled.")
 
-    @admin.action(description="Drain selected backends (no new jobs; queued ones finish)")
+    @admin.action(description="Drain selected backends (no new jobs; queued ones finish)", permissions=["change"])
     def drain_selected(self, request: HttpRequest, queryset) -> None:
         self._switch(
             request,
@@ -233,7 +245,7 @@ class BackendAdmin(admin.ModelAdmin):
             "Skipped {n} already draining.",
         )
 
-    @admin.action(description="Undrain selected backends")
+    @admin.action(description="Undrain selected backends", permissions=["change"])
     def undrain_selected(self, request: HttpRequest, queryset) -> None:
         self._switch(
             request,
@@ -244,13 +256,15 @@ class BackendAdmin(admin.ModelAdmin):
             "Skipped {n} that were not draining.",
         )
 
-    @admin.action(description="Close the circuit of selected backends (the backend is known to be back)")
+    @admin.action(
+        description="Close the circuit of selected backends (the backend is known to be back)", permissions=["change"]
+    )
     def close_circuit(self, request: HttpRequest, queryset) -> None:
         for backend in queryset:
-            circuit.reset(backend.name, reason=f"closed by {request.user.get_username()} in the admin")
+            backends.close_circuit(backend, user=request.user, source="admin")
         self.message_user(request, f"Circuit closed for {len(queryset)} backend(s).")
 
-    @admin.action(description="Probe now (reachable? model there? capabilities)")
+    @admin.action(description="Probe now (reachable? model there? capabilities)", permissions=["change"])
     def probe_now(self, request: HttpRequest, queryset) -> None:
         """Synchronous, 3 s per backend: an operator's check, so at most 10 backends per click."""
         from workers.backends.health import probe
@@ -258,6 +272,7 @@ class BackendAdmin(admin.ModelAdmin):
         levels = {"ok": messages.SUCCESS, "loading": messages.WARNING}
         for backend in queryset[:10]:
             r = probe(backend.adapter_config(), timeout_s=3)
+            backends.record_probe(backend, f"{r.status} in {r.latency_ms} ms", user=request.user, source="admin")
             text = f"{backend.name}: {r.status} in {r.latency_ms} ms — {r.detail}"
             if r.models:
                 text += f" Models: {', '.join(r.models[:5])}{' …' if len(r.models) > 5 else ''}."
@@ -265,7 +280,9 @@ class BackendAdmin(admin.ModelAdmin):
                 text += f" Capabilities: {', '.join(r.capabilities)}."
             self.message_user(request, text, levels.get(r.status, messages.ERROR))
 
-    @admin.action(description="Set 'supports multimodal' from the server (Ollama 'vision' capability)")
+    @admin.action(
+        description="Set 'supports multimodal' from the server (Ollama 'vision' capability)", permissions=["change"]
+    )
     def multimodal_from_server(self, request: HttpRequest, queryset) -> None:
         from workers.backends.health import supports_multimodal
 
@@ -274,8 +291,7 @@ class BackendAdmin(admin.ModelAdmin):
             if answer is None:
                 self.message_user(request, f"{backend.name}: the server cannot tell; unchanged.", messages.WARNING)
                 continue
-            backend.supports_multimodal = answer
-            backend.save(update_fields=["supports_multimodal", "updated_at"])  # save(): invalidates routing
+            backends.switch(backend, "supports_multimodal", answer, user=request.user, source="admin")
             self.message_user(request, f"{backend.name}: supports multimodal = {answer}.")
 
 
@@ -296,8 +312,9 @@ class RoutingPolicyForm(forms.ModelForm):
 
 
 @admin.register(RoutingPolicy)
-class RoutingPolicyAdmin(admin.ModelAdmin):
-    """Every write is audited; activation goes through a confirmation page (or the list action)."""
+class RoutingPolicyAdmin(RefuseForbiddenActionsMixin, admin.ModelAdmin):
+    """Every write is audited (:mod:`routing.policies`); activation goes through a confirmation page
+    (or the list action, which leads there) and needs the change permission."""
 
     form = RoutingPolicyForm
     list_display = ["name", "strategy", "is_active", "version", "updated_at", "activate_link"]
@@ -324,36 +341,29 @@ class RoutingPolicyAdmin(admin.ModelAdmin):
 
     # --- audited writes ---------------------------------------------------------------------------
     def save_model(self, request: HttpRequest, obj: RoutingPolicy, form, change: bool) -> None:
-        with transaction.atomic():
-            before = audit.policy_state(RoutingPolicy.objects.select_for_update().get(pk=obj.pk)) if change else {}
-            super().save_model(request, obj, form, change)
-            audit.record(
-                obj,
-                PolicyAction.UPDATE if change else PolicyAction.CREATE,
-                user=request.user,
-                source="admin",
-                before=before,
-                after=audit.policy_state(obj),
-            )
+        policies.save(obj, user=request.user, source="admin")
 
     def delete_model(self, request: HttpRequest, obj: RoutingPolicy) -> None:
-        if obj.is_active:
-            self.message_user(request, "The active policy cannot be deleted.", messages.ERROR)
-            return
-        with transaction.atomic():
-            audit.record(
-                obj, PolicyAction.DELETE, user=request.user, source="admin", before=audit.policy_state(obj), after={}
-            )
-            super().delete_model(request, obj)
+        try:
+            policies.delete(obj, user=request.user, source="admin")
+        except policies.ActivePolicyError as exc:
+            request._policy_kept = True  # type: ignore[attr-defined]  (read by response_delete)
+            self.message_user(request, str(exc), messages.ERROR)
+
+    def response_delete(self, request: HttpRequest, obj_display: str, obj_id) -> HttpResponse:
+        if getattr(request, "_policy_kept", False):  # no "deleted successfully" for a policy that was kept
+            return HttpResponseRedirect(reverse("admin:routing_routingpolicy_change", args=[obj_id]))
+        return super().response_delete(request, obj_display, obj_id)
 
     def delete_queryset(self, request: HttpRequest, queryset) -> None:
-        if queryset.filter(is_active=True).exists():
-            self.message_user(request, "The active policy cannot be deleted; it was kept.", messages.WARNING)
-        for obj in queryset.filter(is_active=False):
-            self.delete_model(request, obj)
+        for obj in queryset:
+            try:
+                policies.delete(obj, user=request.user, source="admin")
+            except policies.ActivePolicyError as exc:
+                self.message_user(request, f"{exc} It was kept.", messages.WARNING)
 
     # --- activation: always through the confirmation page ---------------------------------------
-    @admin.action(description="Activate the selected policy (shows what changes first)")
+    @admin.action(description="Activate the selected policy (shows what changes first)", permissions=["change"])
     def activate_selected(self, request: HttpRequest, queryset) -> HttpResponse | None:
         """Hands over to the confirmation page; one policy only, since exactly one is ever active."""
         count = queryset.count()
@@ -388,7 +398,7 @@ class RoutingPolicyAdmin(admin.ModelAdmin):
         shown = _comparison_token(policy, current)
         if request.method == "POST" and "confirm" in request.POST:
             if request.POST.get("shown") == shown:
-                policy.activate(by=request.user, source="admin")
+                policies.activate(policy, user=request.user, source="admin")
                 self.message_user(request, _activated_message(policy), messages.SUCCESS)
                 return HttpResponseRedirect(change_url)
             self.message_user(
@@ -396,10 +406,10 @@ class RoutingPolicyAdmin(admin.ModelAdmin):
                 "The policies changed while you were reading this page; nothing was activated. Review again.",
                 messages.WARNING,
             )
-        before = audit.policy_state(current) if current else {}
+        before = policies.policy_state(current) if current else {}
         rows = [
             (field, _show(before.get(field)), _show(value))
-            for field, value in audit.policy_state(policy).items()
+            for field, value in policies.policy_state(policy).items()
             if field not in ("is_active", "version")
         ]
         limit = _limit(request)
@@ -465,7 +475,7 @@ def _activated_message(policy: RoutingPolicy) -> str:
         .order_by("-at", "-id")
         .first()
     )
-    if entry is None:  # cannot happen (activate() writes it in its transaction), but never 500 on a success
+    if entry is None:  # cannot happen (policies.activate() writes it in its transaction), but never 500 on a success
         return format_html("Policy <strong>{}</strong> is now active (version {}).", policy.name, policy.version)
     return format_html(
         'Policy <strong>{}</strong> is now active (version {}). Audit entry: <a href="{}">{}</a>.',
@@ -498,12 +508,12 @@ class PolicyChangeAdmin(admin.ModelAdmin):
     def summary(self, obj: PolicyChange) -> str:
         if obj.action == PolicyAction.ACTIVATE:
             return f"active: {obj.before.get('name', '(none)')} → {obj.after.get('name')}"
-        diff = audit.changed_fields(obj.before, obj.after)
+        diff = policies.changed_fields(obj.before, obj.after)
         return "; ".join(f"{f}: {_show(a)} → {_show(b)}" for f, a, b in diff)[:200] or "—"
 
     @admin.display(description="from → to")
     def changes(self, obj: PolicyChange) -> str:
-        diff = [(f, _show(a), _show(b)) for f, a, b in audit.changed_fields(obj.before, obj.after)]
+        diff = [(f, _show(a), _show(b)) for f, a, b in policies.changed_fields(obj.before, obj.after)]
         return format_html(
             "<table><tr><th>field</th><th>from</th><th>to</th></tr>{}</table>",
             format_html_join("", "<tr><td>{}</td><td><code>{}</code></td><td><code>{}</code></td></tr>", diff),

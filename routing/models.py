@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
-from django.db import IntegrityError, models, transaction
+from django.db import models
 from django.db.models import F, Q
 from django.utils import timezone
 
@@ -135,7 +135,10 @@ class Backend(models.Model):
 
 
 class RoutingPolicy(models.Model):
-    """A named strategy with parameters; exactly one is active (enforced by a partial unique index)."""
+    """A named strategy with parameters; exactly one is active (enforced by a partial unique index).
+
+    Operators' writes (create, edit, activate, delete) go through :mod:`routing.policies`, which audits them.
+    """
 
     name = models.SlugField(max_length=64, unique=True)
     strategy = models.CharField(max_length=32, help_text="A registered routing strategy, e.g. 'ordered'.")
@@ -176,35 +179,6 @@ class RoutingPolicy(models.Model):
             strategy.validate_params(self.params)
         except ValueError as exc:
             raise ValidationError({"params": str(exc)}) from None
-
-    def activate(self, *, by=None, source: str = "shell") -> None:
-        """Make this the only active policy, atomically (the partial unique index backs it up).
-
-        Two operators activating at once can collide on the index; the loser retries and wins last.
-        The audit entry (from the previously active policy to this one) commits with the switch.
-        """
-        from routing import audit, registry
-
-        for attempt in range(3):
-            try:
-                with transaction.atomic():
-                    previous = RoutingPolicy.objects.filter(is_active=True).exclude(pk=self.pk).first()
-                    RoutingPolicy.objects.filter(is_active=True).exclude(pk=self.pk).update(is_active=False)
-                    RoutingPolicy.objects.filter(pk=self.pk).update(is_active=True, version=F("version") + 1)
-                    self.refresh_from_db()
-                    audit.record(
-                        self,
-                        PolicyAction.ACTIVATE,
-                        user=by,
-                        source=source,
-                        before=audit.policy_state(previous) if previous else {},
-                        after=audit.policy_state(self),
-                    )
-                    registry.invalidate()
-                break
-            except IntegrityError:
-                if attempt == 2:
-                    raise
 
 
 class PolicyAction(models.TextChoices):

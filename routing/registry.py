@@ -29,7 +29,7 @@ from routing.strategies import Candidate
 log = logging.getLogger(__name__)
 VERSION_KEY = key("routing", "version")
 # "<host>:<pid>" -> "<token> <unix time>": which registry each process loaded, and when.
-# Shows that a change reached every web process (admin, tests); one write per reload.
+# Lets a test (or an operator with redis-cli) see that a change reached every process; one write per reload.
 LOADED_KEY = key("routing", "loaded")
 LOADED_TTL_S = 24 * 3600
 
@@ -100,12 +100,6 @@ def loaded_by_process() -> dict[str, tuple[str, float]]:
         token, at = value.decode().split(" ", 1)
         out[proc.decode()] = (token, float(at))
     return out
-
-
-def current_names() -> list[str]:
-    """Backend names in this process's current snapshot (empty before the first load)."""
-    current = _snapshot
-    return [c.name for c in current.candidates] if current is not None else []
 
 
 def _load(token: str) -> Snapshot:

@@ -23,7 +23,7 @@ from rest_framework.test import APIClient
 
 from jobs import queueing, status_mirror
 from orchestrator_site.redis import redis_client
-from routing import registry
+from routing import policies, registry
 from routing import services as routing_services
 from routing.models import Backend, BackendKind, RoutingPolicy
 
@@ -87,7 +87,7 @@ def dev_backend(db) -> Backend:
 @pytest.fixture
 def policy(db, dev_backend) -> RoutingPolicy:
     p = RoutingPolicy.objects.create(name="default", strategy="ordered", params={"order": ["dev"]})
-    p.activate()
+    policies.activate(p)
     return p
 
 

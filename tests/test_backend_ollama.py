@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 
 from jobs.models import Job, JobState
+from routing import policies
 from routing.models import Backend, BackendKind, RoutingPolicy
 from tests.conftest import free_port, run_worker_burst
 from tests.factories import ask, outputs_from_threads
@@ -248,7 +249,7 @@ def test_job_runs_on_ollama_through_a_real_worker(api, fake):
         cost_output_per_1k="3.0",
         config={"keep_alive": "5m"},
     )
-    RoutingPolicy.objects.create(name="p", strategy="ordered", params={"order": ["ollama-local"]}).activate()
+    policies.activate(RoutingPolicy.objects.create(name="p", strategy="ordered", params={"order": ["ollama-local"]}))
     r = api.post("/jobs", {"prompt": "describe this picture", "images": [PNG_1PX], "max_tokens": 2}, format="json")
     assert r.status_code == 202, r.content
     run_worker_burst()

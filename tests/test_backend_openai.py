@@ -11,6 +11,7 @@ from email.utils import format_datetime
 import pytest
 
 from jobs.models import Job, JobState
+from routing import policies
 from routing.models import Backend, BackendKind, RoutingPolicy
 from tests.conftest import free_port, run_worker_burst
 from tests.factories import ask, outputs_from_threads
@@ -339,7 +340,7 @@ def test_job_runs_on_an_openai_compatible_server_through_a_real_worker(api, fake
         cost_input_per_1k="0.5",
         cost_output_per_1k="1.5",
     )
-    RoutingPolicy.objects.create(name="p", strategy="ordered", params={"order": ["vllm"]}).activate()
+    policies.activate(RoutingPolicy.objects.create(name="p", strategy="ordered", params={"order": ["vllm"]}))
     body = {"messages": [{"role": "user", "content": "name these colours please"}], "images": [PNG_1PX]}
     r = api.post("/jobs", {**body, "temperature": 0.3, "params": {"seed": 5}}, format="json")
     assert r.status_code == 202, r.content
@@ -360,7 +361,7 @@ def test_job_runs_on_an_openai_compatible_server_through_a_real_worker(api, fake
 def test_canceling_a_running_job_stops_the_servers_generation_and_frees_the_slot(api, worker_process):
     with OpenAIFake(reply=" ".join(f"w{i}" for i in range(600)), chunk_delay_s=0.05) as fake:  # a 30 s answer
         Backend.objects.create(name="vllm", kind=BackendKind.OPENAI, base_url=fake.base_url, model="gpt-test")
-        RoutingPolicy.objects.create(name="p", strategy="ordered", params={"order": ["vllm"]}).activate()
+        policies.activate(RoutingPolicy.objects.create(name="p", strategy="ordered", params={"order": ["vllm"]}))
         long_id = api.post("/jobs", {"prompt": "long"}, format="json").json()["id"]
         worker = worker_process(MAX_CONCURRENCY="1", WORKER_HEARTBEAT_MS="300")
         deadline = time.monotonic() + 30

@@ -9,7 +9,7 @@ import pytest
 
 from jobs.models import AttemptOutcome, Job, JobState
 from orchestrator_site.redis import redis_client
-from routing import circuit, stats
+from routing import circuit, policies, stats
 from routing.circuit import CircuitConfig
 from routing.models import Backend, BackendKind, RoutingPolicy
 from tests.conftest import run_worker_burst
@@ -175,7 +175,7 @@ def test_breaker_opens_in_one_worker_is_honoured_by_others_and_closes_after_a_tr
             name="a", kind=BackendKind.OPENAI, base_url=fake_a.base_url, model="gpt-test", config=config
         )
         Backend.objects.create(name="b", kind=BackendKind.DEV)
-        RoutingPolicy.objects.create(name="p", strategy="ordered", params={"order": ["a", "b"]}).activate()
+        policies.activate(RoutingPolicy.objects.create(name="p", strategy="ordered", params={"order": ["a", "b"]}))
 
         def submit(priority: str) -> str:
             r = api.post("/jobs", {"prompt": f"{priority} job", "priority": priority}, format="json")
@@ -229,7 +229,7 @@ def test_after_the_cooldown_routing_sends_a_job_that_becomes_the_trial(api):
     """Needs the routing/stats.py patch: an open circuit past its cool-down reads half_open."""
     Backend.objects.create(name="a", kind=BackendKind.DEV, config={"circuit_failures": 3, "circuit_cooldown_s": 0.3})
     Backend.objects.create(name="b", kind=BackendKind.DEV)
-    RoutingPolicy.objects.create(name="p", strategy="ordered", params={"order": ["a", "b"]}).activate()
+    policies.activate(RoutingPolicy.objects.create(name="p", strategy="ordered", params={"order": ["a", "b"]}))
     fail("a", 3)
     assert stats.read_stats(["a"])["a"].circuit_state == "open"
     wait_out_cooldown("a")

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import pytest
 
 from jobs.models import AttemptOutcome, Job, JobState
+from routing import policies
 from routing.models import Backend, BackendKind, RoutingPolicy
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
@@ -36,7 +37,7 @@ def wait_for(job_id: str, state: str, timeout: float) -> Job:
 @pytest.fixture
 def slow_backend(db) -> Backend:
     backend = Backend.objects.create(name="slow", kind=BackendKind.DEV, config={"latency_ms": 3000})
-    RoutingPolicy.objects.create(name="p", strategy="ordered", params={}).activate()
+    policies.activate(RoutingPolicy.objects.create(name="p", strategy="ordered", params={}))
     return backend
 
 

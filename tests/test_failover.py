@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from jobs.models import AttemptOutcome, Job, JobState
+from routing import policies
 from routing.models import Backend, BackendKind, RoutingPolicy
 from tests.conftest import run_worker_burst
 from tests.fakes.openai_server import OpenAIFake
@@ -23,7 +24,7 @@ def openai_backend(name: str, fake: OpenAIFake, **config) -> Backend:
 
 
 def use_order(*names: str) -> None:
-    RoutingPolicy.objects.create(name="p", strategy="ordered", params={"order": list(names)}).activate()
+    policies.activate(RoutingPolicy.objects.create(name="p", strategy="ordered", params={"order": list(names)}))
 
 
 def submit(api, **body) -> str:

@@ -16,7 +16,7 @@ from rq.registry import FinishedJobRegistry, StartedJobRegistry
 
 from jobs.models import AttemptOutcome, Job, JobState, storable
 from orchestrator_site.redis import redis_client
-from routing import circuit
+from routing import circuit, policies
 from routing.models import Backend, BackendKind, RoutingPolicy
 from tests.conftest import ROOT, process_env
 from tests.gpu_model import TEST_CONFIG, save_tiny_model
@@ -42,7 +42,7 @@ def gpu_backend(db, tiny_model_dir) -> Backend:
     backend = Backend.objects.create(
         name="tiny", kind=BackendKind.HF_LOCAL, model=str(tiny_model_dir), pool="gpu", config=dict(TEST_CONFIG)
     )
-    RoutingPolicy.objects.create(name="gpu", strategy="ordered", params={"order": ["tiny"]}).activate()
+    policies.activate(RoutingPolicy.objects.create(name="gpu", strategy="ordered", params={"order": ["tiny"]}))
     return backend
 
 
@@ -134,7 +134,7 @@ def test_a_crashing_batch_is_split_until_the_bad_job_is_alone(api, tmp_path):
     the bad one ends up alone and goes the one-job way, where it fails with its traceback."""
     path = save_tiny_model(tmp_path / "small-vocab", vocab_size=100)
     Backend.objects.create(name="tiny", kind=BackendKind.HF_LOCAL, model=str(path), pool="gpu", config=TEST_CONFIG)
-    RoutingPolicy.objects.create(name="gpu", strategy="ordered", params={"order": ["tiny"]}).activate()
+    policies.activate(RoutingPolicy.objects.create(name="gpu", strategy="ordered", params={"order": ["tiny"]}))
     good = [submit(api, f"greedy{n}") for n in range(6)]
     bad = submit(api, "has a space")
     good.append(submit(api, "sampled", temperature=0.7))

@@ -16,6 +16,7 @@ from rest_framework.authtoken.models import Token
 
 from jobs.models import Job
 from jobs.queueing import get_queue
+from routing import policies
 from routing.models import Backend, BackendKind, RoutingPolicy
 from tests.conftest import token_client
 
@@ -192,7 +193,7 @@ def test_a_request_that_found_no_backend_releases_its_key(api, policy, redis_db)
 def test_a_request_refused_for_no_active_policy_releases_its_key(api, dev_backend, redis_db):
     idle = RoutingPolicy.objects.create(name="idle", strategy="ordered", params={})
     assert post(api, BODY, "early").status_code == 503
-    idle.activate()
+    policies.activate(idle)
     assert post(api, BODY, "early").status_code == 202
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from jobs.models import Job, JobState
 from orchestrator_site.logs import REDACTED, JsonFormatter
+from routing import policies
 from routing.models import Backend, BackendKind, RoutingPolicy
 from tests.conftest import ROOT, free_port, process_env, run_worker_burst
 
@@ -40,7 +41,7 @@ def test_backend_api_key_never_appears_in_any_log_output(api, caplog):
         timeout_s=5,
         config={"retry_max": 1, "retry_base_ms": 10},
     )
-    RoutingPolicy.objects.create(name="p", strategy="ordered", params={"order": ["openai-dead"]}).activate()
+    policies.activate(RoutingPolicy.objects.create(name="p", strategy="ordered", params={"order": ["openai-dead"]}))
     caplog.set_level(logging.DEBUG)
     r = api.post("/jobs", {"prompt": "hello"}, format="json")
     assert r.status_code == 202

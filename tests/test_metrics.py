@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from jobs.models import Job, JobState
 from orchestrator_site import metrics
 from orchestrator_site.redis import redis_client
-from routing import capacity
+from routing import capacity, policies
 from routing.models import Backend, BackendKind, RoutingPolicy
 from routing.stats import circuit_key, record_call
 from tests.conftest import run_worker_burst
@@ -83,7 +83,9 @@ def test_worker_process_outcomes_reach_the_control_plane_through_redis(api, db):
         cost_output_per_1k="2.0",
     )
     Backend.objects.create(name="broken", kind=BackendKind.DEV, config={"fail_rate": 1, "fail_status": 400})
-    RoutingPolicy.objects.create(name="p", strategy="ordered", params={"order": ["priced", "broken"]}).activate()
+    policies.activate(
+        RoutingPolicy.objects.create(name="p", strategy="ordered", params={"order": ["priced", "broken"]})
+    )
     ok_ids = [submit(api, prompt="one two three four", priority="normal") for _ in range(2)]
     bad_id = submit(api, prompt="x", backend="broken")
 

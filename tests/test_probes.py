@@ -6,7 +6,7 @@ import pytest
 from django.core.management import call_command
 
 from orchestrator_site.redis import redis_client
-from routing import circuit
+from routing import circuit, policies
 from routing.models import Backend, BackendKind, RoutingPolicy
 from tests.conftest import free_port
 from tests.fakes.ollama_server import OllamaFake
@@ -20,7 +20,7 @@ def test_a_dead_backend_opens_its_circuit_and_routing_skips_it(api, capsys):
         name="gone", kind=BackendKind.OLLAMA, base_url=dead, model="llama3.2", config={"circuit_failures": 2}
     )
     Backend.objects.create(name="spare", kind=BackendKind.DEV)
-    RoutingPolicy.objects.create(name="p", strategy="ordered", params={"order": ["gone", "spare"]}).activate()
+    policies.activate(RoutingPolicy.objects.create(name="p", strategy="ordered", params={"order": ["gone", "spare"]}))
     call_command("probe_backends", timeout=1)
     assert "gone: down" in capsys.readouterr().out
     assert circuit.status("gone").state == "closed"  # one failure is not an outage yet

@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from jobs.models import Job, JobState
 from orchestrator_site.redis import redis_client
-from routing import capacity, stats
+from routing import capacity, policies, stats
 from routing.models import Backend, BackendKind, PolicyChange, RoutingPolicy
 from tests.factories import make_job
 
@@ -110,7 +110,7 @@ def test_a_stale_confirmation_is_shown_again_not_applied(admin_client, policy):
     url = reverse("admin:routing_routingpolicy_activate", args=[cheap.pk])
     shown = admin_client.get(url).context["shown"]
     third = RoutingPolicy.objects.create(name="third", strategy="ordered")
-    third.activate()  # someone else switched meanwhile: the page compared against `default`
+    policies.activate(third)  # someone else switched meanwhile: the page compared against `default`
 
     r = admin_client.post(url, {"confirm": "Yes", "shown": shown})
     assert r.status_code == 200 and "instead of" in r.content.decode()

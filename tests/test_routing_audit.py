@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from routing import policies
 from routing.models import PolicyChange, RoutingPolicy
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -46,7 +47,7 @@ def test_rejected_writes_leave_no_entry(staff_api, api, policy):
 
 def test_activation_from_a_shell_is_audited_too(db, policy):
     other = RoutingPolicy.objects.create(name="other", strategy="least_busy")
-    other.activate()
+    policies.activate(other)
     entry = PolicyChange.objects.get(action="activate", policy=other)
     assert (entry.source, entry.user, entry.username) == ("shell", None, "")
     assert entry.version == other.version

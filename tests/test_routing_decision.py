@@ -7,6 +7,7 @@ import httpx
 import pytest
 from rest_framework.authtoken.models import Token
 
+from routing import policies
 from routing.eligibility import split_eligible
 from routing.models import Backend, BackendKind, RoutingPolicy
 from routing.registry import PolicySnapshot, Snapshot
@@ -77,7 +78,7 @@ def test_policy_switch_reaches_every_web_process_on_the_next_job(gunicorn_server
         Backend.objects.create(name=name, kind=BackendKind.DEV)
     first = RoutingPolicy.objects.create(name="first", strategy="ordered", params={"order": ["alpha", "beta"]})
     second = RoutingPolicy.objects.create(name="second", strategy="ordered", params={"order": ["beta", "alpha"]})
-    first.activate()
+    policies.activate(first)
     staff = django_user_model.objects.create_superuser("ops", password="pw-ops-123")
     headers = {"Authorization": f"Token {Token.objects.create(user=staff).key}"}
     base = gunicorn_server(workers=3)

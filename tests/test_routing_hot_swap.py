@@ -13,7 +13,7 @@ import pytest
 from rest_framework.authtoken.models import Token
 
 from orchestrator_site.redis import redis_client
-from routing import registry
+from routing import policies, registry
 from routing.models import Backend, BackendKind, RoutingPolicy
 
 WORKERS = 4
@@ -29,7 +29,7 @@ def test_activation_reaches_all_four_web_processes_within_a_second(gunicorn_serv
         Backend.objects.create(name=name, kind=BackendKind.DEV)
     first = RoutingPolicy.objects.create(name="first", strategy="ordered", params={"order": ["alpha", "beta"]})
     second = RoutingPolicy.objects.create(name="second", strategy="ordered", params={"order": ["beta", "alpha"]})
-    first.activate()
+    policies.activate(first)
     staff = django_user_model.objects.create_superuser("ops", password="pw-ops-123")
     headers = {"Authorization": f"Token {Token.objects.create(user=staff).key}"}
     base = gunicorn_server(workers=WORKERS)

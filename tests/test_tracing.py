@@ -25,6 +25,7 @@ from jobs.models import Job, JobState
 from orchestrator_site import tracing
 from orchestrator_site.logs import JsonFormatter
 from orchestrator_site.redis import redis_client
+from routing import policies
 from routing.models import Backend, BackendKind, RoutingPolicy
 from tests.conftest import ROOT, process_env, token_client
 from workers.worker import OrchestratorWorker
@@ -48,7 +49,7 @@ def drain() -> None:
 def test_one_trace_spans_api_request_worker_and_attempts(spans, user, db):
     Backend.objects.create(name="flaky", kind=BackendKind.DEV, config={"fail_rate": 1, "fail_status": 503})
     Backend.objects.create(name="steady", kind=BackendKind.DEV)
-    RoutingPolicy.objects.create(name="p", strategy="ordered", params={"order": ["flaky", "steady"]}).activate()
+    policies.activate(RoutingPolicy.objects.create(name="p", strategy="ordered", params={"order": ["flaky", "steady"]}))
     Backend.objects.filter(name="flaky").update(config={"fail_rate": 1, "fail_status": 503, "retry_max": 0})
 
     r = token_client(user).post("/jobs", {"prompt": "trace me"}, format="json")

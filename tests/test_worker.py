@@ -13,6 +13,7 @@ from rq.job import Job as RQJob
 
 from jobs.models import AttemptOutcome, Job, JobState
 from orchestrator_site.redis import redis_client
+from routing import policies
 from routing.models import Backend, BackendKind, RoutingPolicy
 from tests.conftest import ROOT, process_env, run_worker_burst
 
@@ -40,7 +41,7 @@ def test_cost_uses_the_backends_prices(api, db):
     backend = Backend.objects.create(
         name="priced", kind=BackendKind.DEV, cost_input_per_1k="2.0", cost_output_per_1k="4.0"
     )
-    RoutingPolicy.objects.create(name="p", strategy="ordered", params={"order": ["priced"]}).activate()
+    policies.activate(RoutingPolicy.objects.create(name="p", strategy="ordered", params={"order": ["priced"]}))
     job_id = submit(api, prompt="one two three four")
     run_worker_burst()
     job = Job.objects.get(pk=job_id)
@@ -53,7 +54,7 @@ def test_backend_error_fails_job_with_message_and_attempts(api, db, status, trie
     """A retryable error is tried 1 + retry_max times (default 2 retries); a permanent one once."""
     config = {"fail_rate": 1.0, "fail_status": status, "retry_base_ms": 1}
     Backend.objects.create(name="flaky", kind=BackendKind.DEV, config=config)
-    RoutingPolicy.objects.create(name="p", strategy="ordered", params={}).activate()
+    policies.activate(RoutingPolicy.objects.create(name="p", strategy="ordered", params={}))
     job_id = submit(api)
     run_worker_burst()
     job = Job.objects.get(pk=job_id)
@@ -72,7 +73,7 @@ def test_backend_error_fails_job_with_message_and_attempts(api, db, status, trie
 
 def test_job_over_its_deadline_fails_with_a_clear_error(api, db):
     Backend.objects.create(name="slow", kind=BackendKind.DEV, config={"latency_ms": 3000})
-    RoutingPolicy.objects.create(name="p", strategy="ordered", params={}).activate()
+    policies.activate(RoutingPolicy.objects.create(name="p", strategy="ordered", params={}))
     job_id = submit(api, timeout_s=1)
     t0 = time.monotonic()
     run_worker_burst()
@@ -91,7 +92,7 @@ def test_max_tokens_truncates_and_reports_length(api, policy):
 def test_several_workers_and_the_api_write_sqlite_at_once_without_lock_errors(api, db):
     """The embedded SQLite default under concurrent writers: WAL, busy timeout, IMMEDIATE."""
     Backend.objects.create(name="dev", kind=BackendKind.DEV, config={"latency_ms": 0})
-    RoutingPolicy.objects.create(name="p", strategy="ordered", params={}).activate()
+    policies.activate(RoutingPolicy.objects.create(name="p", strategy="ordered", params={}))
     ids = [submit(api, prompt=f"job {i}") for i in range(60)]
     cmd = [sys.executable, "manage.py", "rqworker", *settings.JOB_QUEUES, "--burst"]
     workers = [

@@ -8,6 +8,7 @@ from datetime import timedelta
 import pytest
 
 from jobs.models import Job, JobAttempt, JobState
+from routing import policies
 from routing.models import Backend, BackendKind, RoutingPolicy
 from tests.conftest import run_worker_burst
 from tests.conftest import submit_jobs as submit
@@ -51,7 +52,7 @@ def dev(db):
 
 
 def ordered(*names: str) -> None:
-    RoutingPolicy.objects.create(name="p", strategy="ordered", params={"order": list(names)}).activate()
+    policies.activate(RoutingPolicy.objects.create(name="p", strategy="ordered", params={"order": list(names)}))
 
 
 def test_one_worker_process_runs_max_concurrency_jobs_at_once(api, dev):

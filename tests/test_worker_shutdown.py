@@ -13,6 +13,7 @@ import pytest
 
 from jobs.models import AttemptOutcome, Job, JobState
 from orchestrator_site.redis import redis_client
+from routing import policies
 from routing.models import Backend, BackendKind, RoutingPolicy
 from tests.conftest import ROOT, process_env, run_worker_burst
 from tests.conftest import submit_jobs as submit
@@ -40,7 +41,7 @@ def states(ids: list[str]) -> list[str]:
 @pytest.fixture
 def backend(db) -> Backend:
     backend = Backend.objects.create(name="dev", kind=BackendKind.DEV, config={"latency_ms": 200})
-    RoutingPolicy.objects.create(name="p", strategy="ordered", params={}).activate()
+    policies.activate(RoutingPolicy.objects.create(name="p", strategy="ordered", params={}))
     return backend
 
 

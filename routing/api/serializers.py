@@ -56,6 +56,19 @@ class BackendSerializer(_ModelCleanMixin, serializers.ModelSerializer):
         read_only_fields = ["id", "created_at", "updated_at"]
 
 
+class BackendSummarySerializer(serializers.ModelSerializer):
+    """The registry as a client program needs it: what it may pin a job to and what each backend can do.
+
+    No ``base_url``, ``config``, prices or operational settings: those are for holders of the
+    ``routing.view_backend`` permission (:class:`BackendSerializer`).
+    """
+
+    class Meta:
+        model = Backend
+        fields = ["id", "name", "kind", "model", "supports_multimodal", "enabled"]
+        read_only_fields = fields
+
+
 class RoutingPolicySerializer(_ModelCleanMixin, serializers.ModelSerializer):
     strategy = serializers.ChoiceField(choices=[])
 

@@ -23,6 +23,7 @@ from django.contrib.auth.hashers import PBKDF2PasswordHasher
 from rest_framework.authtoken.models import Token
 
 from jobs.models import Job
+from routing import policies
 from routing.models import Backend, BackendKind, RoutingPolicy
 from tests.conftest import ROOT, process_env
 
@@ -153,7 +154,7 @@ def operator(transactional_db, django_user_model) -> Operator:
 def routable(transactional_db) -> Backend:
     """One instant dev backend and an active policy that routes to it."""
     backend = Backend.objects.create(name="dev", kind=BackendKind.DEV, config={"latency_ms": 0})
-    RoutingPolicy.objects.create(name="default", strategy="ordered", params={"order": ["dev"]}).activate()
+    policies.activate(RoutingPolicy.objects.create(name="default", strategy="ordered", params={"order": ["dev"]}))
     return backend
 
 

@@ -7,6 +7,7 @@ import re
 import pytest
 
 from jobs.models import Job
+from routing import policies
 from routing.models import Backend, BackendKind, RoutingPolicy
 from tests.browser.conftest import api_submit, expect, log_in
 
@@ -19,7 +20,7 @@ def two_policies(transactional_db) -> tuple[RoutingPolicy, RoutingPolicy]:
         Backend.objects.create(name=name, kind=BackendKind.DEV, config={"latency_ms": 0})
     prefer_alpha = RoutingPolicy.objects.create(name="prefer-alpha", strategy="ordered", params={"order": ["alpha"]})
     prefer_beta = RoutingPolicy.objects.create(name="prefer-beta", strategy="ordered", params={"order": ["beta"]})
-    prefer_alpha.activate()
+    policies.activate(prefer_alpha)
     return prefer_alpha, prefer_beta
 
 

@@ -16,6 +16,7 @@ from django.core.management.base import BaseCommand
 from django.db import transaction
 from rest_framework.authtoken.models import Token
 
+from routing import policies
 from routing.models import Backend, BackendKind, RoutingPolicy
 
 
@@ -46,7 +47,7 @@ class Command(BaseCommand):
                 },
             )
             if not RoutingPolicy.objects.filter(is_active=True).exists():
-                policy.activate()
+                policies.activate(policy)
         user, password = self._admin(username)
         token, _ = Token.objects.get_or_create(user=user)
         creds = {"username": user.username, "password": password, "token": token.key}
