@@ -11,6 +11,7 @@ import pytest
 from django.contrib.messages import get_messages
 
 from jobs.models import Job, JobState
+from routing import policies
 from routing.models import Backend, BackendKind, RoutingPolicy
 from tests.conftest import run_worker_burst
 from tests.factories import ask
@@ -254,7 +255,7 @@ def test_a_key_with_a_newline_reaches_no_job_error_attempt_or_worker_log(api):
         Backend.objects.create(name="ol", kind=BackendKind.OLLAMA, base_url=ol.url, model="llama3.2")
         # Keys written straight to the rows, as a form might have stored them.
         Backend.objects.update(api_key=NEWLINE_KEY)
-        RoutingPolicy.objects.create(name="p", strategy="ordered", params={"order": ["oa", "ol"]}).activate()
+        policies.activate(RoutingPolicy.objects.create(name="p", strategy="ordered", params={"order": ["oa", "ol"]}))
         ids = []
         for name in ("oa", "ol"):
             r = api.post("/jobs", {"prompt": "hi", "backend": name}, format="json")
