@@ -23,6 +23,10 @@ from workers.backends.openai import OpenAIAdapter, sniff_image_type
 PNG_1PX = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
 JPEG_HEAD = base64.b64encode(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01").decode()
 KEY = "sk-secret-key-0123456789"
+# A server that takes this long to answer (the fakes wake at once when stopped): a call that stops
+# well before it stopped by its deadline or cancel. How close to the deadline: bench/deadlines.py.
+LONG_S = 60.0
+LONG_REPLY = " ".join(f"w{i}" for i in range(int(LONG_S / 0.05)))  # LONG_S at 0.05 s per chunk
 
 
 @pytest.fixture
@@ -161,24 +165,24 @@ def test_a_server_that_ignores_stream_is_read_as_one_answer(fake, monkeypatch):
 
 
 def test_cancel_mid_stream_stops_the_call_and_closes_the_servers_stream():
-    with OpenAIFake(reply=" ".join(f"w{i}" for i in range(100)), chunk_delay_s=0.05) as fake:
+    with OpenAIFake(reply=LONG_REPLY, chunk_delay_s=0.05) as fake:
         request = ask()
         threading.Timer(0.3, request.cancel.set).start()
         t0 = time.monotonic()
         with pytest.raises(JobCanceled):
             OpenAIAdapter().generate(backend_for(fake, api_key=""), request)
-        assert time.monotonic() - t0 < 1.0  # not the 5 s the whole answer takes
-        deadline = time.monotonic() + 3
+        assert time.monotonic() - t0 < LONG_S / 2  # stopped by the cancel, not by the end of the answer
+        deadline = time.monotonic() + 30
         while not fake.clients_gone and time.monotonic() < deadline:
             time.sleep(0.02)
         assert fake.clients_gone == 1  # the server saw the client go: vLLM aborts the request then
 
 
 def test_the_deadline_holds_between_chunks_of_a_slow_stream():
-    with OpenAIFake(reply=" ".join(f"w{i}" for i in range(100)), chunk_delay_s=0.1) as fake:
+    with OpenAIFake(reply=LONG_REPLY, chunk_delay_s=0.05) as fake:
         t0 = time.monotonic()
         err = fails(backend_for(fake, api_key=""), ask(timeout_s=0.5))  # every read is quicker than 0.5 s
-        assert time.monotonic() - t0 < 1.5
+        assert time.monotonic() - t0 < LONG_S / 2  # the deadline, not the end of the answer
     assert err.retryable and "Timed out after 0.5s (streaming)" in err.message
 
 
@@ -275,18 +279,19 @@ def test_connection_refused_is_retryable():
 
 
 def test_request_timeout_is_the_calls_deadline():
-    with OpenAIFake(latency_s=5) as fake:
+    with OpenAIFake(latency_s=LONG_S) as fake:
         t0 = time.monotonic()
         err = fails(backend_for(fake), ask(timeout_s=0.3))
-        assert time.monotonic() - t0 < 1.5
+        assert time.monotonic() - t0 < LONG_S / 2  # the deadline, not the server's answer
     assert err.retryable and "Timed out after 0.3s" in err.message
 
 
 def test_backend_timeout_caps_a_longer_job_timeout():
-    with OpenAIFake(latency_s=5) as fake:
+    with OpenAIFake(latency_s=LONG_S) as fake:
         t0 = time.monotonic()
-        err = fails(backend_for(fake, timeout_s=0.3), ask(timeout_s=60))
-        assert time.monotonic() - t0 < 1.5 and err.retryable
+        err = fails(backend_for(fake, timeout_s=0.3), ask(timeout_s=LONG_S * 2))
+        assert time.monotonic() - t0 < LONG_S / 2 and err.retryable
+    assert "Timed out after 0.3s" in err.message
 
 
 # --- probes ------------------------------------------------------------------------------
