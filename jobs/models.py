@@ -342,7 +342,9 @@ class Job(models.Model):
         """The next try of a running job (a retry, or a fallback to ``backend``); False when it stopped running.
 
         ``reuse_current`` relabels the attempt ``mark_running`` opened instead of opening another (the
-        first call goes to a fallback). A CAS on ``running``: a job canceled during a backoff stops here.
+        first call goes to a fallback). A CAS on ``running`` and on the version this instance holds: a
+        job canceled during a backoff stops here, and so does a run whose job was recovered as lost
+        and claimed again elsewhere (else its retry would take the job back from the current run).
         """
         now = timezone.now()
         fields: dict[str, Any] = {
@@ -354,7 +356,7 @@ class Job(models.Model):
         if not reuse_current:
             fields["attempt_count"] = F("attempt_count") + 1
         with transaction.atomic():
-            if not Job.objects.filter(pk=self.pk, state=JobState.RUNNING).update(**fields):
+            if not Job.objects.filter(pk=self.pk, state=JobState.RUNNING, version=self.version).update(**fields):
                 self.refresh_from_db()
                 return False
             known = self._known_attempts

@@ -19,6 +19,9 @@ from workers.backends.base import BackendConfig, BackendError, GenerationRequest
 from workers.backends.health import probe, supports_multimodal
 from workers.backends.ollama import OllamaAdapter
 
+# A server that takes this long to answer (the fakes wake at once when stopped): a call that stops
+# well before it stopped by its deadline. How close to the deadline: bench/deadlines.py.
+LONG_S = 60.0
 PNG_1PX = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
 
 
@@ -187,26 +190,27 @@ def test_connection_refused_is_retryable():
 
 
 def test_request_timeout_is_the_calls_deadline():
-    with OllamaFake(latency_s=5) as fake:
+    with OllamaFake(latency_s=LONG_S) as fake:
         t0 = time.monotonic()
         err = fails(backend_for(fake), ask(timeout_s=0.3))
-        assert time.monotonic() - t0 < 1.5
+        assert time.monotonic() - t0 < LONG_S / 2  # the deadline, not the server's answer
     assert err.retryable and "Timed out after 0.3s" in err.message
 
 
 def test_deadline_is_checked_while_a_slow_stream_trickles():
-    with OllamaFake(reply=" ".join(["w"] * 50), chunk_delay_s=0.05) as fake:
+    with OllamaFake(reply=" ".join(["w"] * int(LONG_S / 0.05)), chunk_delay_s=0.05) as fake:
         t0 = time.monotonic()
-        err = fails(backend_for(fake), ask(timeout_s=0.4))
-        assert time.monotonic() - t0 < 1.2
-    assert err.retryable and "Timed out" in err.message
+        err = fails(backend_for(fake), ask(timeout_s=0.4))  # every read is quicker than 0.4 s
+        assert time.monotonic() - t0 < LONG_S / 2  # the deadline, not the end of the answer
+    assert err.retryable and "Timed out after 0.4s (streaming)" in err.message
 
 
 def test_backend_timeout_caps_a_longer_job_timeout():
-    with OllamaFake(latency_s=5) as fake:
+    with OllamaFake(latency_s=LONG_S) as fake:
         t0 = time.monotonic()
-        err = fails(backend_for(fake, timeout_s=0.3), ask(timeout_s=60))
-        assert time.monotonic() - t0 < 1.5 and err.retryable
+        err = fails(backend_for(fake, timeout_s=0.3), ask(timeout_s=LONG_S * 2))
+        assert time.monotonic() - t0 < LONG_S / 2 and err.retryable
+    assert "Timed out after 0.3s" in err.message
 
 
 # --- probes ------------------------------------------------------------------------------

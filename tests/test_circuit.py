@@ -166,11 +166,12 @@ def test_backend_page_shows_circuit_state_reason_and_history(admin_client, dev_b
 # --- across worker processes ---------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
-def test_breaker_opens_in_one_worker_is_honoured_by_others_and_closes_after_a_trial(api):
-    """Worker 1 opens the circuit; routing and worker 2 skip the backend; after the cool-down,
-    worker 3's trial call succeeds and closes it. Each worker is its own process."""
+def test_breaker_opened_in_one_worker_is_honoured_by_routing_and_by_another_worker(api):
+    """Worker 1 opens the circuit; routing and worker 2 (its own process) skip the backend. The
+    cool-down is far longer than a worker's start-up on any machine; the trial that follows it is
+    tested below (``test_after_the_cooldown_routing_sends_a_job_that_becomes_the_trial``)."""
     with OpenAIFake(fail_rate=1.0, fail_status=503) as fake_a:
-        config = {"retry_max": 0, "circuit_failures": 3, "circuit_cooldown_s": 6}  # outlasts worker 2's start-up
+        config = {"retry_max": 0, "circuit_failures": 3, "circuit_cooldown_s": 3600}
         Backend.objects.create(
             name="a", kind=BackendKind.OPENAI, base_url=fake_a.base_url, model="gpt-test", config=config
         )
@@ -185,12 +186,13 @@ def test_breaker_opens_in_one_worker_is_honoured_by_others_and_closes_after_a_tr
         # Routed to a while its circuit is still closed, each waiting on a queue of its own.
         opening = [submit("normal") for _ in range(3)]
         skipping = submit("low")
-        trial = submit("high")
-        assert {Job.objects.get(pk=i).backend_name for i in [*opening, skipping, trial]} == {"a"}
+        assert {Job.objects.get(pk=i).backend_name for i in [*opening, skipping]} == {"a"}
 
         run_worker_burst("normal")  # worker 1: three failures on a, each job falls back to b
         assert fake_a.generation_calls == 3
-        assert circuit.status("a").state == "open"
+        s = circuit.status("a")
+        assert s.state == "open"
+        assert s.reason.startswith("3 consecutive failures; last: The engine is currently overloaded")
         for job_id in opening:
             job = Job.objects.get(pk=job_id)
             assert (job.state, job.backend_name) == (JobState.SUCCEEDED, "b")
@@ -204,24 +206,7 @@ def test_breaker_opens_in_one_worker_is_honoured_by_others_and_closes_after_a_tr
         job = Job.objects.get(pk=skipping)
         assert (job.state, job.backend_name) == (JobState.SUCCEEDED, "b")
         assert [(a.backend_name, a.outcome) for a in job.attempts.all()] == [("b", AttemptOutcome.SUCCEEDED)]
-
-        fake_a.fail_rate = 0.0  # the backend recovers
-        wait_out_cooldown("a")
-        run_worker_burst("high")  # worker 3: the half-open trial on a succeeds
-        assert fake_a.generation_calls == 4
-        job = Job.objects.get(pk=trial)
-        assert (job.state, job.backend_name) == (JobState.SUCCEEDED, "a")
-        s = circuit.status("a")
-        assert s.state == "closed"
-        assert [(t.from_state, t.to_state) for t in s.history] == [
-            ("half_open", "closed"),
-            ("open", "half_open"),
-            ("closed", "open"),
-        ]
-        assert s.history[-1].reason.startswith("3 consecutive failures; last: The engine is currently overloaded")
-
-        time.sleep(0.3)  # past the API's stats cache (ROUTING_STATS_MAX_AGE_MS)
-        assert Job.objects.get(pk=submit("normal")).backend_name == "a"
+        assert circuit.status("a").state == "open"
 
 
 @pytest.mark.django_db(transaction=True)
@@ -238,6 +223,12 @@ def test_after_the_cooldown_routing_sends_a_job_that_becomes_the_trial(api):
     r = api.post("/jobs", {"prompt": "trial"}, format="json")
     job_id = r.json()["id"]
     assert Job.objects.get(pk=job_id).backend_name == "a"
-    run_worker_burst()
+    run_worker_burst()  # another process: its trial call succeeds and closes the circuit
     assert Job.objects.get(pk=job_id).state == JobState.SUCCEEDED
-    assert circuit.status("a").state == "closed"
+    s = circuit.status("a")
+    assert s.state == "closed"
+    assert [(t.from_state, t.to_state) for t in s.history] == [
+        ("half_open", "closed"),
+        ("open", "half_open"),
+        ("closed", "open"),
+    ]

@@ -160,3 +160,40 @@ def test_redis_restart_with_jobs_running_and_queued_loses_nothing(user, backend,
     assert {j.attempt_count for j in jobs} == {1}, [(j.pk, j.attempt_count) for j in jobs]
     assert all(Job.objects.get(pk=i).attempts.get().outcome == AttemptOutcome.SUCCEEDED for i in running)
     assert worker.poll() is None
+
+
+def test_a_second_sigterm_requeues_the_running_jobs_at_once_and_exits(api, backend, worker_process):
+    """Cold stop: the operator will not wait out the grace. The jobs go back on their queue now
+    (attempt ``interrupted``), not when the grace or the 60 s calls end."""
+    set_latency(backend, latency_ms=60_000)
+    ids = submit(api, 2)
+    worker = worker_process(MAX_CONCURRENCY="4", WORKER_SHUTDOWN_GRACE_MS="120000", **FAST)
+    wait_until("both running", lambda: states(ids) == ["running"] * 2, 30, worker)
+    name = Job.objects.get(pk=ids[0]).worker
+    worker.send_signal(signal.SIGTERM)
+    # The first signal was taken (RQ notes when on its worker key): the worker now waits out the grace.
+    wait_until(
+        "the first signal was taken",
+        lambda: redis_client().hexists(f"rq:worker:{name}", "shutdown_requested_date"),
+        30,
+        worker,
+    )
+    # RQ ignores a repeat within a second of the first (a worker pool's duplicate): repeat until it exits.
+    second = time.monotonic()
+    while worker.poll() is None:
+        assert time.monotonic() - second < 30, f"still running after a second SIGTERM:\n{worker.log_path.read_text()}"
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            pass
+    assert worker.returncode == 0, worker.log_path.read_text()[-4000:]
+    for job in Job.objects.filter(pk__in=ids):
+        assert (job.state, job.worker, job.output) == (JobState.QUEUED, "", "")
+        attempt = job.attempts.get()
+        assert attempt.outcome == AttemptOutcome.INTERRUPTED and "second signal" in attempt.error
+    assert {j.encode() for j in ids} <= set(redis_client().lrange("rq:queue:normal", 0, -1))  # no reconciler needed
+    set_latency(backend, latency_ms=10)
+    run_worker_burst()
+    assert states(ids) == ["succeeded"] * 2
+    assert [Job.objects.get(pk=i).attempt_count for i in ids] == [2, 2]

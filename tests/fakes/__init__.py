@@ -6,7 +6,9 @@ official ``openai`` SDK talk to them over real sockets, so a worker subprocess c
 Every fake shares the knobs here: ``latency_s`` (sleep before answering any request), ``fail_first``
 (the first N generation calls fail), ``fail_rate`` (0..1, from a seeded RNG so a run is reproducible),
 ``fail_status``/``fail_message``/``retry_after`` (what a failure looks like), and a log of every request
-received (method, path, headers, JSON body) for assertions. Use them as context managers.
+received (method, path, headers, JSON body) for assertions. ``hold=True`` keeps every generation call
+waiting inside the server until ``release()``, so a test decides when a call ends (``held`` counts
+the calls waiting). Use them as context managers.
 """
 
 from __future__ import annotations
@@ -76,6 +78,8 @@ class FakeHandler(BaseHTTPRequestHandler):
         fake = self.server.fake
         fake._record(req)
         try:
+            if req.path in fake.generation_paths:
+                fake._wait_for_release()
             if fake.latency_s:
                 fake.pause(fake.latency_s)
             fake.handle(self, req)
@@ -155,6 +159,7 @@ class FakeServer:
         fail_message: str | None = None,
         retry_after: str | None = None,
         seed: int = 0,
+        hold: bool = False,
     ) -> None:
         self.latency_s = latency_s
         self.fail_first = fail_first
@@ -167,6 +172,10 @@ class FakeServer:
         self._requests: list[RecordedRequest] = []
         self._generation_calls = 0
         self._clients_gone = 0
+        self._released = threading.Event()
+        if not hold:
+            self._released.set()
+        self._held = 0
         self._stopping = threading.Event()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -238,6 +247,28 @@ class FakeServer:
     def generation_calls(self) -> int:
         with self._lock:
             return self._generation_calls
+
+    def _wait_for_release(self) -> None:
+        if self._released.is_set():
+            return
+        with self._lock:
+            self._held += 1
+        try:
+            while not (self._released.wait(0.05) or self._stopping.is_set()):
+                pass
+        finally:
+            with self._lock:
+                self._held -= 1
+
+    @property
+    def held(self) -> int:
+        """Generation calls waiting inside the server for ``release()`` (with ``hold=True``)."""
+        with self._lock:
+            return self._held
+
+    def release(self) -> None:
+        """Let held generation calls (and every later one) be answered."""
+        self._released.set()
 
     def _client_gone(self) -> None:
         with self._lock:
