@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from jobs.models import AttemptOutcome, Job, JobState
+from routing import policies
 from routing.models import Backend, BackendKind, RoutingPolicy
 from tests.conftest import run_worker_burst
 
@@ -25,7 +26,7 @@ def pooled(db) -> Backend:
 
 
 def routed(api, *order: str) -> Job:
-    RoutingPolicy.objects.create(name="p", strategy="ordered", params={"order": list(order)}).activate()
+    policies.activate(RoutingPolicy.objects.create(name="p", strategy="ordered", params={"order": list(order)}))
     r = api.post("/jobs", {"prompt": "fall back past the pool"}, format="json")
     assert r.status_code == 202, r.content
     job = Job.objects.get(pk=r.json()["id"])

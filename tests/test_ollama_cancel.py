@@ -10,6 +10,7 @@ import pytest
 
 from jobs.models import AttemptOutcome, Job, JobState
 from orchestrator_site.redis import redis_client
+from routing import policies
 from routing.models import Backend, BackendKind, RoutingPolicy
 from tests.factories import ask
 from tests.fakes.ollama_server import OllamaFake
@@ -49,7 +50,7 @@ def test_a_cancel_mid_stream_closes_the_stream_and_the_server_sees_the_client_go
 def test_canceling_a_running_ollama_job_closes_its_stream_and_frees_the_slot(api, worker_process):
     with OllamaFake(reply=LONG_REPLY, chunk_delay_s=PACE_S) as fake:
         Backend.objects.create(name="ollama", kind=BackendKind.OLLAMA, base_url=fake.url, model="llama3.2")
-        RoutingPolicy.objects.create(name="p", strategy="ordered", params={"order": ["ollama"]}).activate()
+        policies.activate(RoutingPolicy.objects.create(name="p", strategy="ordered", params={"order": ["ollama"]}))
         long_id = api.post("/jobs", {"prompt": "long"}, format="json").json()["id"]
         worker = worker_process(MAX_CONCURRENCY="1", WORKER_HEARTBEAT_MS="300")
         poll(

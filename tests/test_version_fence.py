@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from jobs.models import AttemptOutcome, Job, JobState
-from routing import stats
+from routing import policies, stats
 from routing.models import Backend, BackendKind, RoutingPolicy
 from tests.factories import make_job
 from tests.fakes.openai_server import OpenAIFake
@@ -171,7 +171,7 @@ def test_a_thread_worker_whose_job_was_taken_from_it_cannot_finish_it(api, worke
         Backend.objects.create(
             name="oa", kind=BackendKind.OPENAI, base_url=fake.base_url, model="gpt-test", config={"retry_max": 0}
         )
-        RoutingPolicy.objects.create(name="p", strategy="ordered", params={"order": ["oa"]}).activate()
+        policies.activate(RoutingPolicy.objects.create(name="p", strategy="ordered", params={"order": ["oa"]}))
         job_id = api.post("/jobs", {"prompt": "the lost run"}, format="json").json()["id"]
         worker = worker_process(MAX_CONCURRENCY="2", **WORKER_ENV)
         wait_for("the worker's call is in the server", lambda: fake.held == 1, worker)
@@ -194,7 +194,7 @@ def tiny_gpu_backend(db, tmp_path_factory) -> Backend:
     backend = Backend.objects.create(
         name="tiny", kind=BackendKind.HF_LOCAL, model=str(path), pool="gpu", config=dict(TEST_CONFIG)
     )
-    RoutingPolicy.objects.create(name="gpu", strategy="ordered", params={"order": ["tiny"]}).activate()
+    policies.activate(RoutingPolicy.objects.create(name="gpu", strategy="ordered", params={"order": ["tiny"]}))
     return backend
 
 
