@@ -49,7 +49,7 @@ def test_rq_job_carries_only_the_job_id_as_json(api, policy):
     job_id = submit(api, priority="high")
     raw = redis_client().hget(f"rq:job:{job_id}", "data")
     payload = json.loads(__import__("zlib").decompress(raw))  # rq stores the serialized call zlib-compressed
-    assert payload[0] == "workers.tasks.run_job"
+    assert payload[0] == "workers.execution.job_run.run_job"
     assert payload[2] == [job_id] and payload[3] == {}
     assert RQJob.fetch(job_id, connection=redis_client(), serializer="rq.serializers.JSONSerializer").origin == "high"
 
