@@ -11,8 +11,8 @@ Why a worker class of its own:
   a model loaded per job would cost seconds each time. ``GpuWorker`` is a ``BaseWorker``
   (``workers.runtime.base``, a ``SimpleWorker``): jobs run in the worker process, where the model
   stays loaded (``workers.backends.hf_local``).
-- **Dynamic batching.** On an H100 a 1.1B model generated ~19 tokens/s one job at a time and
-  ~1,174 tokens/s at batch 64: the card is wasted unless the waiting jobs run together. After
+- **Dynamic batching.** A GPU generates a batch of rows in about the time it takes for one row:
+  the card is wasted unless the waiting jobs run together. After
   RQ hands us one job, we take up to ``BATCH_MAX`` more that are already waiting, from the
   worker's queues in the order given (high before normal before low), waiting at most
   ``BATCH_WAIT_MS`` for stragglers, and run them as one left-padded ``model.generate``.
@@ -328,8 +328,8 @@ class Batch:
         If it raises, the batch is tried again in halves, down to single jobs: a bad request is
         isolated in ~2·log2(n) calls, and a batch too big for the GPU's memory (CUDA OOM, which says
         nothing about any one job) finds a size that fits. Running every job alone instead would take
-        n one-row calls (64 jobs on the H200: 64 × 1.15 s measured for one row, against ~1.5 s for the
-        batch). A job that still fails alone goes the one-job way (retries, fallback, its own
+        n one-row calls, each costing about as much as the whole batch. A job that still fails alone
+        goes the one-job way (retries, fallback, its own
         failure). ``split_from``: the size of the batch whose failure led here (0 for a round's own call).
         """
         backend = deliveries[0].backend

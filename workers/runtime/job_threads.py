@@ -7,8 +7,8 @@ A fixed pool (not a thread per job) keeps each thread's database connection open
 The worker's main thread stays RQ's loop: it dequeues (``high`` before ``normal`` before ``low``),
 claims what it popped in one transaction, and hands the jobs over until ``size`` are running and
 a few more wait here. A thread that finishes takes the highest-priority waiting job at once,
-instead of idling through the main thread's next round of Redis and database calls (at 300 jobs/s
-that round cost a fifth of the slots). How many may wait adapts to how long jobs run: no more
+instead of idling through the main thread's next round of Redis and database calls (with short
+jobs, that round would hold a large share of the slots idle). How many may wait adapts to how long jobs run: no more
 than ``size`` threads finish in ``PREFETCH_WAIT_S`` on average (and at most ``prefetch``), so a
 waiting job starts within about that long of its claim, and with long jobs nothing waits at all
 (a job must not sit behind a long one here while another worker is idle). On shutdown the
