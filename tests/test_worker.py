@@ -54,6 +54,21 @@ def test_rq_job_carries_only_the_job_id_as_json(api, policy):
     assert RQJob.fetch(job_id, connection=redis_client(), serializer="rq.serializers.JSONSerializer").origin == "high"
 
 
+def test_a_job_enqueued_under_the_tasks_old_path_still_runs(api, policy):
+    """RQ jobs enqueued before the task moved may still wait in Redis: a worker runs them as its own."""
+    from jobs import queueing
+
+    job_id = submit(api)
+    job = Job.objects.get(pk=job_id)
+    queue = queueing.get_queue(job.queue)
+    queue.remove(job.rq_job_id)
+    queue.enqueue_call(queueing.LEGACY_TASKS[0], args=(job_id,), job_id=job.rq_job_id, timeout=job.timeout_s + 30)
+    run_worker_burst()
+    job.refresh_from_db()
+    assert (job.state, job.output) == (JobState.SUCCEEDED, "hello world")
+    assert not redis_client().exists(f"rq:job:{job.rq_job_id}")  # our own path: the hash goes with the job
+
+
 def test_priority_order_high_before_normal_before_low(api, policy):
     ids = {p: submit(api, priority=p, prompt=p) for p in ("low", "normal", "high")}
     run_worker_burst("high", "normal", "low", MAX_CONCURRENCY="1")

@@ -319,45 +319,45 @@ class JobRun:
         if backend.name not in self.tried:
             self.tried.append(backend.name)
         request = generation_request(job, self.deadline.remaining(), cancel=self.cancel)
-        ctx = self.log_extra(backend)
-        log.info("attempt started", extra=ctx)
+        extra = self.log_extra(backend)
+        log.info("attempt started", extra=extra)
         started = time.monotonic()
         try:
             result = get_adapter(backend.kind).generate(backend.adapter_config(), request)
         except JobCanceled:
             # Canceled (the cancel closed the attempt) or abandoned past its deadline (failed by the
             # watchdog): either way the job's outcome is written and this call is not the backend's fault.
-            log.info("call stopped: job canceled", extra=ctx)
+            log.info("call stopped: job canceled", extra=extra)
             raise _Finished from None
         except BackendError as exc:
             if outcome.is_request_fault(exc):
                 outcome.fail_for_request(
-                    self.write, job, backend, exc, _ms_since(started), lease=self.lease, log_extra=ctx
+                    self.write, job, backend, exc, _ms_since(started), lease=self.lease, log_extra=extra
                 )
                 raise _Finished from None
             error = f"{backend.name}: {outcome.describe(exc)}"
             self._record(backend, started, ok=False, error=outcome.describe(exc))
             self.last_error = error
             self.close_attempt(error, started)
-            log.info("attempt failed (retryable)", extra={**ctx, "error": exc.message})
+            log.info("attempt failed (retryable)", extra={**extra, "error": exc.message})
             return exc
         except JobTimeoutException:
             self._record(backend, started, ok=False, error=f"timed out after {job.timeout_s}s")
             self.write(
                 job.mark_failed, f"{backend.name}: timed out after {job.timeout_s}s", latency_ms=_ms_since(started)
             )
-            log.info("job timed out", extra=ctx)
+            log.info("job timed out", extra=extra)
             raise _Finished from None
         except Exception as exc:  # a bug in an adapter must not kill the worker or loop forever
             self._record(backend, started, ok=False, error=f"unexpected {type(exc).__name__}: {exc}")
             outcome.crash(self.write, job, backend.name, sys.exc_info(), latency_ms=_ms_since(started))
-            log.exception("job errored", extra=ctx)
+            log.exception("job errored", extra=extra)
             raise _Finished from None
         self._record(backend, started, ok=True)
         latency_ms = result.latency_ms
 
         def written(won: bool) -> None:
-            outcome.log_success(won, {**ctx, "latency_ms": latency_ms})
+            outcome.log_success(won, {**extra, "latency_ms": latency_ms})
 
         # The write may come a moment later (group commit): the result's time is now. In a worker's
         # job thread this returns before the commit: the slot is free for the next job.
