@@ -271,11 +271,11 @@ def fill_redis(args: argparse.Namespace, now: datetime, recent_jobs: int) -> Non
     """What a busy fleet leaves in Redis: the hour's aggregates, live figures, workers, queued jobs."""
     from dashboard import aggregates
     from jobs.queueing import TASK, get_queue
-    from orchestrator_site.metrics import AttemptFacts, RunFacts
     from orchestrator_site.redis import redis_client
     from routing import stats
-    from workers.status import GPU_STATUS_KEY as STATUS_KEY
-    from workers.status import WorkerStatus, publish
+    from workers.execution.run_facts import AttemptFacts, RunFacts
+    from workers.fleet.status import GPU_STATUS_KEY as STATUS_KEY
+    from workers.fleet.status import WorkerReport, publish
 
     rng = random.Random(args.seed + 1)
     client = redis_client()
@@ -313,9 +313,9 @@ def fill_redis(args: argparse.Namespace, now: datetime, recent_jobs: int) -> Non
             stats.record_call(name, latency_ms=exec_typ * 1000, ok=ok, error="" if ok else "HTTP 503 upstream busy")
     stamp = now.isoformat()
     for i in range(6):
-        publish(WorkerStatus(f"api-{i}", "api-host", 100 + i, ["high", "normal", "low"], "busy", 5, 8, 1000, stamp))
+        publish(WorkerReport(f"api-{i}", "api-host", 100 + i, ["high", "normal", "low"], "busy", 5, 8, 1000, stamp))
     for i in range(2):
-        publish(WorkerStatus(f"gpu-{i}", "gpu-host", 200 + i, ["gpu-high", "gpu-normal"], "busy", 64, 64, 9000, stamp))
+        publish(WorkerReport(f"gpu-{i}", "gpu-host", 200 + i, ["gpu-high", "gpu-normal"], "busy", 64, 64, 9000, stamp))
         client.hset(
             STATUS_KEY.format(name=f"gpu-{i}"), mapping={"models": "[]", "batch_size": 64, "tokens_per_s": 4321}
         )

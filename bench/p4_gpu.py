@@ -15,7 +15,7 @@ One run, in this order:
 3. (a) raw: ``model.generate`` at batch ``--jobs`` (64-token prompts, 64 new tokens, greedy), after
    a warm-up, in this process; also at batch 1 for reference. The model is then freed.
 4. (b) batched: a long-running ``manage.py rqworker gpu-high gpu-normal gpu-low --worker-class
-   workers.gpu_worker.GpuWorker`` with ``BATCH_MAX=64`` first drains a warm-up set of ``--jobs``
+   workers.runtime.gpu.GpuWorker`` with ``BATCH_MAX=64`` first drains a warm-up set of ``--jobs``
    jobs of the same shape; then ``--jobs`` jobs are submitted through the real submit path
    (routing pinned to the ``hf_local`` backend, pool ``gpu``) in one transaction, so all wait in
    Redis at once. tokens/s = completion tokens written to the DB / (last ``finished_at`` - the
@@ -195,7 +195,7 @@ def submit_jobs(texts: list[str], new_tokens: int, priority: str = "normal") -> 
 def run_worker(env: dict[str, str], batch_max: int, log_path: Path) -> float:
     """``--cold``: a fresh burst worker drains the waiting jobs; its first batch pays first-use costs."""
     cmd = [sys.executable, "manage.py", "rqworker", *QUEUES, "--burst"]
-    cmd += ["--worker-class", "workers.gpu_worker.GpuWorker"]
+    cmd += ["--worker-class", "workers.runtime.gpu.GpuWorker"]
     started = time.monotonic()
     with open(log_path, "w") as log:
         proc = subprocess.run(
@@ -233,7 +233,7 @@ def run_warm_worker(
     from django.db import transaction
     from django.utils import timezone
 
-    cmd = [sys.executable, "manage.py", "rqworker", *QUEUES, "--worker-class", "workers.gpu_worker.GpuWorker"]
+    cmd = [sys.executable, "manage.py", "rqworker", *QUEUES, "--worker-class", "workers.runtime.gpu.GpuWorker"]
     started = time.monotonic()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(

@@ -1,6 +1,6 @@
 """The dashboard's figures, aggregated in Redis as jobs finish, so the page never scans the jobs table.
 
-Workers call :func:`record` once per finished execution (from ``orchestrator_site.metrics.record_run``),
+Workers call :func:`record` once per finished run (from ``workers.execution.run_figures``),
 adding a few commands to the pipeline that call already sends: no extra round trip. Keys, all
 expiring on their own:
 
@@ -40,7 +40,7 @@ from orchestrator_site.redis import key
 if TYPE_CHECKING:
     from redis.client import Pipeline
 
-    from orchestrator_site.metrics import RunFacts
+    from workers.execution.run_facts import RunFacts
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Per refresh: four SQL queries, each bounded by an index and a limit or a one-hour window
 (backends, policies, jobs per backend in the last hour, the last 20 jobs), and three Redis round
 trips (queue depths + the hour's aggregates in one pipeline, the oldest waiting jobs' enqueue times,
-the backends' live figures) plus ``workers.status.read_workers`` (an index of live workers, then
+the backends' live figures) plus ``workers.fleet.status.read_workers`` (an index of live workers, then
 their hashes). Nothing counts the jobs table:
 throughput, latency and cost come from :mod:`dashboard.aggregates`, written by the workers as
 jobs finish.
@@ -33,7 +33,7 @@ from orchestrator_site.redis import redis_client
 from routing import stats
 from routing.models import Backend, RoutingPolicy
 from routing.strategies import BackendStats
-from workers.status import WorkerStatus, read_workers
+from workers.fleet.status import WorkerReport, read_workers
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class Snapshot:
     routing_total: int = 0
     routing_other: int = 0
     backends: list[BackendRow] = field(default_factory=list)
-    workers: list[WorkerStatus] = field(default_factory=list)
+    workers: list[WorkerReport] = field(default_factory=list)
     workers_error: str = ""
     recent: list[RecentJob] = field(default_factory=list)
 

@@ -2,7 +2,7 @@
 
 ``Job.cancel`` wins the compare-and-set in the database; that alone makes the job ``canceled``
 and discards any late result. For a running job it also sets ``llmo:cancel:<job id>`` (after
-commit); the worker process polls these keys for the jobs it runs (``workers.inflight``) and
+commit); the worker process polls these keys for the jobs it runs (``workers.runtime.job_threads``) and
 signals the job's ``cancel`` event, which adapters check (the dev backend's wait, Ollama's stream
 between tokens, the retry backoff) to stop at once and free the slot.
 """

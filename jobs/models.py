@@ -11,7 +11,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Collection, Sequence
 from datetime import datetime
-from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
@@ -34,6 +33,9 @@ class JobState(models.TextChoices):
 ACTIVE_STATES = frozenset({JobState.QUEUED, JobState.RUNNING})
 TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED})
 TEXT_MAX = 10_000  # an error message kept on a row
+# What a success writes: a backend result's own fields, then what the call cost.
+RESULT_FIELDS = ("output", "finish_reason", "prompt_tokens", "completion_tokens", "latency_ms")
+SUCCESS_FIELDS = (*RESULT_FIELDS, "cost")
 
 
 def storable(text: str, limit: int | None = None) -> str:
@@ -374,41 +376,26 @@ class Job(models.Model):
             transaction.on_commit(lambda: status_mirror.publish(job))
         return True
 
-    def mark_succeeded(
-        self,
-        *,
-        output: str,
-        finish_reason: str,
-        prompt_tokens: int,
-        completion_tokens: int,
-        latency_ms: int,
-        cost: Decimal | None,
-    ) -> bool:
-        """running -> succeeded with the result; False when the job stopped being ours (canceled)."""
-        fields = {
-            "output": output,
-            "finish_reason": finish_reason,
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "latency_ms": latency_ms,
-            "cost": cost,
-        }
+    def mark_succeeded(self, **fields: Any) -> bool:
+        """running -> succeeded with the result (``SUCCESS_FIELDS``, as ``workers.execution.request.success_fields``
+        builds them); False when the job stopped being ours (canceled)."""
+        if fields.keys() != set(SUCCESS_FIELDS):
+            raise TypeError(f"mark_succeeded takes {', '.join(SUCCESS_FIELDS)}; got {', '.join(sorted(fields))}")
         return Job.mark_succeeded_many([(self, fields)])[0]
 
     @classmethod
     def mark_succeeded_many(cls, results: Sequence[tuple[Job, dict[str, Any]]]) -> list[bool]:
         """``mark_succeeded`` for many jobs in two statements (a worker's group commit); who won, in order.
 
-        ``results``: each job with the keyword arguments of ``mark_succeeded``, plus ``finished_at``
-        when the result came earlier than this write (default: now).
+        ``results``: each job with its ``SUCCESS_FIELDS``, plus ``finished_at`` when the result came
+        earlier than this write (default: now).
         """
         now = timezone.now()
-        names = ("output", "finish_reason", "prompt_tokens", "completion_tokens", "latency_ms", "cost")
         moves = [
             (
                 job,
                 {
-                    **{n: f[n] for n in names},
+                    **{n: f[n] for n in SUCCESS_FIELDS},
                     "output": storable(f["output"]),
                     "error": "",
                     "finished_at": f.get("finished_at") or now,

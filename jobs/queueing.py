@@ -15,7 +15,10 @@ if TYPE_CHECKING:
 
     from jobs.models import Job
 
-TASK = "workers.tasks.run_job"
+TASK = "workers.execution.job_run.run_job"
+# Where the task lived before: RQ jobs enqueued then may still wait in Redis. Our workers run them as
+# their own (they never import the task), so no module needs to stay at that path.
+LEGACY_TASKS = ("workers.tasks.run_job",)
 # RQ's own hard timeout sits above the job's deadline so our code, not RQ's
 # death penalty, reports the timeout in the normal case.
 RQ_TIMEOUT_GRACE_S = 30

@@ -11,7 +11,8 @@ by every process, so the fleet-wide *domain* figures are aggregated there:
   ``<labels>\\x1esum`` the running sum.
 
 Writers never read: the web process adds three HINCRBYs to the pipeline it already sends after
-commit (no extra round trip), and a worker sends one pipeline per finished RQ job. Observations
+commit (no extra round trip), and a worker adds a finished run's figures to its own buffered
+pipeline (``workers.execution.run_figures``: this module defines and exports them). Observations
 are exact (a bucket counter is a counter), so ``histogram_quantile`` over ``rate()`` works as usual
 and the figures survive any web or worker restart. Counters reset only when Redis loses its data,
 which Prometheus treats like any counter reset.
@@ -35,9 +36,7 @@ import functools
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
-from decimal import Decimal
+from dataclasses import dataclass
 from secrets import compare_digest
 from typing import TYPE_CHECKING, Any
 
@@ -49,7 +48,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
 
-from dashboard import aggregates as dashboard_aggregates
 from orchestrator_site.redis import key, redis_client
 
 if TYPE_CHECKING:
@@ -171,169 +169,6 @@ def record_submission(pipe: Pipeline, *, priority: str, policy: str, backend: st
     inc(pipe, JOBS_CREATED)
     inc(pipe, JOBS_ENQUEUED, priority)
     inc(pipe, ROUTING_DECISIONS, policy or "-", backend)
-
-
-@dataclass(frozen=True)
-class AttemptFacts:
-    number: int
-    backend: str
-    outcome: str
-    error: str
-    latency_s: float | None
-    started_at: datetime
-    finished_at: datetime | None
-
-
-@dataclass(frozen=True)
-class RunFacts:
-    """What one RQ execution of a job did, read back from the rows after the task returned.
-
-    Read from the database (the system of record) rather than reported by the task, so metrics
-    and spans stay right whatever the task's retry/fallback logic does inside.
-    """
-
-    job_id: str
-    queue: str
-    state: str
-    backend: str
-    policy: str
-    enqueued_at: datetime | None
-    started_at: datetime | None
-    finished_at: datetime | None
-    prompt_tokens: int | None
-    completion_tokens: int | None
-    cost: Decimal | None
-    attempts: list[AttemptFacts] = field(default_factory=list)
-
-    @property
-    def finished_in_run(self) -> bool:
-        return self.finished_at is not None and bool(self.attempts) and self.state in TERMINAL
-
-
-TERMINAL = frozenset({"succeeded", "failed", "canceled"})
-
-
-def read_run(job_id: str, queue: str, since: datetime, row: Any = None) -> RunFacts | None:
-    """The job row and the attempts this run started (``started_at >= since``): two PK-indexed reads.
-
-    With ``row`` (the worker's own Job instance, kept current by its fenced transitions) nothing is
-    read when it holds its attempts in memory.
-    """
-    from jobs.models import Job, JobAttempt, JobState
-
-    if row is not None and row.state != JobState.RUNNING and row._known_attempts is not None:
-        return RunFacts(
-            job_id=str(job_id),
-            queue=queue,
-            state=row.state,
-            backend=row.backend_name,
-            policy=row.policy_name,
-            enqueued_at=row.enqueued_at,
-            started_at=row.started_at,
-            finished_at=row.finished_at,
-            prompt_tokens=row.prompt_tokens,
-            completion_tokens=row.completion_tokens,
-            cost=row.cost,
-            attempts=[
-                AttemptFacts(
-                    number=a.number,
-                    backend=a.backend_name,
-                    outcome=a.outcome,
-                    error=a.error,
-                    latency_s=a.latency_ms / 1000 if a.latency_ms is not None else None,
-                    started_at=a.started_at,
-                    finished_at=a.finished_at,
-                )
-                for a in row.attempt_rows()
-                if a.started_at >= since
-            ],
-        )
-    row = (
-        Job.objects.filter(pk=job_id)
-        .values(
-            "state",
-            "backend_name",
-            "policy_name",
-            "enqueued_at",
-            "started_at",
-            "finished_at",
-            "prompt_tokens",
-            "completion_tokens",
-            "cost",
-        )
-        .first()
-    )
-    if row is None:
-        return None
-    attempts = [
-        AttemptFacts(
-            number=a["number"],
-            backend=a["backend_name"],
-            outcome=a["outcome"],
-            error=a["error"],
-            latency_s=a["latency_ms"] / 1000 if a["latency_ms"] is not None else None,
-            started_at=a["started_at"],
-            finished_at=a["finished_at"],
-        )
-        for a in JobAttempt.objects.filter(job_id=job_id, started_at__gte=since)
-        .order_by("number")
-        .values("number", "backend_name", "outcome", "error", "latency_ms", "started_at", "finished_at")
-    ]
-    return RunFacts(
-        job_id=str(job_id),
-        queue=queue,
-        state=row["state"],
-        backend=row["backend_name"],
-        policy=row["policy_name"],
-        enqueued_at=row["enqueued_at"],
-        started_at=row["started_at"],
-        finished_at=row["finished_at"],
-        prompt_tokens=row["prompt_tokens"],
-        completion_tokens=row["completion_tokens"],
-        cost=row["cost"],
-        attempts=attempts,
-    )
-
-
-def record_run(run: RunFacts, pipe: Any = None) -> None:
-    """Fold one finished RQ execution into the fleet figures: one pipeline, one round trip.
-
-    With ``pipe`` (anything with the pipeline's ``hincrby``/``hincrbyfloat``/``expire``, such as
-    the worker's write-behind buffer) the commands are only queued there. A duplicate delivery
-    that lost the claim started no attempt and records nothing.
-    """
-    if not run.attempts:
-        return
-    own = pipe is None
-    if own:
-        pipe = redis_client().pipeline(transaction=False)
-    for a in run.attempts:
-        if a.outcome == "running":  # still open: re-queued for a retry by the task, counted when it ends
-            continue
-        inc(pipe, BACKEND_ATTEMPTS, a.backend, a.outcome)
-        if a.outcome in ("failed", "errored"):
-            inc(pipe, BACKEND_ERRORS, a.backend)
-        if a.latency_s is None and a.finished_at is not None:
-            observe(pipe, BACKEND_CALL, (a.finished_at - a.started_at).total_seconds(), a.backend, a.outcome)
-        elif a.latency_s is not None:
-            observe(pipe, BACKEND_CALL, a.latency_s, a.backend, a.outcome)
-    if run.started_at and run.enqueued_at:
-        observe(pipe, QUEUE_WAIT, (run.started_at - run.enqueued_at).total_seconds(), run.queue)
-    if run.finished_in_run:
-        inc(pipe, JOBS_FINISHED, run.backend, run.state)
-        if run.enqueued_at:
-            observe(pipe, JOB_LATENCY, (run.finished_at - run.enqueued_at).total_seconds(), run.backend, run.state)
-        if run.started_at:
-            observe(pipe, EXECUTION, (run.finished_at - run.started_at).total_seconds(), run.backend, run.state)
-        if run.prompt_tokens:
-            inc(pipe, TOKENS, run.backend, "prompt", amount=int(run.prompt_tokens))
-        if run.completion_tokens:
-            inc(pipe, TOKENS, run.backend, "completion", amount=int(run.completion_tokens))
-        if run.cost:
-            inc(pipe, COST, run.backend, amount=float(run.cost))
-    dashboard_aggregates.record(pipe, run)  # the live dashboard's per-minute figures; never raises
-    if own:
-        pipe.execute()
 
 
 # --- reading (the control plane's /metrics) -------------------------------------------------

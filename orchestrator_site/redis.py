@@ -74,3 +74,8 @@ class RoundTrip:
             reply.value = then(value) if then is not None else value
         if error is not None:
             raise error
+
+
+def reply_text(raw: Any) -> str:
+    """A Redis reply as text (redis-py returns bytes unless the client decodes; None is empty)."""
+    return raw.decode() if isinstance(raw, bytes) else str(raw or "")

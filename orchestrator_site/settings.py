@@ -140,7 +140,7 @@ RQ_QUEUES = {
 RQ = {
     # Our worker class forces the JSON serializer and runs jobs without forking;
     # `manage.py rqworker high normal low` picks it up from here.
-    "WORKER_CLASS": "workers.worker.OrchestratorWorker",
+    "WORKER_CLASS": "workers.runtime.threaded.ThreadedWorker",
     "COMMIT_MODE": "on_db_commit",
 }
 RQ_SHOW_ADMIN_LINK = True
@@ -175,7 +175,7 @@ ROUTING_STATS_MAX_AGE_S = env_int("ROUTING_STATS_MAX_AGE_MS", 250, minimum=0, ma
 MAX_CONCURRENCY = env_int("MAX_CONCURRENCY", 8, minimum=1, maximum=1024)
 # Claimed jobs a worker may keep waiting beyond those running, so a freed thread starts its next job
 # at once (highest priority first). At most this many, fewer as jobs run longer (about 50 ms worth of
-# finishes, none for long jobs: workers/inflight.py). Default: a quarter of MAX_CONCURRENCY. 0: none.
+# finishes, none for long jobs: workers/runtime/job_threads.py). Default: a quarter of MAX_CONCURRENCY. 0: none.
 WORKER_PREFETCH = env_int("WORKER_PREFETCH", MAX_CONCURRENCY // 4, minimum=0, maximum=1024)
 # A worker freezes what it loaded at start (Django, models) out of the garbage collector's view and
 # collects its youngest generation every this many allocations instead of Python's 700: the ORM and
@@ -188,12 +188,12 @@ WORKER_SHUTDOWN_GRACE_S = env_int("WORKER_SHUTDOWN_GRACE_MS", 25_000, minimum=0)
 WORKER_STUCK_GRACE_S = env_int("WORKER_STUCK_GRACE_MS", 30_000, minimum=0) / 1000
 # How often a worker checks its running jobs for cancels and passed deadlines.
 WORKER_WATCH_S = env_int("WORKER_WATCH_MS", 250, minimum=10, maximum=10_000) / 1000
-# Crash recovery (workers/heartbeat.py): a running job whose worker stopped beating is re-queued.
+# Crash recovery (workers/fleet/heartbeat.py, reconciler.py): a running job whose worker stopped beating is re-queued.
 WORKER_HEARTBEAT_S = env_int("WORKER_HEARTBEAT_MS", 3000, minimum=50) / 1000
 WORKER_LEASE_TTL_S = env_int("WORKER_LEASE_TTL_MS", 15000, minimum=1000) / 1000
 RECONCILE_INTERVAL_S = env_int("RECONCILE_INTERVAL_MS", 15000, minimum=0) / 1000  # 0: only `manage.py reconcile`
 MAX_DELIVERIES = env_int("MAX_DELIVERIES", 5, minimum=1)  # a job whose workers keep dying fails after this
-# GPU worker (workers/gpu_worker.py): dynamic batching of the waiting hf_local jobs.
+# GPU worker (workers/runtime/gpu.py): dynamic batching of the waiting hf_local jobs.
 BATCH_MAX = env_int("BATCH_MAX", 64, minimum=1, maximum=1024)  # jobs in one batch
 BATCH_WAIT_MS = env_int("BATCH_WAIT_MS", 10, minimum=0, maximum=10_000)  # how long to wait for more jobs
 # New tokens per batch round: a late job waits at most one round; a longer job continues in the next.

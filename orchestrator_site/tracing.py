@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
     from opentelemetry.trace import Span, Tracer
 
-    from orchestrator_site.metrics import RunFacts
+    from workers.execution.run_facts import RunFacts
 
 log = logging.getLogger(__name__)
 

@@ -104,15 +104,15 @@ def test_a_trial_handed_back_is_offered_again_at_once():
 def test_a_job_that_finds_no_slot_hands_a_granted_trial_back(dev_backend):
     from routing import capacity
     from tests.factories import make_job
-    from workers.retry import Deadline
-    from workers.tasks import JobRun
+    from workers.execution.job_run import JobRun, RunContext
+    from workers.execution.retry import Deadline
 
     Backend.objects.filter(pk=dev_backend.pk).update(max_concurrency=1)
     dev_backend.refresh_from_db()
     held = capacity.try_acquire("dev", 1)  # another worker's call holds the only slot
     fail("dev", 3)
     wait_out_cooldown("dev")
-    run = JobRun(make_job(dev_backend), "w1", Deadline(30))
+    run = JobRun(make_job(dev_backend), RunContext("w1"), Deadline(30))
     try:
         assert run.open_call(dev_backend, wait=False) == (None, False)
         assert circuit.allow("dev") == (True, "half_open")  # the trial is still there for the next caller

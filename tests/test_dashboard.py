@@ -16,14 +16,14 @@ from django.utils import timezone
 from dashboard import aggregates
 from jobs import queueing
 from jobs.models import Job, JobState
-from orchestrator_site import metrics
-from orchestrator_site.metrics import AttemptFacts, RunFacts
 from orchestrator_site.redis import redis_client
 from routing import stats
 from routing.models import Backend, BackendKind, RoutingPolicy
 from tests.conftest import ROOT, process_env, run_worker_burst
 from tests.factories import make_job
-from workers.status import GPU_STATUS_KEY, WorkerStatus, publish
+from workers.execution.run_facts import AttemptFacts, RunFacts
+from workers.execution.run_figures import record_fleet_figures
+from workers.fleet.status import GPU_STATUS_KEY, WorkerReport, publish
 
 pytestmark = pytest.mark.django_db
 
@@ -40,7 +40,7 @@ def run_facts(
     cost: str | None = "0.25",
     finished_ago_s: float = 30,
 ) -> RunFacts:
-    """What a worker reports for one finished execution (as ``metrics.read_run`` builds it)."""
+    """What a worker reports for one finished execution (as ``run_facts.read_run`` builds it)."""
     finished = timezone.now() - timedelta(seconds=finished_ago_s)
     started = finished - timedelta(seconds=exec_s)
     enqueued = started - timedelta(seconds=wait_s)
@@ -113,12 +113,12 @@ def busy_system(dev_backend, policy):
     queueing.enqueue(queued)
     done = make_job(dev_backend, policy_name="default", state=JobState.SUCCEEDED)
     make_job(gpu, policy_name="old-policy")
-    metrics.record_run(run_facts(done, wait_s=0.2, exec_s=1.5))
-    metrics.record_run(run_facts(backend="dev", state="failed", cost=None))
+    record_fleet_figures(run_facts(done, wait_s=0.2, exec_s=1.5))
+    record_fleet_figures(run_facts(backend="dev", state="failed", cost=None))
     stats.record_call("dev", latency_ms=120, ok=True)
     stats.record_call("dev", latency_ms=80, ok=False, error="HTTP 503 from upstream")
     publish(
-        WorkerStatus(
+        WorkerReport(
             name="gpu-box.1",
             host="gpu-box",
             pid=42,
@@ -245,9 +245,9 @@ def test_query_count_does_not_grow_with_the_jobs(
 
 # --- aggregates ------------------------------------------------------------------------------------------
 def test_record_run_writes_the_minute_aggregates_and_todays_cost():
-    metrics.record_run(run_facts(wait_s=0.2, exec_s=2.0, cost="0.5"))
-    metrics.record_run(run_facts(state="failed", wait_s=0.2, exec_s=0.01, cost=None))
-    metrics.record_run(run_facts(backend="other", state="canceled", cost=None))
+    record_fleet_figures(run_facts(wait_s=0.2, exec_s=2.0, cost="0.5"))
+    record_fleet_figures(run_facts(state="failed", wait_s=0.2, exec_s=0.01, cost=None))
+    record_fleet_figures(run_facts(backend="other", state="canceled", cost=None))
     window = read_window()
     dev = window.backends["dev"]
     assert dev.total("succeeded") == 1 and dev.total("failed") == 1
@@ -263,14 +263,14 @@ def test_record_run_writes_the_minute_aggregates_and_todays_cost():
 def test_a_run_that_did_not_finish_records_nothing():
     run = run_facts()
     unfinished = RunFacts(**{**run.__dict__, "state": "running", "finished_at": None})
-    metrics.record_run(unfinished)
+    record_fleet_figures(unfinished)
     assert read_window().backends == {}
 
 
 def test_percentiles_of_known_samples():
     # 100 executions: 1..100 ms -> p50 50 ms, p95 95 ms, p99 99 ms (within one bucket: at most 12% off)
     for ms in range(1, 101):
-        metrics.record_run(run_facts(exec_s=ms / 1000, wait_s=2.0, cost=None))
+        record_fleet_figures(run_facts(exec_s=ms / 1000, wait_s=2.0, cost=None))
     dev = read_window().backends["dev"]
     q = aggregates.quantile
     assert q(dev.execution, 0.50) == pytest.approx(0.050, rel=0.122)
@@ -291,8 +291,8 @@ def test_quantile_edges():
 
 
 def test_minutes_older_than_the_window_are_left_out():
-    metrics.record_run(run_facts(finished_ago_s=aggregates.WINDOW_MIN * 60 + 120))
-    metrics.record_run(run_facts(finished_ago_s=5))
+    record_fleet_figures(run_facts(finished_ago_s=aggregates.WINDOW_MIN * 60 + 120))
+    record_fleet_figures(run_facts(finished_ago_s=5))
     assert read_window().backends["dev"].total("succeeded") == 1
 
 

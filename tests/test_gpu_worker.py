@@ -23,7 +23,8 @@ from tests.gpu_model import TEST_CONFIG, save_tiny_model
 from workers.backends import hf_local
 from workers.backends.base import BackendConfig, GenerationRequest
 from workers.backends.hf_local import HFLocalAdapter
-from workers.gpu_worker import STATUS_KEY, BatchLimits, GpuWorker
+from workers.fleet.status import GPU_STATUS_KEY as STATUS_KEY
+from workers.runtime.gpu import BatchLimits, GpuWorker
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -173,7 +174,7 @@ def test_end_to_end_through_a_real_gpu_worker_process(api, gpu_backend):
     prompts = ["one", "two two", "three three three"]
     ids = [submit(api, p, priority="high" if n == 0 else "normal") for n, p in enumerate(prompts)]
     cmd = [sys.executable, "manage.py", "rqworker", *QUEUES, "--burst"]
-    cmd += ["--worker-class", "workers.gpu_worker.GpuWorker"]
+    cmd += ["--worker-class", "workers.runtime.gpu.GpuWorker"]
     proc = subprocess.run(cmd, cwd=ROOT, env=process_env(BATCH_MAX="8"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
     jobs = [Job.objects.get(pk=i) for i in ids]
@@ -211,7 +212,7 @@ def test_a_gpu_worker_warms_its_model_up_for_a_full_round_of_its_batches(db, tmp
 
 
 # --- doing the damage for real: a GPU worker killed with SIGKILL ------------------------------------
-GPU_WORKER = "workers.gpu_worker.GpuWorker"
+GPU_WORKER = "workers.runtime.gpu.GpuWorker"
 FAST_RECOVERY = {"WORKER_HEARTBEAT_MS": "300", "WORKER_LEASE_TTL_MS": "1500", "RECONCILE_INTERVAL_MS": "500"}
 
 
@@ -332,8 +333,8 @@ def test_result_writes_wait_out_a_database_outage_however_long(api, gpu_backend,
     status (the admin's worker list) says how many results wait."""
     from django.db import OperationalError
 
-    from workers import gpu_worker as module
-    from workers.status import read_workers
+    from workers.fleet.status import read_workers
+    from workers.runtime import group_commit as module
 
     monkeypatch.setattr(module, "RETRY_PAUSE_S", 0.001)
     ids = [submit(api, f"outage {n}") for n in range(3)]
@@ -360,7 +361,7 @@ def test_a_worker_stopped_during_an_outage_leaves_its_jobs_to_recovery(api, gpu_
     rows stay running, the worker leaves, and crash recovery runs the jobs again."""
     from django.db import OperationalError, connection
 
-    from workers import gpu_worker as module
+    from workers.runtime import group_commit as module
 
     monkeypatch.setattr(module, "RETRY_PAUSE_S", 0.001)
     settings.WORKER_SHUTDOWN_GRACE_S = 0  # the stop's grace is over as soon as it is asked

@@ -18,7 +18,7 @@ from routing import capacity, policies
 from routing.models import Backend, BackendKind, RoutingPolicy
 from routing.stats import circuit_key, record_call
 from tests.conftest import run_worker_burst
-from workers.worker import OrchestratorWorker
+from workers.runtime.threaded import ThreadedWorker
 
 TOKEN = "test-metrics-token"
 P = metrics.PREFIX
@@ -185,7 +185,7 @@ def test_scopes_split_host_figures_from_fleet_figures(client, dev_backend):
 @pytest.mark.django_db
 def test_live_workers_are_listed_by_the_rq_collector():
     """RQ rebuilds registered workers with our class (Worker.all): its __init__ must allow that."""
-    worker = OrchestratorWorker(list(settings.JOB_QUEUES), connection=redis_client())
+    worker = ThreadedWorker(list(settings.JOB_QUEUES), connection=redis_client())
     worker.register_birth()
     try:
         s = scrape("fleet")

@@ -12,7 +12,7 @@ from django.utils import timezone
 from jobs.models import Job, JobState
 from orchestrator_site.redis import redis_client
 from tests.conftest import run_worker_burst
-from workers import heartbeat, reconciler
+from workers.fleet import liveness, reconciler
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -63,10 +63,10 @@ def test_a_worker_whose_key_just_vanished_is_given_a_grace_before_its_jobs_move(
     job = _running_on_a_dead_worker(api, attempts=1)
     redis_client().delete(reconciler.missing_key("ghost.1"))  # first pass to notice
     assert reconciler.reconcile(min_age_s=0)[1:] == (0, 0)
-    heartbeat.beat("ghost.1")  # the worker is back
+    liveness.beat("ghost.1")  # the worker is back
     assert reconciler.reconcile(min_age_s=0)[1:] == (0, 0)
     assert not redis_client().exists(reconciler.missing_key("ghost.1"))  # the next absence starts afresh
-    redis_client().delete(heartbeat.alive_key("ghost.1"), heartbeat.seen_key("ghost.1"))  # lost again
+    redis_client().delete(liveness.alive_key("ghost.1"), liveness.seen_key("ghost.1"))  # lost again
     settings.WORKER_HEARTBEAT_S = 0.2
     assert reconciler.reconcile(min_age_s=0)[1:] == (0, 0)
     time.sleep(1.1)  # the grace is two beats, at least 1 s
@@ -78,8 +78,8 @@ def test_a_worker_whose_key_just_vanished_is_given_a_grace_before_its_jobs_move(
 def test_a_worker_whose_key_expired_is_dead_at_once(api, policy):
     job = _running_on_a_dead_worker(api, attempts=1)
     redis_client().delete(reconciler.missing_key("ghost.1"))
-    heartbeat.beat("ghost.1")
-    redis_client().delete(heartbeat.alive_key("ghost.1"))  # expired: no beat for a lease TTL
+    liveness.beat("ghost.1")
+    redis_client().delete(liveness.alive_key("ghost.1"))  # expired: no beat for a lease TTL
     assert reconciler.reconcile(min_age_s=0)[1:] == (1, 0)
     job.refresh_from_db()
     assert job.state == JobState.QUEUED

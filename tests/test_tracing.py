@@ -1,6 +1,6 @@
 """One trace from the API request, through the RQ queue, into the worker and its attempts.
 
-The worker runs in this process (a burst ``OrchestratorWorker``, the class ``rqworker`` uses) so an
+The worker runs in this process (a burst ``ThreadedWorker``, the class ``rqworker`` uses) so an
 in-memory exporter sees the API's and the worker's spans together; the trace context still crosses
 the queue only as the RQ job's meta in Redis, exactly as it does between hosts.
 """
@@ -28,7 +28,7 @@ from orchestrator_site.redis import redis_client
 from routing import policies
 from routing.models import Backend, BackendKind, RoutingPolicy
 from tests.conftest import ROOT, process_env, token_client
-from workers.worker import OrchestratorWorker
+from workers.runtime.threaded import ThreadedWorker
 
 OTEL_MIDDLEWARE = "opentelemetry.instrumentation.django.middleware.otel_middleware._DjangoMiddleware"
 
@@ -42,7 +42,7 @@ def spans() -> Iterator[InMemorySpanExporter]:
 
 
 def drain() -> None:
-    OrchestratorWorker(list(settings.JOB_QUEUES), connection=redis_client()).work(burst=True)
+    ThreadedWorker(list(settings.JOB_QUEUES), connection=redis_client()).work(burst=True)
 
 
 @pytest.mark.django_db(transaction=True)
@@ -61,7 +61,7 @@ def test_one_trace_spans_api_request_worker_and_attempts(spans, user, db):
     records = io.StringIO()
     handler = logging.StreamHandler(records)
     handler.setFormatter(JsonFormatter())
-    task_log = logging.getLogger("workers.tasks")
+    task_log = logging.getLogger("workers.execution")  # the job run and its outcomes
     old_level = task_log.level
     task_log.addHandler(handler)
     task_log.setLevel(logging.INFO)

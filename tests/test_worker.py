@@ -32,9 +32,24 @@ def test_rq_job_carries_only_the_job_id_as_json(api, policy):
     job_id = submit(api, priority="high")
     raw = redis_client().hget(f"rq:job:{job_id}", "data")
     payload = json.loads(__import__("zlib").decompress(raw))  # rq stores the serialized call zlib-compressed
-    assert payload[0] == "workers.tasks.run_job"
+    assert payload[0] == "workers.execution.job_run.run_job"
     assert payload[2] == [job_id] and payload[3] == {}
     assert RQJob.fetch(job_id, connection=redis_client(), serializer="rq.serializers.JSONSerializer").origin == "high"
+
+
+def test_a_job_enqueued_under_the_tasks_old_path_still_runs(api, policy):
+    """RQ jobs enqueued before the task moved may still wait in Redis: a worker runs them as its own."""
+    from jobs import queueing
+
+    job_id = submit(api)
+    job = Job.objects.get(pk=job_id)
+    queue = queueing.get_queue(job.queue)
+    queue.remove(job.rq_job_id)
+    queue.enqueue_call(queueing.LEGACY_TASKS[0], args=(job_id,), job_id=job.rq_job_id, timeout=job.timeout_s + 30)
+    run_worker_burst()
+    job.refresh_from_db()
+    assert (job.state, job.output) == (JobState.SUCCEEDED, "hello world")
+    assert not redis_client().exists(f"rq:job:{job.rq_job_id}")  # our own path: the hash goes with the job
 
 
 def test_cost_uses_the_backends_prices(api, db):

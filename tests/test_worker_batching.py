@@ -15,10 +15,10 @@ from jobs import status_mirror
 from jobs.models import AttemptOutcome, Job, JobAttempt, JobState
 from orchestrator_site.redis import redis_client
 from tests.factories import make_job
-from workers import inflight
-from workers.group_commit import GroupCommit
-from workers.inflight import JobThreads, Running
-from workers.write_behind import WriteBehind
+from workers.execution.job_run import DirectWriter
+from workers.runtime.group_commit import GroupCommit
+from workers.runtime.job_threads import DeliveryWriter, JobThreads, ThreadedDelivery
+from workers.runtime.write_behind import WriteBehind
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -150,22 +150,28 @@ def test_a_deferred_write_returns_at_once_and_calls_back_after_commit(dev_backen
     assert Job.objects.get(pk=row[0].pk).state == JobState.SUCCEEDED
 
 
-def test_write_batched_defers_only_in_a_job_thread_that_takes_outcomes_late(dev_backend):
+def test_a_batched_write_defers_only_for_a_job_thread_delivery_that_takes_outcomes_late(dev_backend):
     row = Job.claim([str(make_job(dev_backend).pk)], "w1")
     seen: list = []
     # Outside a job thread: a plain call, then the callback, and the value comes back.
-    assert inflight.write_batched(Job.mark_succeeded_many, (row[0], result()), then=seen.append) is True
+    assert DirectWriter().run_batched(Job.mark_succeeded_many, (row[0], result()), then=seen.append) is True
     assert seen == [True]
 
-    # In a job thread whose entry takes its outcome late: back at once, callback and hook after commit.
+    # In a job thread whose delivery takes its outcome late: back at once, callback and hook after commit.
     late = Job.claim([str(make_job(dev_backend).pk)], "w1")[0]
+    waited = Job.claim([str(make_job(dev_backend).pk)], "w1")[0]
     returned: list = []
     hooked = threading.Event()
 
-    def perform(entry: Running) -> None:
-        entry.after_outcome = hooked.set
-        returned.append(inflight.write_batched(Job.mark_succeeded_many, (late, result()), then=seen.append))
-        returned.append(entry.outcome_deferred)
+    def perform(delivery: ThreadedDelivery) -> None:
+        writer = DeliveryWriter(threads.commits, delivery)
+        if delivery.job_id == str(waited.pk):  # no hook: the thread waits for its outcome
+            returned.append(writer.run_batched(Job.mark_succeeded_many, (waited, result()), then=seen.append))
+            returned.append(delivery.outcome_deferred)
+            return
+        delivery.after_outcome = hooked.set
+        returned.append(writer.run_batched(Job.mark_succeeded_many, (late, result()), then=seen.append))
+        returned.append(delivery.outcome_deferred)
 
     connection.close()  # the job thread and the writer have their own connections
     threads = JobThreads(1, perform, "test-worker")
@@ -173,10 +179,13 @@ def test_write_batched_defers_only_in_a_job_thread_that_takes_outcomes_late(dev_
         threads.submit(_entry(str(late.pk), 0))
         assert hooked.wait(5)
         assert threads.wait_idle(5)
+        threads.submit(_entry(str(waited.pk), 0))
+        assert threads.wait_idle(5)
     finally:
         threads.stop()
-    assert returned == [None, True] and seen == [True, True]
+    assert returned == [None, True, True, False] and seen == [True, True, True]
     assert Job.objects.get(pk=late.pk).state == JobState.SUCCEEDED
+    assert Job.objects.get(pk=waited.pk).state == JobState.SUCCEEDED
 
 
 # --- the write-behind buffer ---------------------------------------------------------------------------
@@ -203,15 +212,15 @@ class _FakeQueue:
         self.name = name
 
 
-def _entry(job_id: str, rank: int) -> Running:
-    return Running(rq_job=None, queue=_FakeQueue("q"), job_id=job_id, timeout_s=30, rank=rank)
+def _entry(job_id: str, rank: int) -> ThreadedDelivery:
+    return ThreadedDelivery(rq_job=None, queue=_FakeQueue("q"), job_id=job_id, timeout_s=30, rank=rank)
 
 
 def test_waiting_jobs_go_to_free_threads_highest_priority_first_and_prefetch_adapts():
     order: list[str] = []
     gate = threading.Event()
 
-    def perform(entry: Running) -> None:
+    def perform(entry: ThreadedDelivery) -> None:
         order.append(entry.job_id)
         gate.wait(5)
 
@@ -285,7 +294,7 @@ def test_a_deferred_write_the_database_refused_is_tried_again_until_it_answers(d
     Meanwhile the write is counted in ``retrying`` (the worker's status shows it)."""
     from django.db import OperationalError
 
-    from workers import group_commit
+    from workers.runtime import group_commit
 
     monkeypatch.setattr(group_commit, "RETRY_PAUSE_S", 0.001)
     outage = 150  # tries; the writer used to give up after 120
@@ -349,7 +358,7 @@ def test_jobs_whose_claim_the_database_refused_go_back_in_order_and_run_once(api
     from django.db import OperationalError
     from django.db.backends.signals import connection_created
 
-    from workers.worker import OrchestratorWorker
+    from workers.runtime.threaded import ThreadedWorker
 
     ids = []
     for n in range(3):
@@ -383,7 +392,7 @@ def test_jobs_whose_claim_the_database_refused_go_back_in_order_and_run_once(api
     connection_created.connect(install)
     connection.execute_wrappers.append(refuse_first_claim)
     try:
-        OrchestratorWorker(list(settings.JOB_QUEUES), connection=redis_client()).work(burst=True)
+        ThreadedWorker(list(settings.JOB_QUEUES), connection=redis_client()).work(burst=True)
     finally:
         connection_created.disconnect(install)
         connection.execute_wrappers.remove(refuse_first_claim)

@@ -12,7 +12,7 @@ from routing import policies
 from routing.models import Backend, BackendKind, RoutingPolicy
 from tests.conftest import run_worker_burst
 from tests.conftest import submit_jobs as submit
-from workers.status import read_workers
+from workers.fleet.status import read_workers
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 

@@ -1,3 +1,3 @@
 """The worker classes tests start by dotted path (``--worker-class``): one place to change when they move."""
 
-GPU_WORKER = "workers.gpu_worker.GpuWorker"
+GPU_WORKER = "workers.runtime.gpu.GpuWorker"

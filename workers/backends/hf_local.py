@@ -13,7 +13,7 @@ The backend record names the model and how to hold it:
 A model is loaded once per process and kept (``_MODELS``, keyed by path, dtype and device):
 loading a 1B model takes seconds, generating one answer tens of milliseconds per token. The
 worker must therefore not fork after loading (CUDA does not survive ``fork``): see
-``workers.gpu_worker``.
+``workers.runtime.gpu``.
 
 Generation is split into three calls so the GPU worker can batch dynamically:
 ``start`` (tokenize and validate one request, which fails alone), ``step`` (one left-padded
@@ -195,7 +195,7 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
     A single user message is sent as-is (a completion-style prompt), so a bare prompt costs
     exactly its own tokens.
     """
-    chat = [{"role": str(m.get("role", "user")), "content": _text(m.get("content", ""))} for m in messages]
+    chat = [{"role": str(m.get("role", "user")), "content": _content_text(m.get("content", ""))} for m in messages]
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
     if len(chat) == 1 and chat[0]["role"] == "user":
@@ -203,7 +203,7 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
     return "".join(f"{m['role']}: {m['content']}\n" for m in chat) + "assistant:"
 
 
-def _text(content: Any) -> str:
+def _content_text(content: Any) -> str:
     if isinstance(content, list):  # OpenAI-style parts: keep the text ones
         return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
     return str(content)
@@ -219,11 +219,11 @@ class Carry:
 
     cache: Any
     width: int
-    rows: list[Sequence]
+    rows: list[BatchRow]
 
 
 @dataclass
-class Sequence:
+class BatchRow:
     """One request inside a batch: its prompt ids, what it generated so far, and its budget.
 
     A sequence can span several batch rounds. When the next round runs the same sequences (or
@@ -302,7 +302,7 @@ class HFLocalAdapter:
     ) -> list[GenerationResult | BackendError]:
         """Run ``requests`` together; each gets its own result, or its own error if it alone is bad."""
         outcomes: list[GenerationResult | BackendError | None] = [None] * len(requests)
-        live: list[tuple[int, Sequence]] = []
+        live: list[tuple[int, BatchRow]] = []
         for i, request in enumerate(requests):
             try:
                 live.append((i, self.start(backend, request)))
@@ -315,7 +315,7 @@ class HFLocalAdapter:
         return outcomes  # type: ignore[return-value]
 
     # --- the batching primitives ----------------------------------------------------------------
-    def start(self, backend: BackendConfig, request: GenerationRequest) -> Sequence:
+    def start(self, backend: BackendConfig, request: GenerationRequest) -> BatchRow:
         """Tokenize and check one request; raises a permanent BackendError for a bad one."""
         if request.images:
             raise BackendError("hf_local serves text-only models; the job has images", retryable=False)
@@ -342,22 +342,22 @@ class HFLocalAdapter:
                 raise BackendError(f"top_p must be a number in (0, 1], not {top_p!r}", retryable=False)
             sampling = (float(request.temperature), float(top_p))
         now = time.monotonic()
-        return Sequence(request, m, ids, max_new, sampling, started=now, deadline=now + request.timeout_s)
+        return BatchRow(request, m, ids, max_new, sampling, started=now, deadline=now + request.timeout_s)
 
-    def step(self, backend: BackendConfig, seqs: list[Sequence], *, round_tokens: int | None = None) -> None:
+    def step(self, backend: BackendConfig, seqs: list[BatchRow], *, round_tokens: int | None = None) -> None:
         """One round: one ``model.generate`` per model for all its sequences, greedy and sampled
         alike (each row with its own temperature and top-p), up to ``round_tokens`` new tokens each.
 
         Exceptions (CUDA OOM, a bug) propagate: the caller decides how to isolate them.
         """
-        groups: dict[int, list[Sequence]] = defaultdict(list)
+        groups: dict[int, list[BatchRow]] = defaultdict(list)
         for seq in seqs:
             if not seq.done:
                 groups[id(seq.loaded)].append(seq)
         for group in groups.values():
             self._generate(group[0].loaded, group, round_tokens)
 
-    def _generate(self, m: LoadedModel, group: list[Sequence], round_tokens: int | None) -> None:
+    def _generate(self, m: LoadedModel, group: list[BatchRow], round_tokens: int | None) -> None:
         torch = _torch()
         inputs = [s.prompt_ids + s.generated for s in group]
         carry = group[0].carry
@@ -434,7 +434,7 @@ class HFLocalAdapter:
             for seq in group:
                 seq.carry = None if seq.done else carried
 
-    def result(self, seq: Sequence) -> GenerationResult:
+    def result(self, seq: BatchRow) -> GenerationResult:
         """The finished sequence's own output, usage and timing (its EOS is not counted or shown)."""
         return GenerationResult(
             output=seq.loaded.tokenizer.decode(seq.generated, skip_special_tokens=True),

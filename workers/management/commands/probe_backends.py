@@ -2,7 +2,7 @@ import time
 
 from django.core.management.base import BaseCommand
 
-from workers.probes import probe_backends
+from workers.fleet.probes import probe_backends
 
 
 class Command(BaseCommand):

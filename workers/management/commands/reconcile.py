@@ -2,7 +2,7 @@ import time
 
 from django.core.management.base import BaseCommand
 
-from workers.reconciler import reconcile
+from workers.fleet.reconciler import reconcile
 
 
 class Command(BaseCommand):

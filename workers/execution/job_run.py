@@ -1,4 +1,8 @@
-"""The RQ task: load the row, claim it, run it on its backend (retrying, then falling back), record the outcome.
+"""The run of one job: its backends in order (retrying, then falling back), under one deadline.
+
+``JobRun`` gets what it needs from its caller in a ``RunContext``: the worker's name, the cancel
+event the worker sets, and the writer its database writes go through (a job thread's group
+commit, or a plain call). Outcomes are written through ``workers.execution.outcome``.
 
 The RQ job carries only the job id. A duplicate delivery or a job canceled while
 queued loses the compare-and-set in ``mark_running`` and does nothing; a result that
@@ -8,7 +12,7 @@ Failure handling, all inside one run and under one deadline (``job.timeout_s`` c
 attempt and every sleep together):
 
 - a retryable ``BackendError`` (timeout, connection, 429, 5xx, truncated answer) is retried on
-  the same backend after a jittered backoff (``workers.retry``) that never undercuts the
+  the same backend after a jittered backoff (``workers.execution.retry``) that never undercuts the
   server's ``Retry-After``, up to the backend's ``retry_max``;
 - then the run falls back to the next backend the policy ranked (``job.routing["candidates"]``)
   that is still usable now: enabled, not drained, its circuit allowing a call, and runnable
@@ -20,8 +24,11 @@ attempt and every sleep together):
   all workers). A backend with no free slot is passed over for the next candidate; when every
   usable candidate is full, the job waits for the first slot to free on any of them, best-ranked
   first, until its deadline;
-- a cancel (``JobRun.cancel``, set by the worker when the job is canceled while running or
+- a cancel (``RunContext.cancel``, set by the worker when the job is canceled while running or
   abandoned past its deadline) stops the backoff and any adapter that can stop early.
+
+``run_job`` is the RQ task that ``jobs.queueing`` enqueues. Our workers run it without importing it
+(``workers.runtime.base``): the RQ job carries only the job id, and any other RQ worker calls it.
 """
 
 from __future__ import annotations
@@ -30,10 +37,12 @@ import logging
 import os
 import random
 import socket
+import sys
 import threading
 import time
-import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
 
 from django.db import close_old_connections
 from django.utils import timezone
@@ -43,14 +52,16 @@ from rq.timeouts import JobTimeoutException
 
 from jobs.models import TEXT_MAX, AttemptOutcome, Job, storable
 from orchestrator_site.redis import RoundTrip
-from routing import capacity, circuit, stats
+from routing import capacity, circuit
 from routing.models import POOLED_KINDS, Backend
-from workers import inflight
 from workers.backends import get_adapter
-from workers.backends.base import BackendError, GenerationRequest, JobCanceled
-from workers.retry import Deadline, RetryPolicy
+from workers.backends.base import BackendError, JobCanceled
+from workers.execution import outcome
+from workers.execution.request import generation_request, success_fields
+from workers.execution.retry import Deadline, RetryPolicy
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Leave at least this much of the deadline for a call; less is not worth starting.
 MIN_CALL_S = 0.05
@@ -58,53 +69,67 @@ MIN_CALL_S = 0.05
 SLOT_POLL_S = 0.02
 
 
-def worker_name() -> str:
-    if name := inflight.worker_name():
-        return name
-    rq_job = get_current_job()
-    name = getattr(rq_job, "worker_name", None) if rq_job is not None else None
-    return name or f"{socket.gethostname()}:{os.getpid()}"
+class Writer(Protocol):
+    """Where a run's database writes go; each call returns once its write is committed, except a
+    ``run_batched`` with ``then`` that the writer may defer (it returns None, ``then`` runs later)."""
+
+    def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T: ...
+
+    def run_batched(
+        self, fn: Callable[[list[Any]], list[T]], item: Any, *, then: Callable[[T], None] | None = None
+    ) -> T | None: ...
+
+
+class DirectWriter:
+    """Writes in the caller's thread and transaction, at once."""
+
+    def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return fn(*args, **kwargs)
+
+    def run_batched(
+        self, fn: Callable[[list[Any]], list[T]], item: Any, *, then: Callable[[T], None] | None = None
+    ) -> T | None:
+        value = fn([item])[0]
+        if then is not None:
+            then(value)
+        return value
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a job run gets from the worker running it."""
+
+    worker: str
+    writer: Writer = field(default_factory=DirectWriter)
+    # Set by the worker when the job is canceled while running or abandoned past its deadline.
+    cancel: threading.Event = field(default_factory=threading.Event)
 
 
 def run_job(job_id: str) -> str:
+    """The RQ task (``jobs.queueing.TASK``) as any RQ worker runs it: load the row, claim it, run it."""
     close_old_connections()
     try:
         job = Job.objects.select_related("backend").get(pk=job_id)
     except Job.DoesNotExist:
         log.warning("job row missing; dropping queue entry", extra={"job_id": job_id})
         return "missing"
-    inflight.note_job(job)
-    worker = worker_name()
-    if not inflight.write(job.mark_running, worker):
+    rq_job = get_current_job()
+    worker = getattr(rq_job, "worker_name", None) if rq_job is not None else None
+    ctx = RunContext(worker or f"{socket.gethostname()}:{os.getpid()}")
+    if not job.mark_running(ctx.worker):
         log.info("job not claimable; skipped", extra={"job_id": job_id, "state": job.state})
         return f"skipped:{job.state}"
-    return run_claimed(job, worker)
+    return run_claimed(job, ctx)
 
 
-def run_claimed(job: Job, worker: str) -> str:
-    """Run ``job``, already claimed by ``worker`` (``running``, its attempt open); returns its final state.
+def run_claimed(job: Job, ctx: RunContext) -> str:
+    """Run ``job``, already claimed by ``ctx.worker`` (``running``, its attempt open); returns its final state.
 
-    The worker's main thread claims the jobs it pops in one batch (``Job.claim``) and hands each
-    to a job thread here; ``run_job`` claims one by itself.
+    Our workers claim the jobs they pop in one batch (``Job.claim``) and hand each here;
+    ``run_job`` claims one by itself.
     """
     close_old_connections()
-    return JobRun(job, worker, Deadline(float(job.timeout_s)), cancel=inflight.cancel_event()).run()
-
-
-def generation_request(job: Job, timeout_s: float, cancel: threading.Event | None = None) -> GenerationRequest:
-    """What an adapter gets for one call of ``job`` (the one place a Job becomes a request)."""
-    return GenerationRequest(
-        job_id=str(job.pk),
-        messages=job.chat_messages(),
-        images=list(job.images),
-        model=job.model,
-        max_tokens=job.max_tokens,
-        temperature=job.temperature,
-        params=dict(job.params),
-        timeout_s=timeout_s,
-        attempt=job.attempt_count,
-        cancel=cancel if cancel is not None else threading.Event(),
-    )
+    return JobRun(job, ctx, Deadline(float(job.timeout_s))).run()
 
 
 class _Finished(Exception):
@@ -116,10 +141,8 @@ class JobRun:
     """One delivery of a job: the backends to try, in order, under one deadline."""
 
     job: Job
-    worker: str
+    ctx: RunContext
     deadline: Deadline
-    # Set by the worker when the job is canceled while running or abandoned past its deadline.
-    cancel: threading.Event = field(default_factory=threading.Event)
     calls: int = 0
     tried: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
@@ -131,6 +154,22 @@ class JobRun:
     # The first call waited for a backend slot: its attempt starts when the call does, not at the claim.
     waited_for_slot: bool = False
     lease: str | None = None  # the backend slot the current call holds
+
+    @property
+    def cancel(self) -> threading.Event:
+        return self.ctx.cancel
+
+    def write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return self.ctx.writer.run(fn, *args, **kwargs)
+
+    def resume_after(self, backend: Backend, error: str, started: float) -> str:
+        """Go on from a call made outside this run (a GPU batch's) that failed with ``error``:
+        close its attempt, count it, then retry and fall back as usual; returns the final state."""
+        self.close_attempt(error, started)
+        self.attempt_unused = False
+        self.calls, self.last_error = 1, error
+        self.tried.append(backend.name)
+        return self.run()
 
     def run(self) -> str:
         try:
@@ -197,7 +236,6 @@ class JobRun:
         may come back), True when it tried and the run should fall back.
         """
         policy = RetryPolicy.from_config(backend.config)
-        breaker = circuit.CircuitConfig.from_config(backend.config)
         retry_after: float | None = None
         self.out_of_time = False  # about the last backend tried: an earlier one's Retry-After is not the story
         for n in range(policy.retries + 1):
@@ -205,7 +243,7 @@ class JobRun:
                 wait = policy.delay_s(n, retry_after)
                 if not self.deadline.allows_wait(wait, min_call_s=MIN_CALL_S):
                     self.out_of_time = True
-                    log.info("no time left to retry here", extra={**self.ctx(backend), "wait_s": round(wait, 3)})
+                    log.info("no time left to retry here", extra={**self.log_extra(backend), "wait_s": round(wait, 3)})
                     return True
                 if self.cancel.wait(wait):
                     raise _Finished
@@ -219,7 +257,7 @@ class JobRun:
                         self.skipped[backend.name] = "circuit open"
                     return True
                 self.begin_attempt(backend)
-                exc = self.call(backend, breaker)
+                exc = self.call(backend)
             finally:
                 capacity.release(lease)  # a no-op when _record gave it back with the call's figures
                 self.lease = None
@@ -253,11 +291,12 @@ class JobRun:
                 lease = None
             if lease is not None:
                 if asked.value is None:
-                    log.warning("circuit unavailable; calling anyway", extra={**self.ctx(backend), "error": str(error)})
+                    extra = {**self.log_extra(backend), "error": str(error)}
+                    log.warning("circuit unavailable; calling anyway", extra=extra)
                     return lease, True
                 allowed, state, _trial = asked.value
                 if not allowed:
-                    log.info("circuit does not allow a call", extra={**self.ctx(backend), "circuit": state})
+                    log.info("circuit does not allow a call", extra={**self.log_extra(backend), "circuit": state})
                 return lease, allowed
             if not wait:
                 return None, False
@@ -271,77 +310,59 @@ class JobRun:
         try:
             circuit.return_trial(backend.name)
         except RedisError as exc:  # the trial's lease runs out by itself
-            log.warning("half-open trial not handed back", extra={**self.ctx(backend), "error": str(exc)})
+            log.warning("half-open trial not handed back", extra={**self.log_extra(backend), "error": str(exc)})
 
-    def call(self, backend: Backend, breaker: circuit.CircuitConfig) -> BackendError:
+    def call(self, backend: Backend) -> BackendError:
         """One call; returns the retryable error, or raises _Finished when the job reached its end."""
         job = self.job
         self.calls += 1
         if backend.name not in self.tried:
             self.tried.append(backend.name)
         request = generation_request(job, self.deadline.remaining(), cancel=self.cancel)
-        ctx = self.ctx(backend)
-        log.info("attempt started", extra=ctx)
+        extra = self.log_extra(backend)
+        log.info("attempt started", extra=extra)
         started = time.monotonic()
         try:
             result = get_adapter(backend.kind).generate(backend.adapter_config(), request)
         except JobCanceled:
             # Canceled (the cancel closed the attempt) or abandoned past its deadline (failed by the
             # watchdog): either way the job's outcome is written and this call is not the backend's fault.
-            log.info("call stopped: job canceled", extra=ctx)
+            log.info("call stopped: job canceled", extra=extra)
             raise _Finished from None
         except BackendError as exc:
-            status = f" (HTTP {exc.status})" if exc.status else ""
-            error = f"{backend.name}: {exc.message}{status}"
-            # A permanent error (bad input, 4xx) is the request's fault, not the backend's health.
-            self._record(backend, breaker, started, ok=not exc.retryable, error=f"{exc.message}{status}")
-            if not exc.retryable:
-                inflight.write(job.mark_failed, error, latency_ms=_ms_since(started))
-                log.info("job failed (permanent error)", extra={**ctx, "error": exc.message})
+            if outcome.is_request_fault(exc):
+                outcome.fail_for_request(
+                    self.write, job, backend, exc, _ms_since(started), lease=self.lease, log_extra=extra
+                )
                 raise _Finished from None
+            error = f"{backend.name}: {outcome.describe(exc)}"
+            self._record(backend, started, ok=False, error=outcome.describe(exc))
             self.last_error = error
             self.close_attempt(error, started)
-            log.info("attempt failed (retryable)", extra={**ctx, "error": exc.message})
+            log.info("attempt failed (retryable)", extra={**extra, "error": exc.message})
             return exc
         except JobTimeoutException:
-            self._record(backend, breaker, started, ok=False, error=f"timed out after {job.timeout_s}s")
-            inflight.write(
+            self._record(backend, started, ok=False, error=f"timed out after {job.timeout_s}s")
+            self.write(
                 job.mark_failed, f"{backend.name}: timed out after {job.timeout_s}s", latency_ms=_ms_since(started)
             )
-            log.info("job timed out", extra=ctx)
+            log.info("job timed out", extra=extra)
             raise _Finished from None
         except Exception as exc:  # a bug in an adapter must not kill the worker or loop forever
-            error = f"unexpected {type(exc).__name__}: {exc}"
-            self._record(backend, breaker, started, ok=False, error=error)
-            inflight.write(
-                job.mark_failed,
-                f"{backend.name}: {error}",
-                outcome=AttemptOutcome.ERRORED,
-                traceback=traceback.format_exc(),
-                latency_ms=_ms_since(started),
-            )
-            log.exception("job errored", extra=ctx)
+            self._record(backend, started, ok=False, error=f"unexpected {type(exc).__name__}: {exc}")
+            outcome.crash(self.write, job, backend.name, sys.exc_info(), latency_ms=_ms_since(started))
+            log.exception("job errored", extra=extra)
             raise _Finished from None
-        self._record(backend, breaker, started, ok=True)
-        outcome = {
-            "output": result.output,
-            "finish_reason": result.finish_reason,
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": result.completion_tokens,
-            "latency_ms": result.latency_ms,
-            "cost": backend.cost_for(result.prompt_tokens, result.completion_tokens),
-            "finished_at": timezone.now(),  # the write may come a moment later (group commit)
-        }
+        self._record(backend, started, ok=True)
         latency_ms = result.latency_ms
 
         def written(won: bool) -> None:
-            log.info(
-                "job succeeded" if won else "result discarded (job no longer running)",
-                extra={**ctx, "latency_ms": latency_ms},
-            )
+            outcome.log_success(won, {**extra, "latency_ms": latency_ms})
 
-        # In a worker's job thread this returns before the commit: the slot is free for the next job.
-        inflight.write_batched(Job.mark_succeeded_many, (job, outcome), then=written)
+        # The write may come a moment later (group commit): the result's time is now. In a worker's
+        # job thread this returns before the commit: the slot is free for the next job.
+        fields = success_fields(result, backend, finished_at=timezone.now())
+        self.ctx.writer.run_batched(Job.mark_succeeded_many, (job, fields), then=written)
         raise _Finished
 
     # --- attempts: race-safe rows while the job stays running ------------------------------------
@@ -357,16 +378,16 @@ class JobRun:
         if self.attempt_unused and backend.name == job.backend_name:
             self.attempt_unused = False
             if self.waited_for_slot:
-                inflight.write(job.update_current_attempt, started_at=timezone.now())
+                self.write(job.update_current_attempt, started_at=timezone.now())
             return
-        if not inflight.write(job.start_attempt, backend, self.worker, reuse_current=self.attempt_unused):
+        if not self.write(job.start_attempt, backend, self.ctx.worker, reuse_current=self.attempt_unused):
             log.info("job no longer running; stopping", extra={"job_id": str(job.pk), "state": job.state})
             raise _Finished
         self.attempt_unused = False
 
     def close_attempt(self, error: str, started: float) -> None:
         """Close the current attempt with its own error (the job's final error is written separately)."""
-        inflight.write(
+        self.write(
             self.job.update_current_attempt,
             outcome=AttemptOutcome.FAILED,
             error=storable(error, TEXT_MAX),
@@ -387,31 +408,17 @@ class JobRun:
             error = "No backend could take the job"
         if self.skipped:
             error += "; skipped: " + ", ".join(f"{n}: {why}" for n, why in self.skipped.items())
-        inflight.write(self.job.mark_failed, error)
+        self.write(self.job.mark_failed, error)
         log.info("job failed", extra={"job_id": str(self.job.pk), "error": error, "attempts": self.calls})
 
     # --- bookkeeping -----------------------------------------------------------------------------
-    def ctx(self, backend: Backend) -> dict:
+    def log_extra(self, backend: Backend) -> dict:
         job = self.job
         return {"job_id": str(job.pk), "backend": backend.name, "policy": job.policy_name, "attempt": job.attempt_count}
 
-    def _record(
-        self, backend: Backend, breaker: circuit.CircuitConfig, started: float, *, ok: bool, error: str = ""
-    ) -> None:
-        """Feed the live figures and the breaker and give the slot back, in one round trip; a Redis
-        hiccup must not change the job's outcome (the slot's lease then expires by itself)."""
-        latency_ms = (time.monotonic() - started) * 1000
-        rt = RoundTrip()
-        stats.record_call_in(rt, backend.name, latency_ms=latency_ms, ok=ok, error=error)
-        circuit.record_in(rt, backend.name, ok=ok, config=breaker, error=error)
-        if self.lease is not None:
-            capacity.release_in(rt, self.lease)
-        try:
-            rt.execute()
-        except RedisError as exc:
-            log.warning(
-                "call outcome not recorded (figures, breaker, slot)", extra={"backend": backend.name, "error": str(exc)}
-            )
+    def _record(self, backend: Backend, started: float, *, ok: bool, error: str = "") -> None:
+        """The call's figures and breaker, and its slot back, in one round trip."""
+        outcome.record_call(backend, (time.monotonic() - started) * 1000, ok=ok, error=error, lease=self.lease)
 
 
 def _ms_since(started: float) -> int:

@@ -25,8 +25,8 @@ from django.utils import timezone
 
 from jobs import queueing
 from jobs.models import Job, JobState
-from orchestrator_site.redis import key, redis_client
-from workers import heartbeat
+from orchestrator_site.redis import key, redis_client, reply_text
+from workers.fleet import liveness
 
 log = logging.getLogger(__name__)
 BATCH = 500
@@ -51,7 +51,7 @@ def requeue_lost_jobs(min_age_s: float = 5.0) -> int:
             pipe.exists(queueing.get_queue(job.queue).job_class.key_for(job.rq_job_id))
         exists = pipe.execute()
         for name in {job.queue for job in batch} - on_queues.keys():
-            on_queues[name] = {_text(i) for i in client.lrange(queueing.get_queue(name).key, 0, -1)}
+            on_queues[name] = {reply_text(i) for i in client.lrange(queueing.get_queue(name).key, 0, -1)}
         missing = [
             job
             for job, found in zip(batch, exists, strict=True)
@@ -69,10 +69,6 @@ def requeue_lost_jobs(min_age_s: float = 5.0) -> int:
             log.warning("re-enqueued jobs lost by Redis", extra={"count": len(missing)})
 
 
-def _text(raw: bytes | str) -> str:
-    return raw.decode() if isinstance(raw, bytes) else raw
-
-
 def missing_key(worker_name: str) -> str:
     return key("worker-missing", worker_name)
 
@@ -80,9 +76,9 @@ def missing_key(worker_name: str) -> str:
 def dead_workers(names: list[str]) -> set[str]:
     """Workers whose liveness key expired, or has been missing for two heartbeats (see the module doc)."""
     client = redis_client()
-    alive = heartbeat.alive(names)
+    alive = liveness.alive(names)
     missing = [name for name in names if not alive.get(name)]
-    seen = dict(zip(missing, client.mget([heartbeat.seen_key(n) for n in missing]), strict=True)) if missing else {}
+    seen = dict(zip(missing, client.mget([liveness.seen_key(n) for n in missing]), strict=True)) if missing else {}
     grace_s = max(2 * float(settings.WORKER_HEARTBEAT_S), 1.0)
     secs, micros = client.time()
     now = secs + micros / 1e6

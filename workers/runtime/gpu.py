@@ -2,17 +2,17 @@
 
 Start it on a GPU host for a pool's queues, in priority order::
 
-    python manage.py rqworker gpu-high gpu-normal gpu-low --worker-class workers.gpu_worker.GpuWorker
+    python manage.py rqworker gpu-high gpu-normal gpu-low --worker-class workers.runtime.gpu.GpuWorker
 
 Why a worker class of its own:
 
 - **No fork.** RQ's default ``Worker`` forks a work horse per job. CUDA does not survive
   ``fork`` (the CUDA runtime cannot be used in a child forked after it was initialised), and
-  a model loaded per job would cost seconds each time. ``GpuWorker`` is a ``SimpleWorker``
-  (through ``OrchestratorWorker``): jobs run in the worker process, where the model stays
-  loaded (``workers.backends.hf_local``).
-- **Dynamic batching.** On an H100 a 1.1B model generated ~19 tokens/s one job at a time and
-  ~1,174 tokens/s at batch 64: the card is wasted unless the waiting jobs run together. After
+  a model loaded per job would cost seconds each time. ``GpuWorker`` is a ``BaseWorker``
+  (``workers.runtime.base``, a ``SimpleWorker``): jobs run in the worker process, where the model
+  stays loaded (``workers.backends.hf_local``).
+- **Dynamic batching.** A GPU generates a batch of rows in about the time it takes for one row:
+  the card is wasted unless the waiting jobs run together. After
   RQ hands us one job, we take up to ``BATCH_MAX`` more that are already waiting, from the
   worker's queues in the order given (high before normal before low), waiting at most
   ``BATCH_WAIT_MS`` for stragglers, and run them as one left-padded ``model.generate``.
@@ -36,7 +36,7 @@ figures in one Redis round trip and their fleet metrics through the write-behind
 request that is bad on its own (prompt longer than the context, images for a text model) fails
 alone. A batch whose ``generate`` raises (CUDA OOM, a request that breaks the model) counts once
 for the circuit breaker and is tried again in halves, down to single jobs (``Batch.round``). A job
-that fails alone, or has a retryable error, goes the ordinary one-job path (``workers.tasks.JobRun``):
+that fails alone, or has a retryable error, goes the ordinary one-job path (``workers.execution.job_run``):
 retried alone with backoff, then fallen back to the policy's next backend, and a job that crashes
 even alone is marked errored with its traceback — so one poisonous request cannot fail the others.
 
@@ -53,53 +53,36 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
-import traceback
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
-from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections
+from django.db import DatabaseError, close_old_connections
 from django.utils import timezone
 from redis.exceptions import RedisError
 from rq.job import Job as RQJob
 from rq.queue import Queue
 from rq.worker import WorkerStatus
 
-from jobs import queueing, status_mirror
-from jobs.models import AttemptOutcome, Job, JobState, Priority
-from jobs.queueing import TASK
+from jobs import status_mirror
+from jobs.models import Job, JobState, Priority
 from orchestrator_site.redis import RoundTrip
-from routing import circuit, stats
 from routing.models import Backend, BackendKind
 from workers.backends import get_adapter, hf_local
 from workers.backends.base import BackendError, GenerationResult
-from workers.backends.hf_local import HFLocalAdapter, Sequence
-from workers.group_commit import RETRY_LOG_EVERY, RETRY_PAUSE_S
-from workers.retry import Deadline
-from workers.status import GPU_STATUS_KEY as STATUS_KEY
-from workers.tasks import JobRun, generation_request, run_claimed
-from workers.worker import OrchestratorWorker, record_run
-from workers.write_behind import WriteBehind
+from workers.backends.hf_local import BatchRow, HFLocalAdapter
+from workers.execution import outcome
+from workers.execution.job_run import JobRun, RunContext, run_claimed
+from workers.execution.request import generation_request, success_fields
+from workers.execution.retry import Deadline
+from workers.execution.run_figures import record_run
+from workers.fleet import status
+from workers.runtime.base import BaseWorker, Delivery, delivery_id, is_our_task
+from workers.runtime.group_commit import DATABASE_AWAY, until_database_answers
 
 log = logging.getLogger(__name__)
-
-STATUS_TTL_S = 120
-
-
-def _setting(name: str, default: int, minimum: int) -> int:
-    """``settings.NAME`` when set, else the environment, else ``default``."""
-    value = getattr(settings, name, None)
-    if value is None:
-        raw = os.environ.get(name, "").strip()
-        value = int(raw) if raw else default
-    value = int(value)
-    if value < minimum:
-        raise ValueError(f"{name}={value} is below the minimum {minimum}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -111,9 +94,9 @@ class BatchLimits:
     @classmethod
     def from_settings(cls) -> BatchLimits:
         return cls(
-            max_jobs=_setting("BATCH_MAX", 64, 1),
-            wait_s=_setting("BATCH_WAIT_MS", 10, 0) / 1000,
-            round_tokens=_setting("BATCH_ROUND_TOKENS", 128, 1),
+            max_jobs=int(settings.BATCH_MAX),
+            wait_s=int(settings.BATCH_WAIT_MS) / 1000,
+            round_tokens=int(settings.BATCH_ROUND_TOKENS),
         )
 
 
@@ -126,40 +109,26 @@ class ResultsUnwritten(Exception):
     """A round's results could not be written before the worker's stop: the jobs are recovered."""
 
 
-@dataclass
-class Entry:
-    """One job in the batch: its RQ job and queue, then (once claimed) our row and its sequence."""
+@dataclass(eq=False)
+class BatchedDelivery(Delivery):
+    """A delivery in the batch; once claimed and started, its row of the batched generate."""
 
-    rq_job: RQJob
-    queue: Queue
-    since: datetime = field(default_factory=timezone.now)  # before the claim: what the run's metrics cover
-    job: Job | None = None
-    seq: Sequence | None = None
-
-    @property
-    def job_id(self) -> str:
-        return str(self.rq_job.args[0])
-
-    @property
-    def backend(self) -> Backend:
-        assert self.job is not None and self.job.backend is not None
-        return self.job.backend
+    seq: BatchRow | None = None
 
 
-class GpuWorker(OrchestratorWorker):
+class GpuWorker(BaseWorker):
     """A no-fork RQ worker that runs the waiting ``hf_local`` jobs of its queues in batches."""
 
     batch_limits: BatchLimits | None = None
     batch: Batch | None = None  # the batch running now (what the worker's status reports)
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        # Fleet figures and RQ hash deletes, summed over a round and sent in one round trip after it.
-        self.write_behind = WriteBehind()
+    @property
+    def limits(self) -> BatchLimits:
+        return self.batch_limits or BatchLimits.from_settings()
 
     @property
     def slots(self) -> int:
-        return (self.batch_limits or BatchLimits.from_settings()).max_jobs
+        return self.limits.max_jobs
 
     def in_flight(self) -> int:
         batch = self.batch
@@ -171,10 +140,7 @@ class GpuWorker(OrchestratorWorker):
 
     def work(self, *args: Any, **kwargs: Any) -> bool:
         self.preload()
-        try:
-            return super().work(*args, **kwargs)
-        finally:
-            self.write_behind.flush(self.connection)
+        return super().work(*args, **kwargs)
 
     def preload(self) -> None:
         """Load the models of this worker's queues before taking a job: the first batch then runs
@@ -190,14 +156,13 @@ class GpuWorker(OrchestratorWorker):
             if names.isdisjoint(backend.queue_for(p) for p in Priority.values):
                 continue
             try:
-                load_model(backend, self.batch_limits or BatchLimits.from_settings())
+                load_model(backend, self.limits)
             except BackendError as exc:  # its jobs fail with the reason; the worker serves the others
                 log.warning("model not loaded", extra={"backend": backend.name, "error": exc.message})
 
     def execute_job(self, job: RQJob, queue: Queue) -> None:
         """RQ dequeued ``job``: gather more waiting jobs, run them as a batch, finish each one."""
-        limits = self.batch_limits or BatchLimits.from_settings()
-        batch = self.batch = Batch(self, limits)
+        batch = self.batch = Batch(self, self.limits)
         try:
             batch.admit([(job, queue)])
             batch.fill()
@@ -210,20 +175,9 @@ class GpuWorker(OrchestratorWorker):
             self.write_behind.flush(self.connection)
         self.set_state(WorkerStatus.IDLE)
 
-    _stop_at: float | None = None
-
-    def _shutdown(self) -> None:
-        if self._stop_at is None:
-            self._stop_at = time.monotonic()
-        super()._shutdown()
-
-    def grace_over(self) -> bool:
-        """A stop was asked ``WORKER_SHUTDOWN_GRACE_S`` ago: the batch's unfinished jobs go back."""
-        return self._stop_at is not None and time.monotonic() - self._stop_at >= float(settings.WORKER_SHUTDOWN_GRACE_S)
-
-    def execute_plain(self, job: RQJob, queue: Queue) -> None:
-        """The ``SimpleWorker`` path, in this thread, for RQ jobs that are not our task."""
-        self.perform_job(job, queue, self.prepare_execution(job))
+    def claim_rows(self, ids: list[str]) -> list[Job]:
+        with status_mirror.batched():  # the claimed rows' mirror: one pipeline after the commit
+            return Job.claim(ids, self.name)
 
 
 class Batch:
@@ -233,8 +187,8 @@ class Batch:
         self.worker = worker
         self.limits = limits
         self.adapter: HFLocalAdapter = get_adapter(BackendKind.HF_LOCAL)  # type: ignore[assignment]
-        self.active: list[Entry] = []
-        self.pending: list[Entry] = []  # dequeued, not yet claimed in the database
+        self.active: list[BatchedDelivery] = []
+        self.pending: list[BatchedDelivery] = []  # dequeued, not yet claimed in the database
         self.rounds = 0
         self.last_batch_size = 0
         self.jobs = 0  # claimed into this batch, over all its rounds
@@ -247,7 +201,7 @@ class Batch:
     def fill(self) -> None:
         """Take waiting jobs until the batch is full or ``BATCH_WAIT_MS`` has passed, then claim them."""
         until = time.monotonic() + self.limits.wait_s
-        while self.size < self.limits.max_jobs and not self.worker._stop_requested:
+        while self.size < self.limits.max_jobs and not self.worker.stop_requested:
             taken = self.take(self.limits.max_jobs - self.size)
             left = until - time.monotonic()
             if left <= 0:
@@ -268,21 +222,16 @@ class Batch:
         return len(popped)
 
     def admit(self, popped: list[tuple[RQJob, Queue]]) -> None:
-        """Our own tasks wait for the claim; any other RQ job runs now, the plain way.
-
-        No RQ bookkeeping per job (started registry, execution record, result), as for the
-        thread workers' own tasks (``OrchestratorWorker.perform_lean``): the row holds all of it,
-        and a worker that dies now leaves its jobs to our recovery (heartbeat and reconciler).
-        """
+        """Our own tasks wait for the claim; any other RQ job runs now, the plain way."""
         for rq_job, queue in popped:
-            if rq_job.func_name == TASK and len(rq_job.args) == 1:
-                self.pending.append(Entry(rq_job, queue))
+            if is_our_task(rq_job):
+                self.pending.append(BatchedDelivery(rq_job, queue, delivery_id(rq_job)))
                 continue
-            self.worker.execute_plain(rq_job, queue)
+            self.worker.run_other(rq_job, queue)
             self.worker.set_state(WorkerStatus.BUSY)  # still inside this batch (a SIGTERM now is a warm stop)
 
     def claim(self) -> None:
-        """Claim the pending jobs in one statement (``Job.claim``) and start their sequences.
+        """Claim the pending jobs in one statement (``BaseWorker.claim_or_put_back``) and start their rows.
 
         Claims wait until the batch is gathered, so a job's started_at is when its batch starts.
         A job another delivery won, or canceled or deleted meanwhile, is dropped. A claimed job
@@ -293,42 +242,29 @@ class Batch:
         if not claiming:
             return
         close_old_connections()
-        ids = [e.job_id for e in claiming]
-        self.load_models(ids)
+        self.load_models([e.job_id for e in claiming])
         if self.opened is None:
             self.opened = time.monotonic()
-        try:
-            with status_mirror.batched():  # the claimed rows' mirror: one pipeline after the commit
-                rows = {str(row.pk): row for row in Job.claim(ids, self.worker.name)}
-        except Exception:
-            # Nothing was claimed: back in front of their queues, in order (as the thread worker does).
-            log.exception("claiming jobs failed; putting them back", extra={"jobs": len(ids)})
-            close_old_connections()
-            self.worker.push_back([(e.rq_job, e.queue) for e in claiming])
-            time.sleep(1.0)
+        if not self.worker.claim_or_put_back(claiming):
             return
-        skipped = []
         for e in claiming:
-            e.job = rows.pop(e.job_id, None)
             if e.job is None:
-                skipped.append(e.job_id)
-                self.worker.write_behind.delete(e.rq_job.key)
-            elif not self.batchable(e):
+                continue
+            if not self.batchable(e):
                 self.run_elsewhere(e)
-            else:
-                try:
-                    request = generation_request(e.job, float(e.job.timeout_s))
-                    e.seq = self.adapter.start(e.backend.adapter_config(), request)
-                except BackendError as exc:
-                    self.failed(e, exc, time.monotonic())
-                    continue
-                except Exception:
-                    self.crashed(e, sys.exc_info())
-                    continue
-                self.active.append(e)
-                self.jobs += 1
-        if skipped:
-            log.info("jobs not claimable; skipped", extra={"jobs": skipped})
+                continue
+            try:
+                request = generation_request(e.job, float(e.job.timeout_s))
+                e.seq = self.adapter.start(e.backend.adapter_config(), request)
+            except BackendError as exc:
+                self.failed(e, exc, time.monotonic())
+                continue
+            except Exception:
+                self.crashed(e, sys.exc_info())
+                continue
+            self.active.append(e)
+            self.jobs += 1
+        self.worker.drop_unclaimed([e for e in claiming if e.job is None])
 
     def load_models(self, ids: list[str]) -> None:
         """Load (first use only) the models of these jobs before their claim, so a job's
@@ -341,7 +277,7 @@ class Batch:
             except BackendError:
                 pass
 
-    def batchable(self, e: Entry) -> bool:
+    def batchable(self, e: BatchedDelivery) -> bool:
         """An enabled ``hf_local`` backend whose queue for the job's priority is the one it came from."""
         backend = e.job.backend if e.job is not None else None
         if backend is None or backend.kind != BackendKind.HF_LOCAL or not backend.enabled:
@@ -355,12 +291,12 @@ class Batch:
             self.drop_gone()
             self.expire()
             # One generate per backend (greedy and sampled jobs together: hf_local.RowSampling).
-            groups: dict[int, list[Entry]] = {}
+            groups: dict[int, list[BatchedDelivery]] = {}
             for e in self.active:
                 groups.setdefault(e.backend.pk, []).append(e)
             self.last_batch_size = len(self.active)
-            for entries in groups.values():
-                self.round(entries)
+            for deliveries in groups.values():
+                self.round(deliveries)
             self.rounds += 1
             self.worker.heartbeat()
             self.publish_status()
@@ -368,7 +304,7 @@ class Batch:
             if self.worker.grace_over():
                 self.hand_back(f"shut down before the job finished (grace {settings.WORKER_SHUTDOWN_GRACE_S:g}s)")
                 break
-            if not self.worker._stop_requested and len(self.active) < self.limits.max_jobs:
+            if not self.worker.stop_requested and len(self.active) < self.limits.max_jobs:
                 self.take(self.limits.max_jobs - len(self.active))
                 self.claim()
         if self.rounds:
@@ -386,43 +322,44 @@ class Batch:
                 },
             )
 
-    def round(self, entries: list[Entry], *, split_from: int = 0) -> None:
-        """One bounded ``generate`` for ``entries`` (one backend); record those that finished.
+    def round(self, deliveries: list[BatchedDelivery], *, split_from: int = 0) -> None:
+        """One bounded ``generate`` for ``deliveries`` (one backend); record those that finished.
 
         If it raises, the batch is tried again in halves, down to single jobs: a bad request is
         isolated in ~2·log2(n) calls, and a batch too big for the GPU's memory (CUDA OOM, which says
         nothing about any one job) finds a size that fits. Running every job alone instead would take
-        n one-row calls (64 jobs on the H200: 64 × 1.15 s measured for one row, against ~1.5 s for the
-        batch). A job that still fails alone goes the one-job way (retries, fallback, its own
+        n one-row calls, each costing about as much as the whole batch. A job that still fails alone
+        goes the one-job way (retries, fallback, its own
         failure). ``split_from``: the size of the batch whose failure led here (0 for a round's own call).
         """
-        backend = entries[0].backend
-        seqs = [e.seq for e in entries if e.seq is not None]
+        backend = deliveries[0].backend
+        seqs = [e.seq for e in deliveries if e.seq is not None]
         started = time.monotonic()
         before = sum(len(s.generated) for s in seqs)
         try:
             self.adapter.step(backend.adapter_config(), seqs, round_tokens=self.limits.round_tokens)
         except Exception as exc:
-            failed = split_from or len(entries)
+            failed = split_from or len(deliveries)
             error = f"batch of {failed} failed: {type(exc).__name__}: {exc}"
             if not split_from:
                 log.exception("batch failed; trying it in halves", extra={"backend": backend.name, "jobs": failed})
                 # One call failed, whatever its size: one failure for the breaker, or one bad request in
                 # a batch of 64 would open the circuit on the 63 others. Jobs run alone record their own.
-                self.record(backend, (time.monotonic() - started) * 1000, ok=False, error=error)
-            if len(entries) > 1:
-                half = len(entries) // 2
-                self.round(entries[:half], split_from=failed)
-                self.round(entries[half:], split_from=failed)
+                latency_ms = (time.monotonic() - started) * 1000
+                outcome.record_call(backend, latency_ms, ok=False, error=error, client=self.redis)
+            if len(deliveries) > 1:
+                half = len(deliveries) // 2
+                self.round(deliveries[:half], split_from=failed)
+                self.round(deliveries[half:], split_from=failed)
                 return
-            e = entries[0]
+            e = deliveries[0]
             log.warning("job failed its batch alone; running it the one-job way", extra={"job_id": e.job_id})
             self.active.remove(e)
-            self.alone(e, f"{backend.name}: {error}", started)
+            self.continue_alone(e, f"{backend.name}: {error}", started)
             return
         self.generate_s += time.monotonic() - started
         self.tokens += sum(len(s.generated) for s in seqs) - before
-        done = [e for e in entries if e.seq is not None and e.seq.done]
+        done = [e for e in deliveries if e.seq is not None and e.seq.done]
         for e in done:
             self.active.remove(e)
         self.succeeded(done)
@@ -449,8 +386,8 @@ class Batch:
             self.finish(e)
 
     def hand_back(self, why: str) -> int:
-        """Put the batch's unfinished jobs back on their queues (``running -> queued``, the attempt
-        closed as ``interrupted``), as the thread workers do at shutdown; returns how many.
+        """Put the batch's unfinished jobs back on their queues (``BaseWorker.requeue_interrupted``);
+        returns how many.
 
         Popped jobs not claimed yet are still ``queued``: they go back to the front of their queues.
         A job that finished or was canceled meanwhile is left as it is.
@@ -464,8 +401,7 @@ class Batch:
         requeued = 0
         for e in self.active:
             try:
-                if e.job.requeue_lost(f"worker {self.worker.name} {why}; re-queued"):
-                    queueing.enqueue(e.job)  # the same RQ job id: its hash is reused, not deleted
+                if self.worker.requeue_interrupted(e.job, why):
                     requeued += 1
                     record_run(e.job_id, e.queue.name, e.since, row=e.job, pipe=self.worker.write_behind)
                 else:
@@ -473,16 +409,19 @@ class Batch:
             except Exception:  # Redis or the database down: the reconciler recovers the job
                 log.exception("job not handed back", extra={"job_id": e.job_id})
         self.active = []
-        if requeued:
-            log.warning("re-queued jobs at shutdown", extra={"worker": self.worker.name, "jobs": requeued, "why": why})
+        self.worker.log_requeued(requeued, why)
         return requeued
 
     # --- outcomes ---------------------------------------------------------------------------------
-    def succeeded(self, done: list[Entry]) -> None:
-        """Record a round's finished sequences: their results in one transaction (one UPDATE run
-        for every row, one for their attempts, one commit), the backends' live figures in one
-        Redis round trip, the status mirror in one pipeline after the commit."""
-        results: list[tuple[Entry, GenerationResult]] = []
+    @property
+    def redis(self) -> Any:
+        return self.worker.connection
+
+    def succeeded(self, done: list[BatchedDelivery]) -> None:
+        """Record a round's finished rows: their results in one transaction (one UPDATE run for
+        every row, one for their attempts, one commit), the backends' live figures in one Redis
+        round trip, the status mirror in one pipeline after the commit."""
+        results: list[tuple[BatchedDelivery, GenerationResult]] = []
         for e in done:
             try:
                 results.append((e, self.adapter.result(e.seq)))
@@ -490,20 +429,7 @@ class Batch:
                 self.crashed(e, sys.exc_info())
         if not results:
             return
-        moves = [
-            (
-                e.job,
-                {
-                    "output": r.output,
-                    "finish_reason": r.finish_reason,
-                    "prompt_tokens": r.prompt_tokens,
-                    "completion_tokens": r.completion_tokens,
-                    "latency_ms": r.latency_ms,
-                    "cost": e.backend.cost_for(r.prompt_tokens, r.completion_tokens),
-                },
-            )
-            for e, r in results
-        ]
+        moves = [(e.job, success_fields(r, e.backend)) for e, r in results]
         try:
             won = self.write_results(moves)
         except ResultsUnwritten as exc:
@@ -523,147 +449,92 @@ class Batch:
                 except Exception:
                     self.crashed(e, sys.exc_info())
             results = written
-        rt = RoundTrip(self.worker.connection)
+        rt = RoundTrip(self.redis)
         for e, r in results:
-            self.record_in(rt, e.backend, r.latency_ms, ok=True)
-        self.send(rt)
+            outcome.record_call_in(rt, e.backend, r.latency_ms, ok=True)
+        outcome.send(rt)
         for (e, r), ok in zip(results, won, strict=True):
-            log.info(
-                "job succeeded" if ok else "result discarded (job no longer running)",
-                extra={"job_id": e.job_id, "backend": e.backend.name, "latency_ms": r.latency_ms},
-            )
+            outcome.log_success(ok, {"job_id": e.job_id, "backend": e.backend.name, "latency_ms": r.latency_ms})
             self.finish(e)
 
     def write_results(self, moves: list[tuple[Job, dict[str, Any]]]) -> list[bool]:
         """``Job.mark_succeeded_many``, tried again while the database is unreachable (a restart, a
-        failover): nobody else would record these results while this worker is alive, and giving up
-        would leave the jobs ``running`` for good. Once a stop's grace is over it raises
+        failover; ``group_commit.until_database_answers``). Once a stop's grace is over it raises
         ``ResultsUnwritten``: the worker exits and recovery re-runs the jobs. Other errors (a row
         the database refuses) are the caller's to isolate."""
-        tries = 0
+
+        def write() -> list[bool]:
+            with status_mirror.batched():
+                return Job.mark_succeeded_many(moves)
+
+        def give_up() -> bool:
+            self.unwritten = len(moves)  # the worker's status shows them while the database is away
+            return self.worker.grace_over()
+
         try:
-            while True:
-                try:
-                    with status_mirror.batched():
-                        return Job.mark_succeeded_many(moves)
-                except (OperationalError, InterfaceError) as exc:
-                    tries += 1
-                    self.unwritten = len(moves)
-                    if self.worker.grace_over():
-                        raise ResultsUnwritten(f"{len(moves)} results: {exc}") from exc
-                    if tries == 1 or tries % RETRY_LOG_EVERY == 0:
-                        (log.warning if tries == 1 else log.error)(
-                            "result write failed; trying again until the database answers",
-                            extra={"jobs": len(moves), "try": tries, "error": repr(exc), "pause_s": RETRY_PAUSE_S},
-                        )
-                    close_old_connections()
-                    time.sleep(RETRY_PAUSE_S)
+            return until_database_answers(write, what="results", give_up=give_up, jobs=len(moves))
+        except DATABASE_AWAY as exc:
+            raise ResultsUnwritten(f"{len(moves)} results: {exc}") from exc
         finally:
             self.unwritten = 0
 
-    def failed(self, e: Entry, exc: BackendError, started: float) -> None:
+    def failed(self, e: BatchedDelivery, exc: BackendError, started: float) -> None:
         """A permanent error fails the job with its message; anything else goes the one-job way."""
         latency_ms = int((time.monotonic() - started) * 1000)
         try:
-            status = f" (HTTP {exc.status})" if exc.status else ""
-            if not exc.retryable:
-                # The request's fault, not the backend's health (as in workers.tasks).
-                self.record(e.backend, latency_ms, ok=True, error=f"{exc.message}{status}")
-                e.job.mark_failed(f"{e.backend.name}: {exc.message}{status}", latency_ms=latency_ms)
-                log.info("job failed (permanent error)", extra={"job_id": e.job_id, "error": exc.message})
+            if outcome.is_request_fault(exc):
+                outcome.fail_for_request(outcome.direct, e.job, e.backend, exc, latency_ms)
             else:
-                self.record(e.backend, latency_ms, ok=False, error=exc.message)
-                self.alone(e, f"{e.backend.name}: {exc.message}{status}", started)
+                outcome.record_call(e.backend, latency_ms, ok=False, error=outcome.describe(exc), client=self.redis)
+                self.continue_alone(e, f"{e.backend.name}: {outcome.describe(exc)}", started)
                 return
         except Exception:
             self.crashed(e, sys.exc_info())
             return
         self.finish(e)
 
-    def alone(self, e: Entry, error: str, started: float) -> None:
-        """``run_alone``, and the job finished whatever happens there."""
+    def continue_alone(self, e: BatchedDelivery, error: str, started: float) -> None:
+        """A claimed job whose batched call failed goes on the one-job path (its retries, fallback
+        and crash handling), from the attempt that call made; finished whatever happens there."""
         try:
-            self.run_alone(e, error, started)
+            remaining = float(e.job.timeout_s) - (time.monotonic() - (e.seq.started if e.seq else started))
+            run = JobRun(e.job, RunContext(self.worker.name), Deadline(max(remaining, 0.0)))
+            run.resume_after(e.backend, error, started)
         except Exception:
             self.crashed(e, sys.exc_info())
             return
         self.finish(e)
 
-    def run_alone(self, e: Entry, error: str, started: float) -> None:
-        """Hand a claimed job whose batched call failed to the one-job path: its retries, fallback
-        and crash handling."""
-        remaining = float(e.job.timeout_s) - (time.monotonic() - (e.seq.started if e.seq else started))
-        run = JobRun(e.job, self.worker.name, Deadline(max(remaining, 0.0)))
-        # The batched call was this attempt: close it, so the next call opens attempt n+1.
-        run.close_attempt(error, started)
-        run.attempt_unused = False
-        run.calls, run.last_error = 1, error
-        run.tried.append(e.backend.name)
-        run.run()
-
-    def run_elsewhere(self, e: Entry) -> None:
+    def run_elsewhere(self, e: BatchedDelivery) -> None:
         """A claimed job this batch cannot run: the one-job path, here and now (see ``claim``)."""
         try:
-            run_claimed(e.job, self.worker.name)
-        except Exception:  # the task records adapter crashes itself; reaching here is our bug
+            run_claimed(e.job, RunContext(self.worker.name))
+        except Exception:  # the run records adapter crashes itself; reaching here is our bug
             log.exception("job task crashed", extra={"job_id": e.job_id})
         self.finish(e)
 
-    def crashed(self, e: Entry, exc_info: Any) -> None:
-        """Our own handling broke: the row records the traceback (RQ keeps nothing, as for any of
-        our tasks)."""
+    def crashed(self, e: BatchedDelivery, exc_info: Any) -> None:
+        """Our own handling broke: the row records the traceback."""
         log.error("batched job crashed", exc_info=exc_info, extra={"job_id": e.job_id})
         try:
-            e.job.mark_failed(
-                f"{e.backend.name}: unexpected {exc_info[0].__name__}: {exc_info[1]}",
-                outcome=AttemptOutcome.ERRORED,
-                traceback="".join(traceback.format_exception(*exc_info)),
-            )
+            outcome.crash(outcome.direct, e.job, e.backend.name, exc_info)
         except Exception:
             log.exception("could not record the crash", extra={"job_id": e.job_id})
         self.finish(e)
 
-    def finish(self, e: Entry) -> None:
-        """The job's fleet metrics and dashboard figures (``record_run``) and the deletion of its RQ
-        hash, buffered in the worker's write-behind and sent after the round."""
-        buffer = self.worker.write_behind
-        buffer.delete(e.rq_job.key)
-        record_run(e.job_id, e.queue.name, e.since, row=e.job, pipe=buffer)
-
-    def record(self, backend: Backend, latency_ms: float, *, ok: bool, error: str = "") -> None:
-        """Feed routing's live figures and the breaker for one call, in one round trip."""
-        rt = RoundTrip(self.worker.connection)
-        self.record_in(rt, backend, latency_ms, ok=ok, error=error)
-        self.send(rt)
-
-    @staticmethod
-    def record_in(rt: RoundTrip, backend: Backend, latency_ms: float, *, ok: bool, error: str = "") -> None:
-        """``record`` as part of ``rt`` (a round's finished jobs go in one round trip)."""
-        stats.record_call_in(rt, backend.name, latency_ms=latency_ms, ok=ok, error=error)
-        breaker = circuit.CircuitConfig.from_config(backend.config)
-        circuit.record_in(rt, backend.name, ok=ok, config=breaker, error=error)
-
-    def send(self, rt: RoundTrip) -> None:
-        """A Redis hiccup must not change a job's outcome: the figures are lost, with a warning."""
-        try:
-            rt.execute()
-        except RedisError as exc:
-            log.warning("backend figures not recorded", extra={"error": str(exc)})
+    def finish(self, e: BatchedDelivery) -> None:
+        """The job's figures and the deletion of its RQ hash, buffered and sent after the round."""
+        self.worker.finish_own(e)
 
     def publish_status(self) -> None:
         """What the admin shows of a GPU worker: its models, its last batch and its tokens/s."""
-        status = {
-            "models": json.dumps(hf_local.resident_models()),
-            "batch_size": self.last_batch_size,
-            "rounds": self.rounds,
-            "tokens_per_s": round(self.tokens / self.generate_s, 1) if self.generate_s else 0,
-            "updated_at": timezone.now().isoformat(),
-        }
-        key = STATUS_KEY.format(name=self.worker.name)
-        try:
-            pipe = self.worker.connection.pipeline(transaction=False)
-            pipe.hset(key, mapping=status)
-            pipe.expire(key, STATUS_TTL_S)
-            pipe.execute()
-        except RedisError:
-            pass
+        status.publish_gpu(
+            self.worker.name,
+            {
+                "models": json.dumps(hf_local.resident_models()),
+                "batch_size": self.last_batch_size,
+                "rounds": self.rounds,
+                "tokens_per_s": round(self.tokens / self.generate_s, 1) if self.generate_s else 0,
+                "updated_at": timezone.now().isoformat(),
+            },
+        )

@@ -6,7 +6,7 @@ from the list within seconds (RQ's own worker registry keeps a dead worker for m
 index ``llmo:worker-status`` (a sorted set of names scored by expiry) lists them without a SCAN
 of the keyspace, so reading the fleet costs the same however many other keys Redis holds.
 GPU workers add their model, batch size and tokens/s in ``llmo:gpu-worker:<name>``
-(:data:`GPU_STATUS_KEY`, written by ``workers.gpu_worker``); :func:`read_workers` merges the two.
+(:data:`GPU_STATUS_KEY`, :func:`publish_gpu`); :func:`read_workers` merges the two.
 """
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
+from redis.exceptions import RedisError
 
-from orchestrator_site.redis import key, redis_client
+from orchestrator_site.redis import key, redis_client, reply_text
 
 PREFIX = "worker-status"
 INDEX = key(PREFIX)
 GPU_STATUS_KEY = key("gpu-worker", "{name}")  # a small hash per GPU worker: model, batch sizes, tokens/s
+GPU_STATUS_TTL_S = 120
 
 
 def status_key(worker_name: str) -> str:
@@ -29,8 +31,8 @@ def status_key(worker_name: str) -> str:
 
 
 @dataclass
-class WorkerStatus:
-    """One live worker process as the admin shows it."""
+class WorkerReport:
+    """One live worker process as the admin shows it (RQ's ``WorkerStatus`` is its idle/busy state)."""
 
     name: str
     host: str = ""
@@ -46,7 +48,7 @@ class WorkerStatus:
     gpu: dict[str, Any] = field(default_factory=dict)  # models, batch_size, rounds, tokens_per_s
 
 
-def publish(status: WorkerStatus) -> None:
+def publish(status: WorkerReport) -> None:
     """Write (and refresh the expiry of) one worker's status hash."""
     fields = {
         "name": status.name,
@@ -78,25 +80,34 @@ def remove(worker_name: str) -> None:
     pipe.execute()
 
 
-def _text(raw: Any) -> str:
-    return raw.decode() if isinstance(raw, bytes) else str(raw or "")
+def publish_gpu(worker_name: str, fields: dict[str, Any]) -> None:
+    """Write a GPU worker's own figures (models, last batch, tokens/s). A Redis hiccup loses them
+    until the next round writes them again: the admin's view must never stop a batch."""
+    key_ = GPU_STATUS_KEY.format(name=worker_name)
+    try:
+        pipe = redis_client().pipeline(transaction=False)
+        pipe.hset(key_, mapping=fields)
+        pipe.expire(key_, GPU_STATUS_TTL_S)
+        pipe.execute()
+    except RedisError:
+        pass
 
 
 def _int(raw: Any) -> int:
     try:
-        return int(float(_text(raw)))
+        return int(float(reply_text(raw)))
     except ValueError:
         return 0
 
 
-def read_workers() -> list[WorkerStatus]:
+def read_workers() -> list[WorkerReport]:
     """Every worker whose status has not expired, sorted by name (three round trips)."""
     client = redis_client()
     secs, _ = client.time()
     pipe = client.pipeline(transaction=False)
     pipe.zremrangebyscore(INDEX, "-inf", secs)  # workers that stopped publishing
     pipe.zrange(INDEX, 0, -1)
-    names = sorted(_text(n) for n in pipe.execute()[1])
+    names = sorted(reply_text(n) for n in pipe.execute()[1])
     if not names:
         return []
     pipe = client.pipeline(transaction=False)
@@ -108,15 +119,15 @@ def read_workers() -> list[WorkerStatus]:
     for name, raw, gpu_raw in zip(names, replies[0::2], replies[1::2], strict=True):
         if not raw:
             continue  # expired between the scan and the read
-        h = {_text(k): _text(v) for k, v in raw.items()}
-        gpu: dict[str, Any] = {_text(k): _text(v) for k, v in (gpu_raw or {}).items()}
+        h = {reply_text(k): reply_text(v) for k, v in raw.items()}
+        gpu: dict[str, Any] = {reply_text(k): reply_text(v) for k, v in (gpu_raw or {}).items()}
         if "models" in gpu:
             try:
                 gpu["models"] = json.loads(gpu["models"])
             except ValueError:
                 gpu["models"] = []
         workers.append(
-            WorkerStatus(
+            WorkerReport(
                 name=name,
                 host=h.get("host", ""),
                 pid=_int(h.get("pid")),

@@ -54,6 +54,33 @@ CHECK_EVERY_S = 30.0
 # runs; a write still waiting is logged as an error every RETRY_LOG_EVERY tries.
 RETRY_PAUSE_S = 1.0
 RETRY_LOG_EVERY = 60
+# What a database that is away (a restart, a failover, a lock timeout) raises; other errors are the write's own.
+DATABASE_AWAY = (OperationalError, InterfaceError)
+
+
+def log_database_wait(tries: int, what: str, **extra: Any) -> None:
+    """A write waiting for the database: a warning at the first refusal, an error every ``RETRY_LOG_EVERY``."""
+    if tries == 1:
+        log.warning("database write failed; trying again until the database answers", extra={"write": what, **extra})
+    elif tries % RETRY_LOG_EVERY == 0:
+        log.error("database write still waiting for the database", extra={"write": what, "try": tries, **extra})
+
+
+def until_database_answers(fn: Callable[[], T], *, what: str, give_up: Callable[[], bool], **extra: Any) -> T:
+    """``fn()``, tried again every ``RETRY_PAUSE_S`` while the database is away: nobody else would
+    write what a live worker holds, and giving up would leave its jobs ``running`` for good. Once
+    ``give_up()`` says so (a stop's grace is over) the refusal is raised: recovery re-runs the jobs."""
+    tries = 0
+    while True:
+        try:
+            return fn()
+        except DATABASE_AWAY as exc:
+            tries += 1
+            if give_up():
+                raise
+            log_database_wait(tries, what, error=repr(exc), pause_s=RETRY_PAUSE_S, **extra)
+            close_old_connections()
+            time.sleep(RETRY_PAUSE_S)
 
 
 class _Write:
@@ -97,7 +124,7 @@ class GroupCommit:
         (a written-off job thread's late outcome) or when called from the writer itself."""
         return self._submit(_Write(fn, args, kwargs))
 
-    def run_alone(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    def run_in_own_transaction(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """A write that is a batch already (a worker's claim): at once, in the caller's thread and its
         own transaction, where the database takes concurrent writers; queued like ``run`` on SQLite,
         which has one writer at a time (two writers there would sleep on each other's lock)."""
@@ -254,19 +281,13 @@ class GroupCommit:
 
     def _retry(self, write: _Write) -> bool:
         """Queue a deferred write again when the database refused it for want of a connection."""
-        if not isinstance(write.error, OperationalError | InterfaceError):
+        if not isinstance(write.error, DATABASE_AWAY):
             return False
         if write.tries == 1:
             self.retrying += 1
-            log.warning(
-                "deferred write failed; trying again until the database answers",
-                extra={"error": repr(write.error), "pause_s": RETRY_PAUSE_S},
-            )
-        elif write.tries % RETRY_LOG_EVERY == 0:
-            log.error(
-                "deferred write still waiting for the database",
-                extra={"try": write.tries, "waiting": self.retrying, "error": repr(write.error)},
-            )
+        log_database_wait(
+            write.tries, "deferred", error=repr(write.error), waiting=self.retrying, pause_s=RETRY_PAUSE_S
+        )
         write.tries += 1
         write.error = write.value = None
         write.done.clear()

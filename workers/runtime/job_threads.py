@@ -1,4 +1,4 @@
-"""Many jobs in flight in one worker process: a fixed pool of job threads, and a watcher.
+"""Many jobs in flight in one worker process: a fixed pool of job threads, their writer, and a watcher.
 
 Why threads: the API backends (Ollama, OpenAI-compatible, dev) spend a job waiting on a socket,
 so one process can keep ``MAX_CONCURRENCY`` calls going; the GIL is released while they wait.
@@ -7,15 +7,19 @@ A fixed pool (not a thread per job) keeps each thread's database connection open
 The worker's main thread stays RQ's loop: it dequeues (``high`` before ``normal`` before ``low``),
 claims what it popped in one transaction, and hands the jobs over until ``size`` are running and
 a few more wait here. A thread that finishes takes the highest-priority waiting job at once,
-instead of idling through the main thread's next round of Redis and database calls (at 300 jobs/s
-that round cost a fifth of the slots). How many may wait adapts to how long jobs run: no more
+instead of idling through the main thread's next round of Redis and database calls (with short
+jobs, that round would hold a large share of the slots idle). How many may wait adapts to how long jobs run: no more
 than ``size`` threads finish in ``PREFETCH_WAIT_S`` on average (and at most ``prefetch``), so a
 waiting job starts within about that long of its claim, and with long jobs nothing waits at all
 (a job must not sit behind a long one here while another worker is idle). On shutdown the
 waiting jobs are handed back (re-queued) at once; if the process dies they are recovered like
 the running ones.
 
-The watcher thread (every ``WORKER_WATCH_S``) looks after the running jobs:
+A job's database writes go through its ``DeliveryWriter``: into the process's group commit
+(``workers.runtime.group_commit``), one writer thread for every job thread.
+
+The watcher thread (every ``WORKER_WATCH_S``) looks after the running jobs and flushes the
+write-behind buffer (``workers.runtime.write_behind``):
 
 - **cancel**: a job canceled while running (``jobs.cancellation``) gets its ``cancel`` event set,
   which stops the backoff and adapters that can stop early;
@@ -36,77 +40,22 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, TypeVar
 
 from django.conf import settings
 from django.db import close_old_connections, connection
 from redis.exceptions import RedisError
 from rq.executions import Execution
-from rq.job import Job as RQJob
-from rq.queue import Queue
 
 from jobs import cancellation
 from jobs.models import Job, JobState
 from routing import capacity
-from workers.group_commit import GroupCommit
-from workers.write_behind import WriteBehind
+from workers.runtime.base import Delivery
+from workers.runtime.group_commit import GroupCommit
+from workers.runtime.write_behind import WriteBehind
 
 log = logging.getLogger(__name__)
-_local = threading.local()
 T = TypeVar("T")
-
-
-def worker_name() -> str | None:
-    """The name of the worker whose job thread this is (None outside one)."""
-    return getattr(_local, "worker", None)
-
-
-def note_job(job: Job) -> None:
-    """The task tells its thread's entry which row it runs (no-op outside a job thread)."""
-    running = getattr(_local, "running", None)
-    if running is not None:
-        running.job = job
-
-
-def write(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """``fn(*args, **kwargs)``: through this process's group commit in a job thread, directly elsewhere."""
-    commits = getattr(_local, "commits", None)
-    return commits.run(fn, *args, **kwargs) if commits is not None else fn(*args, **kwargs)
-
-
-def write_batched(
-    fn: Callable[[list[Any]], list[T]], item: Any, *, then: Callable[[T], None] | None = None
-) -> T | None:
-    """``fn([item])[0]``, with ``item`` joining the others for ``fn`` in this process's next group commit.
-
-    ``then(value)`` follows the write. In a job thread whose entry takes its outcome late
-    (``Running.after_outcome``) a write with ``then`` does not wait: it returns None, the thread is
-    free for its next job, and ``then`` and the entry's hook run in the writer once the write is
-    committed. Otherwise it waits, calls ``then`` itself and returns the value.
-    """
-    commits: GroupCommit | None = getattr(_local, "commits", None)
-    running: Running | None = getattr(_local, "running", None)
-    if then is not None and commits is not None and running is not None and running.after_outcome is not None:
-        hook = running.after_outcome
-        running.outcome_deferred = True
-
-        def done(value: T) -> None:
-            then(value)
-            hook()
-
-        commits.run_batched(fn, item, then=done)
-        return None
-    value = commits.run_batched(fn, item) if commits is not None else fn([item])[0]
-    if then is not None:
-        then(value)
-    return value
-
-
-def cancel_event() -> threading.Event:
-    """The cancel event of the job this thread runs (a fresh one outside a job thread)."""
-    running = getattr(_local, "running", None)
-    return running.cancel if running is not None else threading.Event()
 
 
 # How long a claimed job may wait here for a thread, on average (bounds the prefetch).
@@ -116,23 +65,16 @@ RUN_TIME_ALPHA = 0.1
 
 
 @dataclass(eq=False)
-class Running:
-    """One job handed to this process's threads: waiting for one, then running in it."""
+class ThreadedDelivery(Delivery):
+    """A delivery handed to this process's threads: waiting for one, then running in it."""
 
-    rq_job: RQJob
-    queue: Queue
-    job_id: str
-    timeout_s: float  # once running: past this, the watcher writes the job off
+    timeout_s: float = math.inf  # once running: past this, the watcher writes the job off
     rank: int = 0  # its queue's place in the worker's priority order (0 first)
-    # None on the lean path (our own task: no RQ execution record); made as the thread starts it.
+    # None for our own task (no RQ execution record); made as the thread starts another RQ job.
     execution: Execution | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     key: str = field(default_factory=lambda: uuid.uuid4().hex)  # one RQ job may be delivered twice
-    # The row as the main thread claimed it (lean path), or as the task loaded it; at the end, as the
-    # task left it (its figures are read from memory).
-    job: Job | None = None
-    since: datetime | None = None  # taken before the claim: the attempts this run opened start after it
-    # Run by the writer after a deferred outcome write (``write_batched``); None: outcomes are waited for.
+    # Run by the writer after a deferred outcome write (``DeliveryWriter``); None: outcomes are waited for.
     after_outcome: Callable[[], None] | None = None
     outcome_deferred: bool = False  # the outcome was handed to the writer: after_outcome will run
     taken: bool = False  # a thread is running it
@@ -141,24 +83,68 @@ class Running:
     hard_deadline: float = math.inf  # monotonic, set when a thread takes it
 
 
+class DeliveryWriter:
+    """A job run's writer in a job thread (``workers.execution.job_run.Writer``): through the group commit.
+
+    A ``run_batched`` with ``then`` does not wait when the delivery takes its outcome late
+    (``ThreadedDelivery.after_outcome``): it returns None, the thread is free for its next job, and
+    ``then`` and the delivery's hook run in the writer once the write is committed. Otherwise it
+    waits, calls ``then`` itself and returns the value.
+    """
+
+    def __init__(self, commits: GroupCommit, delivery: ThreadedDelivery) -> None:
+        self.commits = commits
+        self.delivery = delivery
+
+    def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return self.commits.run(fn, *args, **kwargs)
+
+    def run_batched(
+        self, fn: Callable[[list[Any]], list[T]], item: Any, *, then: Callable[[T], None] | None = None
+    ) -> T | None:
+        delivery = self.delivery
+        if then is not None and delivery.after_outcome is not None:
+            hook = delivery.after_outcome
+            delivery.outcome_deferred = True
+
+            def done(value: T) -> None:
+                then(value)
+                hook()
+
+            self.commits.run_batched(fn, item, then=done)
+            return None
+        value = self.commits.run_batched(fn, item)
+        if then is not None:
+            then(value)
+        return value
+
+
 class JobThreads:
     """``size`` job threads fed by the worker's main thread, up to ``prefetch`` jobs waiting, and a watcher."""
 
-    def __init__(self, size: int, perform: Callable[[Running], None], worker_name: str, prefetch: int = 0) -> None:
+    def __init__(
+        self,
+        size: int,
+        perform: Callable[[ThreadedDelivery], None],
+        worker_name: str,
+        prefetch: int = 0,
+        write_behind: WriteBehind | None = None,
+    ) -> None:
         self.size = size
         self.prefetch = prefetch
         self.perform = perform
         self.worker_name = worker_name
-        self.running: dict[str, Running] = {}  # entry key -> entry, waiting or running
+        self.running: dict[str, ThreadedDelivery] = {}  # delivery key -> delivery, waiting or running
         self.done = 0
         self._cond = threading.Condition()
-        self._waiting: list[tuple[int, int, Running]] = []  # heap: (rank, arrival, entry)
+        self._waiting: list[tuple[int, int, ThreadedDelivery]] = []  # heap: (rank, arrival, delivery)
         self._arrival = itertools.count()
         self.run_time_s: float | None = None  # running average of how long a job holds a thread
         self._stop = threading.Event()
         self._threads = 0
         self.commits = GroupCommit(f"{worker_name}-commits")
-        self.write_behind = WriteBehind()  # the finished jobs' figures, flushed by the watcher
+        # The finished jobs' figures and RQ hash deletes, flushed by the watcher.
+        self.write_behind = write_behind if write_behind is not None else WriteBehind()
         for _ in range(size):
             self._spawn()
         self._watcher = threading.Thread(target=self._watch, name="job-watcher", daemon=True)
@@ -190,10 +176,10 @@ class JobThreads:
         """How many more jobs the main thread may hand over now."""
         return self.size + self.waiting_allowed - self.held
 
-    def submit(self, entry: Running) -> None:
+    def submit(self, delivery: ThreadedDelivery) -> None:
         with self._cond:
-            self.running[entry.key] = entry
-            heapq.heappush(self._waiting, (entry.rank, next(self._arrival), entry))
+            self.running[delivery.key] = delivery
+            heapq.heappush(self._waiting, (delivery.rank, next(self._arrival), delivery))
             self._cond.notify_all()
 
     def wait_for_slot(self, timeout: float) -> bool:
@@ -205,25 +191,25 @@ class JobThreads:
         with self._cond:
             return self._cond.wait_for(lambda: self.held == 0, timeout)
 
-    def take_back_waiting(self) -> list[Running]:
+    def take_back_waiting(self) -> list[ThreadedDelivery]:
         """Remove the claimed jobs no thread has started (shutdown), highest priority first."""
         with self._cond:
-            entries = [entry for _, _, entry in sorted(self._waiting, key=lambda w: w[:2])]
+            deliveries = [delivery for _, _, delivery in sorted(self._waiting, key=lambda w: w[:2])]
             self._waiting.clear()
-            for entry in entries:
-                self.running.pop(entry.key, None)
+            for delivery in deliveries:
+                self.running.pop(delivery.key, None)
             self._cond.notify_all()
-        return entries
+        return deliveries
 
-    def snapshot(self) -> list[Running]:
+    def snapshot(self) -> list[ThreadedDelivery]:
         """The jobs running in a thread now."""
         with self._cond:
             return [r for r in self.running.values() if r.taken]
 
-    def forget(self, entry: Running) -> None:
-        """Stop tracking ``entry`` (re-queued at shutdown): its thread's late outcome is fenced off."""
+    def forget(self, delivery: ThreadedDelivery) -> None:
+        """Stop tracking ``delivery`` (re-queued at shutdown): its thread's late outcome is fenced off."""
         with self._cond:
-            self.running.pop(entry.key, None)
+            self.running.pop(delivery.key, None)
             self._cond.notify_all()
 
     def stop(self) -> None:
@@ -239,32 +225,28 @@ class JobThreads:
         threading.Thread(target=self._serve, name=f"job-{self._threads}", daemon=True).start()
 
     def _serve(self) -> None:
-        _local.worker = self.worker_name
-        _local.commits = self.commits
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._waiting or self._stop.is_set())
                 if not self._waiting:
                     break  # stopping
-                entry = heapq.heappop(self._waiting)[2]
-                entry.taken = True
-                entry.started = time.monotonic()
-                entry.hard_deadline = entry.started + entry.timeout_s
-            _local.running = entry
+                delivery = heapq.heappop(self._waiting)[2]
+                delivery.taken = True
+                delivery.started = time.monotonic()
+                delivery.hard_deadline = delivery.started + delivery.timeout_s
             try:
-                self.perform(entry)
+                self.perform(delivery)
             except Exception:  # perform_job reports job errors itself; this is a bug in our handling
-                log.exception("job thread failed", extra={"job_id": entry.job_id})
+                log.exception("job thread failed", extra={"job_id": delivery.job_id})
             finally:
-                _local.running = None
-                took = time.monotonic() - entry.started
+                took = time.monotonic() - delivery.started
                 with self._cond:
-                    self.running.pop(entry.key, None)
+                    self.running.pop(delivery.key, None)
                     self.done += 1
                     avg = self.run_time_s
                     self.run_time_s = took if avg is None else avg + RUN_TIME_ALPHA * (took - avg)
                     self._cond.notify_all()
-            if entry.abandoned:
+            if delivery.abandoned:
                 break  # a replacement thread took this one's place when it was written off
         connection.close()
 
@@ -273,23 +255,23 @@ class JobThreads:
         while not self._stop.wait(float(settings.WORKER_WATCH_S)):
             self.write_behind.flush()
             with self._cond:  # running and waiting (a job canceled while waiting must not start)
-                entries = [r for r in self.running.values() if not r.abandoned]
-            if not entries:
+                deliveries = [r for r in self.running.values() if not r.abandoned]
+            if not deliveries:
                 continue
             try:
-                canceled = cancellation.requested(r.job_id for r in entries if not r.cancel.is_set())
-                for r in entries:
+                canceled = cancellation.requested(r.job_id for r in deliveries if not r.cancel.is_set())
+                for r in deliveries:
                     if r.job_id in canceled:
                         log.info("stopping canceled job", extra={"job_id": r.job_id})
                         r.cancel.set()
             except RedisError as exc:
                 log.warning("cancel check failed", extra={"error": str(exc)})
             now = time.monotonic()
-            for r in entries:
+            for r in deliveries:
                 if r.taken and now > r.hard_deadline:
                     self._write_off(r)
 
-    def _write_off(self, r: Running) -> None:
+    def _write_off(self, r: ThreadedDelivery) -> None:
         """A job past its hard deadline: fail it, free its slots, replace its thread."""
         with self._cond:
             if r.abandoned or r.key not in self.running:
