@@ -37,8 +37,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from routing import policies
-
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_DB = 14
 P3_CONCURRENCY = 32
@@ -162,6 +160,7 @@ class Bench:
         """An empty queue, a clean job table, and the one ``dev`` backend at ``latency_ms``."""
         from jobs.models import Job
         from orchestrator_site.redis import redis_client
+        from routing import policies
         from routing.models import Backend, BackendKind, RoutingPolicy
 
         redis_client().flushdb()
