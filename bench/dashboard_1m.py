@@ -35,8 +35,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from routing import policies
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -313,9 +311,35 @@ def fill_redis(args: argparse.Namespace, now: datetime, recent_jobs: int) -> Non
             stats.record_call(name, latency_ms=exec_typ * 1000, ok=ok, error="" if ok else "HTTP 503 upstream busy")
     stamp = now.isoformat()
     for i in range(6):
-        publish(WorkerReport(f"api-{i}", "api-host", 100 + i, ["high", "normal", "low"], "busy", 5, 8, 1000, stamp))
+        publish(
+            WorkerReport(
+                f"api-{i}",
+                "api-host",
+                100 + i,
+                ["high", "normal", "low"],
+                "busy",
+                5,
+                8,
+                1000,
+                started_at=stamp,
+                updated_at=stamp,
+            )
+        )
     for i in range(2):
-        publish(WorkerReport(f"gpu-{i}", "gpu-host", 200 + i, ["gpu-high", "gpu-normal"], "busy", 64, 64, 9000, stamp))
+        publish(
+            WorkerReport(
+                f"gpu-{i}",
+                "gpu-host",
+                200 + i,
+                ["gpu-high", "gpu-normal"],
+                "busy",
+                64,
+                64,
+                9000,
+                started_at=stamp,
+                updated_at=stamp,
+            )
+        )
         client.hset(
             STATUS_KEY.format(name=f"gpu-{i}"), mapping={"models": "[]", "batch_size": 64, "tokens_per_s": 4321}
         )
@@ -432,6 +456,7 @@ def main() -> None:
     from django.core.management import call_command
 
     from orchestrator_site.redis import redis_client
+    from routing import policies
     from routing.models import Backend, RoutingPolicy
 
     settings.DEBUG = False  # no per-query logging while timing

@@ -48,8 +48,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from routing import policies
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 QUEUES = ["gpu-high", "gpu-normal", "gpu-low"]
@@ -348,6 +346,7 @@ def main() -> int:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
+    from routing import policies
     from routing.models import Backend, BackendKind, RoutingPolicy
 
     Backend.objects.create(
