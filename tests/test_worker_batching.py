@@ -105,6 +105,12 @@ def test_group_commit_batches_waiting_writes_and_a_bad_one_fails_alone(dev_backe
 
     def succeed_many(items):
         calls.append(len(items))
+        if len(calls) == 1:
+            # Hold the writer on its first write until the other seven wait behind it in its queue,
+            # so the next commit must take them together, however the threads were scheduled.
+            deadline = time.monotonic() + 10
+            while commits._queue.qsize() < 7 and time.monotonic() < deadline:
+                time.sleep(0.005)
         if any(job is rows[3] for job, _ in items):
             raise ValueError("bad row")
         return Job.mark_succeeded_many(items)
