@@ -214,6 +214,10 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Submit LLM/VLM inference jobs, poll their state and fetch results.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "orchestrator_site.api.document_errors",
+    ],
 }
 
 # --- Auth, i18n, static -----------------------------------------------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from django.db import transaction
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import permissions, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
@@ -71,6 +71,7 @@ class RoutingPolicyViewSet(viewsets.ModelViewSet):
             )
             instance.delete()
 
+    @extend_schema(responses={204: None, 409: OpenApiResponse(description="The policy is the active one.")})
     def destroy(self, request: Request, *args, **kwargs) -> Response:
         policy = self.get_object()
         if policy.is_active:
