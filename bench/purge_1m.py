@@ -45,11 +45,11 @@ INSERT INTO jobs_job (
 )
 SELECT
     md5(n::text || 'job')::uuid,
-    (ARRAY['succeeded', 'succeeded', 'succeeded', 'failed', 'canceled'])[1 + n % 5],
+    (ARRAY['succeeded', 'succeeded', 'succeeded', 'failed', 'canceled'])[1 + n %% 5],
     'normal', 3, 'prompt number ' || n, '[]', false, 'dev-model', '', '{}', '{}', 60, '', 'dev', 'default',
     '{"reason": "bench"}', 'normal', md5(n::text || 'job'),
     repeat('output ', 20), 'stop', '', 10, 20, 1, 'bench-worker',
-    t, t, t, t + interval '1 second', t + interval '1 second', '', CASE WHEN n % 100 = 0 THEN 1 ELSE 0 END
+    t, t, t, t + interval '1 second', t + interval '1 second', '', CASE WHEN n %% 100 = 0 THEN 1 ELSE 0 END
 FROM (
     SELECT n, CASE WHEN n <= %(old)s
         THEN now() - interval '31 days' - (n %% 89) * interval '1 day' - (n %% 86400) * interval '1 second'
