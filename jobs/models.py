@@ -186,18 +186,22 @@ class Job(models.Model):
 
         Call inside the transaction that inserts the job. Each distinct image is stored once: the
         upsert locks an existing row until commit, so a purge cannot delete it under this link.
+        One image is decoded and written at a time, so a request's images are never all held
+        decoded at once.
         """
-        blobs = [ImageBlob.from_base64(p) for p in payloads]
-        unique = {b.sha256: b for b in blobs}
-        JobImage.objects.bulk_create(
-            [JobImage(sha256=h, media_type=b.media_type, size=len(b.data), data=b.data) for h, b in unique.items()],
-            update_conflicts=True,
-            unique_fields=["sha256"],
-            update_fields=["media_type"],
-        )
-        JobImageLink.objects.bulk_create(
-            JobImageLink(job=self, image_id=b.sha256, position=i) for i, b in enumerate(blobs)
-        )
+        hashes: list[str] = []
+        for payload in payloads:
+            blob = ImageBlob.from_base64(payload)
+            if blob.sha256 not in hashes:
+                JobImage.objects.bulk_create(
+                    [JobImage(sha256=blob.sha256, media_type=blob.media_type, size=len(blob.data), data=blob.data)],
+                    update_conflicts=True,
+                    unique_fields=["sha256"],
+                    update_fields=["media_type"],
+                )
+            hashes.append(blob.sha256)
+            del blob
+        JobImageLink.objects.bulk_create(JobImageLink(job=self, image_id=h, position=i) for i, h in enumerate(hashes))
 
     def chat_messages(self) -> list[dict[str, Any]]:
         """The request as a chat: ``messages`` as given, or the prompt as one user message."""
