@@ -20,6 +20,7 @@ from django.db.models.expressions import Combinable
 from django.utils import timezone
 
 from jobs import cancellation, status_mirror
+from jobs.images import ImageBlob, to_base64
 
 
 class JobState(models.TextChoices):
@@ -104,7 +105,9 @@ class Job(models.Model):
     # The request, as submitted.
     prompt = models.TextField(blank=True)
     messages = models.JSONField(default=list, blank=True)
-    images = models.JSONField(default=list, blank=True)
+    # The images live in JobImage (content-addressed, linked in order): counted here so a text job's
+    # worker never queries for them and list pages never load them.
+    image_count = models.PositiveSmallIntegerField(default=0)
     requires_multimodal = models.BooleanField(default=False)
     model = models.CharField(max_length=200, blank=True)
     requested_backend = models.CharField(max_length=64, blank=True)
@@ -193,6 +196,35 @@ class Job(models.Model):
     @property
     def usage(self) -> dict[str, int | None]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
+
+    def image_payloads(self) -> list[str]:
+        """The job's images as submitted (plain base64), in order: the one way to read them."""
+        if not self.image_count:
+            return []
+        rows = JobImageLink.objects.filter(job=self).order_by("position").values_list("image__data", flat=True)
+        return [to_base64(data) for data in rows]
+
+    def attach_images(self, payloads: Sequence[str]) -> None:
+        """Store ``payloads`` (validated base64) and link them to this saved job, in order.
+
+        Call inside the transaction that inserts the job. Each distinct image is stored once: the
+        upsert locks an existing row until commit, so a purge cannot delete it under this link.
+        One image is decoded and written at a time, so a request's images are never all held
+        decoded at once.
+        """
+        hashes: list[str] = []
+        for payload in payloads:
+            blob = ImageBlob.from_base64(payload)
+            if blob.sha256 not in hashes:
+                JobImage.objects.bulk_create(
+                    [JobImage(sha256=blob.sha256, media_type=blob.media_type, size=len(blob.data), data=blob.data)],
+                    update_conflicts=True,
+                    unique_fields=["sha256"],
+                    update_fields=["media_type"],
+                )
+            hashes.append(blob.sha256)
+            del blob
+        JobImageLink.objects.bulk_create(JobImageLink(job=self, image_id=h, position=i) for i, h in enumerate(hashes))
 
     def chat_messages(self) -> list[dict[str, Any]]:
         """The request as a chat: ``messages`` as given, or the prompt as one user message."""
@@ -598,6 +630,48 @@ class JobAttempt(models.Model):
                             setattr(attempt, name, value)
 
         transaction.on_commit(settle, using=conn.alias)
+
+
+class JobImage(models.Model):
+    """One image, stored once however many jobs send it: keyed by the SHA-256 of its bytes.
+
+    Out of the job row, so listing jobs, status reads and a worker's claim never load megabytes.
+    Deleted when no job links to it any more (``jobs.retention``).
+    """
+
+    sha256 = models.CharField(max_length=64, primary_key=True)
+    media_type = models.CharField(max_length=64)
+    size = models.PositiveIntegerField(help_text="Bytes.")
+    data = models.BinaryField()
+    created_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return f"{self.sha256[:12]} ({self.media_type}, {self.size} bytes)"
+
+    @classmethod
+    def delete_unreferenced(cls, hashes: Collection[str] | None = None) -> int:
+        """Delete the images (of ``hashes``, or all) that no job links to; returns how many went."""
+        qs = cls.objects.filter(~models.Exists(JobImageLink.objects.filter(image_id=models.OuterRef("pk"))))
+        if hashes is not None:
+            qs = qs.filter(pk__in=list(hashes))
+        _, per_model = qs.only("pk").delete()  # only the keys: never load the bytes to delete them
+        return per_model.get(cls._meta.label, 0)
+
+
+class JobImageLink(models.Model):
+    """Image ``position`` of a job (the order it was submitted in)."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="image_links")
+    # PROTECT: an image is deleted only once nothing links to it, never from under a job.
+    image = models.ForeignKey(JobImage, on_delete=models.PROTECT, related_name="links")
+    position = models.PositiveSmallIntegerField()
+
+    class Meta:
+        ordering = ["job", "position"]
+        constraints = [models.UniqueConstraint(fields=["job", "position"], name="unique_image_position")]
+
+    def __str__(self) -> str:
+        return f"{self.job_id} image {self.position}: {self.image_id[:12]}"
 
 
 def _update_each(

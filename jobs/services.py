@@ -86,6 +86,8 @@ def submit(data: dict[str, Any], *, user, body: Any, idempotency_key: str | None
         try:
             with transaction.atomic():
                 job.save(force_insert=True)
+                if job.image_count:
+                    job.attach_images(data["images"])
                 transaction.on_commit(lambda: _after_commit(job, doc, rkey, fp))
         except IntegrityError:
             if not idempotency_key:
@@ -117,7 +119,7 @@ def _build(
         priority=data.get("priority", "normal"),
         prompt=data.get("prompt") or "",
         messages=data.get("messages") or [],
-        images=data.get("images") or [],
+        image_count=len(data.get("images") or ()),
         requires_multimodal=bool(data.get("requires_multimodal")),
         model=data.get("model") or backend.model,
         requested_backend=data.get("backend") or "",

@@ -148,6 +148,8 @@ RQ_SHOW_ADMIN_LINK = True
 # --- Jobs -------------------------------------------------------------------
 IDEMPOTENCY_TTL_S = env_int("IDEMPOTENCY_TTL_S", 24 * 3600, minimum=1)
 JOB_STATUS_CACHE_TTL_S = env_int("JOB_STATUS_CACHE_TTL_S", 3600, minimum=1)
+# Finished jobs older than this are deleted by the workers' periodic pass (0: keep them all).
+JOB_RETENTION_DAYS = env_int("JOB_RETENTION_DAYS", 30, minimum=0)
 JOB_LIMITS = {
     "prompt_chars": env_int("MAX_PROMPT_CHARS", 200_000, minimum=1),
     "messages": env_int("MAX_MESSAGES", 256, minimum=1),
@@ -221,6 +223,10 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Submit LLM/VLM inference jobs, poll their state and fetch results.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "orchestrator_site.api.document_errors",
+    ],
 }
 
 # --- Auth, i18n, static -----------------------------------------------------

@@ -39,3 +39,6 @@ urlpatterns = [
     path("", include("jobs.api.urls")),
     path("", include("routing.api.urls")),
 ]
+
+# A path no view matches answers JSON like the API's own 404s (the admin keeps its HTML page).
+handler404 = "orchestrator_site.api.not_found"

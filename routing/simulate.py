@@ -79,7 +79,7 @@ def facts_for(job: Job) -> JobFacts:
     text = job.prompt or "".join(str(m.get("content", "")) for m in job.messages or [])
     return JobFacts(
         priority=job.priority,
-        has_images=bool(job.images),
+        has_images=bool(job.image_count),
         requires_multimodal=job.requires_multimodal,
         model="",  # the row stores the backend's model when the job named none: not a constraint we can trust
         pinned_backend=job.requested_backend,
@@ -98,7 +98,7 @@ def recent_jobs(limit: int) -> list[Job]:
             "priority",
             "prompt",
             "messages",
-            "images",
+            "image_count",
             "requires_multimodal",
             "model",
             "requested_backend",

@@ -282,4 +282,4 @@ def test_valid_image_job_is_stored_as_plain_base64_and_routed_to_a_multimodal_ba
     assert resp.status_code == 202, resp.content
     assert resp.json()["backend"] == "vision"
     job = Job.objects.get()
-    assert job.images == [PNG_B64]
+    assert job.image_payloads() == [PNG_B64]

@@ -219,7 +219,7 @@ def test_simulation_shows_shares_costs_and_the_jobs_that_would_move(admin_client
     Backend.objects.create(name="vision", kind=BackendKind.DEV, supports_multimodal=True,
                            cost_input_per_1k=Decimal("0.005"))  # fmt: skip
     moved = [finished(dev_backend, cost="0.01", latency_ms=100) for _ in range(3)]
-    stays = finished(dev_backend, cost="0.01", latency_ms=100, images=["aGk="])  # only vision can take it... now
+    stays = finished(dev_backend, cost="0.01", latency_ms=100, image_count=1)  # only vision can take it... now
     pinned = finished(dev_backend, cost="0.01", latency_ms=100, requested_backend="dev")
     make_job(dev_backend, state=JobState.QUEUED)  # not finished: not replayed
     cheap = RoutingPolicy.objects.create(name="cheap", strategy="cheapest")

@@ -10,32 +10,15 @@ from typing import Any
 from django.conf import settings
 from rest_framework import serializers
 
+from jobs.images import image_kind
 from jobs.models import Job, Priority
 from workers.backends import params as token_params
 
 ROLES = ("system", "user", "assistant", "tool")
-IMAGE_MAGIC = {
-    b"\x89PNG\r\n\x1a\n": "png",
-    b"\xff\xd8\xff": "jpeg",
-    b"GIF87a": "gif",
-    b"GIF89a": "gif",
-    b"BM": "bmp",
-    b"II*\x00": "tiff",
-    b"MM\x00*": "tiff",
-}
 
 
 def _limits() -> dict[str, int]:
     return settings.JOB_LIMITS
-
-
-def _image_kind(raw: bytes) -> str | None:
-    if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
-        return "webp"
-    for magic, kind in IMAGE_MAGIC.items():
-        if raw.startswith(magic):
-            return kind
-    return None
 
 
 class Base64ImageField(serializers.Field):
@@ -63,7 +46,7 @@ class Base64ImageField(serializers.Field):
             self.fail("base64")
         if len(raw) > limit:
             self.fail("size", size=len(raw), limit=limit)
-        if _image_kind(raw) is None:
+        if image_kind(raw) is None:
             self.fail("format")
         return text
 

@@ -6,7 +6,7 @@ import uuid
 from typing import Any
 
 from django.db import transaction
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import generics, status
 from rest_framework.exceptions import NotFound, ValidationError
 from rest_framework.pagination import CursorPagination
@@ -15,6 +15,12 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from jobs import services, status_mirror
+from jobs.api.schema import (
+    CancelConflictSerializer,
+    JobPendingSerializer,
+    JobResultSerializer,
+    JobStatusSerializer,
+)
 from jobs.api.serializers import (
     RESULT_FIELDS,
     JobCreateSerializer,
@@ -35,6 +41,25 @@ class JobCursorPagination(CursorPagination):
     page_size = 50
     page_size_query_param = "page_size"
     max_page_size = 500
+
+    def get_page_size(self, request: Request) -> int:
+        """``page_size`` (capped at ``max_page_size``); anything but a positive integer is a 400, not ignored."""
+        raw = request.query_params.get(self.page_size_query_param)
+        if raw is None:
+            return self.page_size
+        try:
+            size = int(raw)
+        except ValueError:
+            size = 0
+        if size < 1:
+            raise ValidationError({self.page_size_query_param: ["Must be a positive integer."]})
+        return min(size, self.max_page_size)
+
+    def decode_cursor(self, request: Request):
+        try:
+            return super().decode_cursor(request)
+        except NotFound:  # DRF answers 404 for a mangled cursor: it is bad input, not a missing page
+            raise ValidationError({self.cursor_query_param: ["Invalid cursor."]}) from None
 
 
 def _visible(request: Request):
@@ -74,7 +99,14 @@ class JobListCreate(generics.GenericAPIView):
 
     @extend_schema(
         request=JobCreateSerializer,
-        responses={202: JobSerializer, 200: JobSerializer},
+        responses={
+            202: JobStatusSerializer,
+            200: OpenApiResponse(JobStatusSerializer, description="Replayed: the job this Idempotency-Key made."),
+            409: OpenApiResponse(description="The Idempotency-Key is in use by a request still in progress."),
+            422: OpenApiResponse(
+                description="The pinned backend cannot take this job, or the key was used with another body."
+            ),
+        },
         parameters=[OpenApiParameter(IDEMPOTENCY_HEADER, str, OpenApiParameter.HEADER, required=False)],
         summary="Submit a job",
     )
@@ -92,7 +124,7 @@ class JobListCreate(generics.GenericAPIView):
         return Response(public(doc), status=code, headers=headers)
 
     @extend_schema(
-        responses=JobSerializer(many=True),
+        responses=JobStatusSerializer(many=True),
         parameters=[
             OpenApiParameter("state", str, enum=JobState.values),
             OpenApiParameter("priority", str, enum=Priority.values),
@@ -116,13 +148,16 @@ class JobListCreate(generics.GenericAPIView):
 
 
 class JobDetail(APIView):
-    @extend_schema(responses=JobSerializer, summary="A job's status")
+    @extend_schema(responses=JobStatusSerializer, summary="A job's status")
     def get(self, request: Request, job_id: str) -> Response:
         return Response(public(_status_doc(request, job_id)))
 
 
 class JobResult(APIView):
-    @extend_schema(responses={200: JobSerializer, 202: JobSerializer}, summary="A job's result (202 until done)")
+    @extend_schema(
+        responses={200: JobResultSerializer, 202: JobPendingSerializer},
+        summary="A job's result (202 until done)",
+    )
     def get(self, request: Request, job_id: str) -> Response:
         doc = _status_doc(request, job_id)
         if doc["state"] not in TERMINAL_STATES:
@@ -135,7 +170,11 @@ class JobResult(APIView):
 
 
 class JobCancel(APIView):
-    @extend_schema(request=None, responses=JobSerializer, summary="Cancel a queued or running job")
+    @extend_schema(
+        request=None,
+        responses={200: JobStatusSerializer, 409: CancelConflictSerializer},
+        summary="Cancel a queued or running job",
+    )
     def post(self, request: Request, job_id: str) -> Response:
         try:
             job = _visible(request).get(pk=_job_uuid(job_id))

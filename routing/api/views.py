@@ -8,7 +8,7 @@ writes need the matching model permission (``routing.add_backend``, ``routing.ch
 
 from __future__ import annotations
 
-from drf_spectacular.utils import extend_schema, extend_schema_view
+from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import permissions, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
@@ -101,6 +101,7 @@ class RoutingPolicyViewSet(viewsets.ModelViewSet):
             setattr(policy, name, value)
         policies.save(policy, user=self.request.user, source="api")
 
+    @extend_schema(responses={204: None, 409: OpenApiResponse(description="The policy is the active one.")})
     def destroy(self, request: Request, *args, **kwargs) -> Response:
         try:
             policies.delete(self.get_object(), user=request.user, source="api")

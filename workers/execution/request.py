@@ -16,7 +16,7 @@ def generation_request(job: Job, timeout_s: float, cancel: threading.Event | Non
     return GenerationRequest(
         job_id=str(job.pk),
         messages=job.chat_messages(),
-        images=list(job.images),
+        images=job.image_payloads(),
         model=job.model,
         max_tokens=job.max_tokens,
         temperature=job.temperature,

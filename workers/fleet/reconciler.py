@@ -23,7 +23,7 @@ from datetime import timedelta
 from django.conf import settings
 from django.utils import timezone
 
-from jobs import queueing
+from jobs import queueing, retention
 from jobs.models import Job, JobState
 from orchestrator_site.redis import key, redis_client, reply_text
 from workers.fleet import liveness
@@ -135,4 +135,5 @@ def reconcile(min_age_s: float = 5.0) -> tuple[int, int, int]:
     """One pass: (queued jobs re-enqueued, running jobs re-queued, running jobs failed)."""
     pushed = requeue_lost_jobs(min_age_s=min_age_s)
     requeued, failed = requeue_orphaned_running()
+    retention.purge_if_due()  # throttled fleet-wide by its own lock
     return pushed, requeued, failed
