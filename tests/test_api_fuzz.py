@@ -33,16 +33,8 @@ SEED = os.environ.get("FUZZ_SEED", "20261204")
 # - positive_data_acceptance: the server enforces rules JSON Schema cannot state (an image must be a
 #   real PNG/JPEG/… in base64, names are unique, an openai backend needs a base URL), so schema-valid
 #   bodies are legitimately refused with a 400 that names the field.
-# - expected to fail until the bad-input validation of the registry lands (then delete the block):
-#   negative_data_rejection on /backends and /policies, whose serializers' CharFields turn a JSON
-#   number into a string (PATCH /backends/{id} {"api_key": 5} is a 200 where the schema says string;
-#   the jobs API refuses it, StrictCharField) and default a `config` the schema marks required.
 CONFIG = """
 checks.positive_data_acceptance.enabled = false
-
-[[operations]]
-include-path-regex = "^/(backends|policies)/"
-checks.negative_data_rejection.enabled = false
 """
 
 

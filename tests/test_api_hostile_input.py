@@ -116,3 +116,27 @@ def test_params_within_the_caps_are_accepted(api, policy, redis_db):
     resp = post(api, {"prompt": "hi", "params": params})
     assert resp.status_code == 202, resp.content
     assert Job.objects.get().params == params
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"name": 5, "kind": "dev"}, "name"),
+        ({"name": "b", "kind": "dev", "model": 7}, "model"),
+        ({"name": "b", "kind": "dev", "api_key": 5}, "api_key"),
+        ({"name": "b", "kind": "openai", "base_url": 1234, "model": "m"}, "base_url"),
+    ],
+)
+def test_the_registry_takes_only_json_strings_for_string_fields(staff_api, body, field):
+    """DRF would turn a JSON number into a string; the schema says string, so it is a 400 naming the field."""
+    r = staff_api.post("/backends", body, format="json")
+    assert r.status_code == 400, r.content
+    assert field in r.json()
+    assert not Backend.objects.exists()
+
+
+@pytest.mark.django_db
+def test_a_policy_name_must_be_a_json_string(staff_api):
+    r = staff_api.post("/policies", {"name": 12, "strategy": "ordered", "params": {}}, format="json")
+    assert r.status_code == 400 and "name" in r.json(), r.content

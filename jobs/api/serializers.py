@@ -12,6 +12,7 @@ from rest_framework import serializers
 
 from jobs.images import image_kind
 from jobs.models import Job, Priority
+from orchestrator_site.serializer_fields import StrictCharField
 from workers.backends import params as token_params
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -52,15 +53,6 @@ class Base64ImageField(serializers.Field):
 
     def to_representation(self, value: str) -> str:
         return value
-
-
-class StrictCharField(serializers.CharField):
-    """A CharField that takes only JSON strings (DRF's would turn 123 into "123")."""
-
-    def to_internal_value(self, data: Any) -> str:
-        if not isinstance(data, str):
-            self.fail("invalid")
-        return super().to_internal_value(data)
 
 
 class JsonObjectField(serializers.DictField):

@@ -5,12 +5,16 @@ from typing import Any
 from django.core.exceptions import ValidationError as DjangoValidationError
 from rest_framework import serializers
 
+from orchestrator_site.serializer_fields import STRICT_STRING_MAPPING, StrictCharField
 from routing.models import Backend, RoutingPolicy
 from routing.strategies import strategy_choices
 
 
 class _ModelCleanMixin:
-    """Run the model's ``clean()`` so the API and the admin enforce the same rules."""
+    """Run the model's ``clean()`` so the API and the admin enforce the same rules; string fields
+    take only JSON strings."""
+
+    serializer_field_mapping = {**serializers.ModelSerializer.serializer_field_mapping, **STRICT_STRING_MAPPING}
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         instance = self.instance or self.Meta.model()  # type: ignore[attr-defined]
@@ -24,7 +28,7 @@ class _ModelCleanMixin:
 
 
 class BackendSerializer(_ModelCleanMixin, serializers.ModelSerializer):
-    api_key = serializers.CharField(
+    api_key = StrictCharField(
         write_only=True, required=False, allow_blank=True, max_length=500, style={"input_type": "password"}
     )
     has_api_key = serializers.BooleanField(read_only=True)

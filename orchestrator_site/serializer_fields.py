@@ -1,0 +1,40 @@
+"""String fields that take only JSON strings.
+
+DRF's ``CharField`` (and its slug and URL kinds) turn a JSON number or boolean into a string, so
+``{"name": 5}`` would pass where the schema says string. Every API serializer uses these instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import models
+from rest_framework import serializers
+
+
+class _StringsOnly:
+    def to_internal_value(self, data: Any) -> str:
+        if not isinstance(data, str):
+            raise serializers.ValidationError("Not a valid string.", code="invalid")
+        return super().to_internal_value(data)  # type: ignore[misc]
+
+
+class StrictCharField(_StringsOnly, serializers.CharField):
+    """A CharField that takes only JSON strings."""
+
+
+class StrictSlugField(_StringsOnly, serializers.SlugField):
+    """A SlugField that takes only JSON strings."""
+
+
+class StrictURLField(_StringsOnly, serializers.URLField):
+    """A URLField that takes only JSON strings."""
+
+
+# For ``ModelSerializer.serializer_field_mapping``: model string fields become strict ones.
+STRICT_STRING_MAPPING: dict[type[models.Field], type[serializers.Field]] = {
+    models.CharField: StrictCharField,
+    models.TextField: StrictCharField,
+    models.SlugField: StrictSlugField,
+    models.URLField: StrictURLField,
+}
