@@ -9,7 +9,7 @@ from datetime import timedelta
 import pytest
 from django.core.management import CommandError, call_command
 from django.utils import timezone
-from workers.reconciler import reconcile
+from workers.fleet.reconciler import reconcile
 
 from jobs import retention, status_mirror
 from jobs.models import Job, JobAttempt, JobImage, JobImageLink, JobState
