@@ -9,11 +9,11 @@ from datetime import timedelta
 import pytest
 from django.core.management import CommandError, call_command
 from django.utils import timezone
-from workers.fleet.reconciler import reconcile
 
 from jobs import retention, status_mirror
 from jobs.models import Job, JobAttempt, JobImage, JobImageLink, JobState
 from tests.factories import make_job
+from workers.fleet.reconciler import reconcile
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
