@@ -142,15 +142,12 @@ def _load(path: str, dtype: str, device: str, *, backend: BackendConfig, warm: t
 def _warm_up(m: LoadedModel, bos_id: int | None, rows: int, new_tokens: int) -> None:
     """Run a padded prefill and decode at one row, then one whole round at ``rows`` x ``new_tokens``.
 
-    On an H100 the first ``generate`` of a fresh process took ~4 s longer than the next ones
-    (CUDA context, cuBLAS handles, kernel selection): a first batch would pay it in every job's
-    latency. A short warm-up is not enough. On an H200 (1.1B model, bf16), after a warm-up of 64
-    rows x 32 new tokens, the first batch of 64 jobs x 64 new tokens still took 3.6 s against
-    1.1-1.3 s for the next; after more 64-row calls reaching the full 128 positions it took 1.4 s
-    (``bench/first_generate.py``). What stays cold grows with the sequence length at that batch
-    size (the allocator's blocks for the growing KV cache, by the look of it), so the warm-up
-    decodes a whole round: on that card an estimated ~2 s more at load, once per process (the
-    effect on a worker's first batch is not yet measured).
+    A fresh process's first ``generate`` pays for the CUDA context, cuBLAS handles and kernel
+    selection, and a first batch would pay it in every job's latency. A short warm-up is not
+    enough: what stays cold grows with the sequence length at the batch size (the allocator's
+    blocks for the growing KV cache, by the look of it), so the warm-up decodes a whole round
+    once per process. The measurements behind this are in docs/performance.md ("A fresh worker's
+    first batch"; ``bench/first_generate.py``).
     """
     torch = _torch()
     token = m.pad_id if bos_id is None else bos_id
