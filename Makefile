@@ -1,6 +1,6 @@
 # The two commands a newcomer runs (see README):
 #   make run   install, start Redis if needed, migrate, seed, serve on :8000 with one worker, run a demo job
-#   make test  install the test dependencies and run the whole suite (SQLite, then PostgreSQL when reachable)
+#   make test  install the test dependencies and run the whole suite on SQLite, then its database tests on PostgreSQL
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
