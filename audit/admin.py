@@ -12,8 +12,37 @@ from django.utils.html import format_html, format_html_join
 from audit.models import AuditEntry
 
 
+class ReadOnlyLogAdmin(admin.ModelAdmin):
+    """An audit log in the admin: nobody adds, changes or deletes an entry, superusers included."""
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+
+def show(value: Any) -> str:
+    """One value of a diff as the admin shows it."""
+    if value is None:
+        return "—"
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def changes_html(rows: list[tuple[str, Any, Any]]) -> str:
+    """A (field, from, to) diff as a small table."""
+    cells = [(field, show(old), show(new)) for field, old, new in rows]
+    return format_html(
+        "<table><tr><th>field</th><th>from</th><th>to</th></tr>{}</table>",
+        format_html_join("", "<tr><td>{}</td><td><code>{}</code></td><td><code>{}</code></td></tr>", cells),
+    )
+
+
 @admin.register(AuditEntry)
-class AuditEntryAdmin(admin.ModelAdmin):
+class AuditEntryAdmin(ReadOnlyLogAdmin):
     list_display = ["at", "action", "target_type", "target_name", "username", "source", "summary"]
     list_filter = ["target_type", "action", "source"]
     search_fields = ["target_name", "=target_id", "username"]
@@ -34,27 +63,14 @@ class AuditEntryAdmin(admin.ModelAdmin):
 
     @admin.display(description="what changed")
     def summary(self, obj: AuditEntry) -> str:
-        parts = [f"{field}: {_show(old)} → {_show(new)}" for field, (old, new) in _pairs(obj.changes)]
+        parts = [f"{field}: {show(old)} → {show(new)}" for field, (old, new) in _pairs(obj.changes)]
         if obj.detail:
             parts.append(obj.detail)
         return "; ".join(parts)[:200] or "—"
 
     @admin.display(description="from → to")
     def changes_table(self, obj: AuditEntry) -> str:
-        rows = [(field, _show(old), _show(new)) for field, (old, new) in _pairs(obj.changes)]
-        return format_html(
-            "<table><tr><th>field</th><th>from</th><th>to</th></tr>{}</table>",
-            format_html_join("", "<tr><td>{}</td><td><code>{}</code></td><td><code>{}</code></td></tr>", rows),
-        )
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
-        return False
+        return changes_html([(field, old, new) for field, (old, new) in _pairs(obj.changes)])
 
 
 def _pairs(changes: Any) -> list[tuple[str, tuple[Any, Any]]]:
@@ -66,9 +82,3 @@ def _pairs(changes: Any) -> list[tuple[str, tuple[Any, Any]]]:
         if isinstance(value, list | tuple) and len(value) == 2:
             out.append((str(field), (value[0], value[1])))
     return out
-
-
-def _show(value: Any) -> str:
-    if value is None:
-        return "—"
-    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)

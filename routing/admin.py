@@ -3,7 +3,6 @@ a dry-run of a policy over recent jobs, and the read-only audit log."""
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 
 from django import forms
@@ -15,6 +14,7 @@ from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 from redis.exceptions import RedisError
 
+from audit.admin import ReadOnlyLogAdmin, changes_html, show
 from orchestrator_site.admin_actions import RefuseForbiddenActionsMixin
 from routing import backends, circuit, policies
 from routing.models import Backend, PolicyAction, PolicyChange, RoutingPolicy
@@ -35,24 +35,7 @@ class BackendForm(forms.ModelForm):
 
     class Meta:
         model = Backend
-        fields = [
-            "name",
-            "kind",
-            "enabled",
-            "drain",
-            "base_url",
-            "model",
-            "api_key",
-            "supports_multimodal",
-            "max_context_tokens",
-            "max_concurrency",
-            "weight",
-            "timeout_s",
-            "pool",
-            "cost_input_per_1k",
-            "cost_output_per_1k",
-            "config",
-        ]
+        fields = list(backends.AUDITED_FIELDS)  # every field the form edits is audited
 
     def clean(self):
         cleaned = super().clean()
@@ -408,7 +391,7 @@ class RoutingPolicyAdmin(RefuseForbiddenActionsMixin, admin.ModelAdmin):
             )
         before = policies.policy_state(current) if current else {}
         rows = [
-            (field, _show(before.get(field)), _show(value))
+            (field, show(before.get(field)), show(value))
             for field, value in policies.policy_state(policy).items()
             if field not in ("is_active", "version")
         ]
@@ -486,14 +469,8 @@ def _activated_message(policy: RoutingPolicy) -> str:
     )
 
 
-def _show(value) -> str:
-    if value is None:
-        return "—"
-    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-
-
 @admin.register(PolicyChange)
-class PolicyChangeAdmin(admin.ModelAdmin):
+class PolicyChangeAdmin(ReadOnlyLogAdmin):
     """The audit log: read-only, newest first."""
 
     list_display = ["at", "action", "policy_name", "version", "username", "source", "summary"]
@@ -509,21 +486,8 @@ class PolicyChangeAdmin(admin.ModelAdmin):
         if obj.action == PolicyAction.ACTIVATE:
             return f"active: {obj.before.get('name', '(none)')} → {obj.after.get('name')}"
         diff = policies.changed_fields(obj.before, obj.after)
-        return "; ".join(f"{f}: {_show(a)} → {_show(b)}" for f, a, b in diff)[:200] or "—"
+        return "; ".join(f"{f}: {show(a)} → {show(b)}" for f, a, b in diff)[:200] or "—"
 
     @admin.display(description="from → to")
     def changes(self, obj: PolicyChange) -> str:
-        diff = [(f, _show(a), _show(b)) for f, a, b in policies.changed_fields(obj.before, obj.after)]
-        return format_html(
-            "<table><tr><th>field</th><th>from</th><th>to</th></tr>{}</table>",
-            format_html_join("", "<tr><td>{}</td><td><code>{}</code></td><td><code>{}</code></td></tr>", diff),
-        )
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
-        return False
+        return changes_html(policies.changed_fields(obj.before, obj.after))
