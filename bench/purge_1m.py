@@ -81,6 +81,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=2)
     p.add_argument("--baseline-s", type=float, default=20.0)
     p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--pause-ms", type=int, default=0, help="purge_jobs --pause-ms")
     p.add_argument("--redis-db", type=int, default=13)
     p.add_argument("--keep", action="store_true", help="leave the jobs in the database")
     p.add_argument("--json", type=Path)
@@ -192,7 +193,8 @@ def main() -> int:
         phase[0] = "purge"
         started = time.perf_counter()
         purge = subprocess.run(
-            [py, "manage.py", "purge_jobs", "--older-than", "30", "--batch-size", str(args.batch_size)],
+            [py, "manage.py", "purge_jobs", "--older-than", "30", "--batch-size", str(args.batch_size)]
+            + ["--pause-ms", str(args.pause_ms)],
             cwd=ROOT,
             env=env,
             capture_output=True,

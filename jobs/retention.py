@@ -68,11 +68,13 @@ def purge(
     dry_run: bool = False,
     batch_size: int = BATCH,
     budget_s: float | None = None,
+    pause_s: float = 0.0,
     now: datetime | None = None,
 ) -> PurgeCounts:
     """Delete (``dry_run``: count) the jobs ``expired(older_than)`` selects, ``batch_size`` per transaction.
 
     ``budget_s`` stops starting new batches after that many seconds (``complete`` is then False).
+    ``pause_s`` sleeps between batches, leaving the database's disk and CPU to live traffic.
     """
     candidates = expired(older_than, now)
     if dry_run:
@@ -91,6 +93,8 @@ def purge(
             return counts
         since = rows[-1][1]
         _delete_batch(candidates, [pk for pk, _ in rows], counts)
+        if pause_s:
+            time.sleep(pause_s)
 
 
 def _delete_batch(candidates: QuerySet[Job], ids: list, counts: PurgeCounts) -> None:

@@ -119,6 +119,16 @@ def test_a_time_budget_stops_between_batches_and_says_more_is_left():
     assert Job.objects.count() == 3
 
 
+def test_a_pause_between_batches_still_purges_everything(monkeypatch):
+    for i in range(3):
+        job_aged(40 + i)
+    pauses: list[float] = []
+    monkeypatch.setattr(retention.time, "sleep", pauses.append)  # count the pauses, do not wait them out
+    out = purge_command("--older-than", "30", "--batch-size", "1", "--pause-ms", "40")
+    assert "deleted 3 job(s)" in out and not Job.objects.exists()
+    assert pauses == [0.04, 0.04, 0.04]
+
+
 def test_the_reconciler_pass_purges_by_job_retention_days_at_most_once_per_interval(settings, redis_db):
     settings.JOB_RETENTION_DAYS = 30
     job_aged(45, images=[PNG])
@@ -143,7 +153,10 @@ def test_job_retention_days_zero_keeps_everything(settings, redis_db):
     assert not redis_db.exists(retention.PERIODIC_LOCK)
 
 
-@pytest.mark.parametrize("args", [["--older-than", "-1"], ["--older-than", "3", "--batch-size", "0"]])
+@pytest.mark.parametrize(
+    "args",
+    [["--older-than", "-1"], ["--older-than", "3", "--batch-size", "0"], ["--older-than", "3", "--pause-ms", "-5"]],
+)
 def test_purge_command_refuses_nonsense(args):
     with pytest.raises(CommandError):
         call_command("purge_jobs", *args)
