@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import secrets
 import shutil
 import signal
 import statistics
@@ -39,7 +37,7 @@ from bench.p1_submit import (  # noqa: E402  (the same set-up as P1)
     free_port,
     manage,
     redis_conn,
-    redis_url,
+    server_env,
     start_gunicorn,
     stop_gunicorn,
     wait_ready,
@@ -88,19 +86,7 @@ def main() -> int:
     try:
         conn = redis_conn(args)
         flush_bench_db(conn)
-        env = {
-            **{k: v for k, v in os.environ.items() if k not in ("SECRET_KEY_FILE", "DATABASE_URL")},
-            "DJANGO_SETTINGS_MODULE": "orchestrator_site.settings",
-            "VAR_DIR": str(tmp),
-            "DATABASE_URL": f"sqlite:///{tmp / 'bench.sqlite3'}",
-            "REDIS_URL": redis_url(args),
-            "DEBUG": "0",
-            "SECRET_KEY": secrets.token_urlsafe(50),
-            "ALLOWED_HOSTS": "127.0.0.1,localhost",
-            "LOG_LEVEL": "WARNING",
-            "STATIC_ROOT": str(tmp / "static"),
-        }
-        (tmp / "static").mkdir()
+        env = server_env(args, tmp)
         manage(env, "migrate", "--noinput", "-v", "0")
         token = json.loads(manage(env, "bootstrap_demo", "--json").strip().splitlines()[-1])["token"]
         policies = json.loads(manage(env, "shell", "-c", SETUP).strip().splitlines()[-1])

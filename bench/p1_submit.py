@@ -190,6 +190,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def server_env(args: argparse.Namespace, tmp: Path, **extra: str) -> dict:
+    """The environment of a production-like site in ``tmp``: SQLite there, the bench's Redis db, DEBUG off
+    with a throw-away key, static files collected into ``tmp/static`` (made here)."""
+    (tmp / "static").mkdir(exist_ok=True)
+    inherited = {k: v for k, v in os.environ.items() if k not in ("SECRET_KEY_FILE", "DATABASE_URL")}
+    return {
+        **inherited,
+        "DJANGO_SETTINGS_MODULE": "orchestrator_site.settings",
+        "VAR_DIR": str(tmp),
+        "DATABASE_URL": f"sqlite:///{tmp / 'bench.sqlite3'}",
+        "REDIS_URL": redis_url(args),
+        "DEBUG": "0",
+        "SECRET_KEY": secrets.token_urlsafe(50),
+        "ALLOWED_HOSTS": "127.0.0.1,localhost",
+        "LOG_LEVEL": "WARNING",
+        "STATIC_ROOT": str(tmp / "static"),
+        **extra,
+    }
+
+
 def manage(env: dict, *argv: str) -> str:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "manage.py"), *argv], cwd=ROOT, env=env, capture_output=True, text=True, check=False
@@ -450,22 +470,7 @@ def main() -> int:
     try:
         conn = redis_conn(args)
         flush_bench_db(conn)
-        inherited = {k: v for k, v in os.environ.items() if k not in ("SECRET_KEY_FILE", "DATABASE_URL")}
-        env = {
-            **inherited,
-            "DJANGO_SETTINGS_MODULE": "orchestrator_site.settings",
-            "ROOT_URLCONF": "bench.urls",
-            "VAR_DIR": str(tmp),
-            "DATABASE_URL": f"sqlite:///{tmp / 'bench.sqlite3'}",
-            "REDIS_URL": redis_url(args),
-            "DEBUG": "0",
-            "SECRET_KEY": secrets.token_urlsafe(50),
-            "ALLOWED_HOSTS": "127.0.0.1,localhost",
-            "LOG_LEVEL": "WARNING",
-            "STATIC_ROOT": str(tmp / "static"),
-            "PYTHONDONTWRITEBYTECODE": "1",
-        }
-        (tmp / "static").mkdir()
+        env = server_env(args, tmp, ROOT_URLCONF="bench.urls", PYTHONDONTWRITEBYTECODE="1")
         t0 = time.monotonic()
         manage(env, "migrate", "--noinput", "-v", "0")
         creds = json.loads(manage(env, "bootstrap_demo", "--json").strip().splitlines()[-1])

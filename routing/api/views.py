@@ -8,8 +8,10 @@ writes need the matching model permission (``routing.add_backend``, ``routing.ch
 
 from __future__ import annotations
 
+from typing import Any
+
 from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
-from rest_framework import permissions, status, viewsets
+from rest_framework import permissions, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -40,6 +42,24 @@ def sees_full_registry(user) -> bool:
     return any(user.has_perm(perm) for perm in FULL_BACKEND_VIEW)
 
 
+class AuditedWritesMixin:
+    """Creates and updates go through the model's write service (``service.save``), which writes the
+    audit entry in the same transaction: the API never saves a registry row by itself."""
+
+    service: Any  # a module with ``save(obj, *, user, source)``
+
+    def perform_create(self, serializer: serializers.ModelSerializer) -> None:
+        obj = serializer.Meta.model(**serializer.validated_data)
+        self.service.save(obj, user=self.request.user, source="api")
+        serializer.instance = obj
+
+    def perform_update(self, serializer: serializers.ModelSerializer) -> None:
+        obj = serializer.instance
+        for name, value in serializer.validated_data.items():
+            setattr(obj, name, value)
+        self.service.save(obj, user=self.request.user, source="api")
+
+
 @extend_schema_view(
     list=extend_schema(
         responses=BackendSummarySerializer(many=True),
@@ -50,7 +70,8 @@ def sees_full_registry(user) -> bool:
         description="A summary of an enabled backend. Holders of routing.view_backend get the full record.",
     ),
 )
-class BackendViewSet(viewsets.ModelViewSet):
+class BackendViewSet(AuditedWritesMixin, viewsets.ModelViewSet):
+    service = backends
     queryset = Backend.objects.all()
     serializer_class = BackendSerializer
     permission_classes = [ModelPermissionsOrReadOnly]
@@ -67,39 +88,19 @@ class BackendViewSet(viewsets.ModelViewSet):
     def get_serializer_class(self):
         return BackendSummarySerializer if self._summary_only() else BackendSerializer
 
-    def perform_create(self, serializer: BackendSerializer) -> None:
-        backend = Backend(**serializer.validated_data)
-        backends.save(backend, user=self.request.user, source="api")
-        serializer.instance = backend
-
-    def perform_update(self, serializer: BackendSerializer) -> None:
-        backend = serializer.instance
-        for name, value in serializer.validated_data.items():
-            setattr(backend, name, value)
-        backends.save(backend, user=self.request.user, source="api")
-
     def perform_destroy(self, instance: Backend) -> None:
         backends.delete(instance, user=self.request.user, source="api")
 
 
-class RoutingPolicyViewSet(viewsets.ModelViewSet):
+class RoutingPolicyViewSet(AuditedWritesMixin, viewsets.ModelViewSet):
     """Policies; every write is kept in the audit log (``routing.PolicyChange``) with its user."""
+
+    service = policies
 
     queryset = RoutingPolicy.objects.all()
     serializer_class = RoutingPolicySerializer
     permission_classes = [ModelPermissionsOrReadOnly]
     action_permissions = {"activate": ["routing.change_routingpolicy"]}
-
-    def perform_create(self, serializer: RoutingPolicySerializer) -> None:
-        policy = RoutingPolicy(**serializer.validated_data)
-        policies.save(policy, user=self.request.user, source="api")
-        serializer.instance = policy
-
-    def perform_update(self, serializer: RoutingPolicySerializer) -> None:
-        policy = serializer.instance
-        for name, value in serializer.validated_data.items():
-            setattr(policy, name, value)
-        policies.save(policy, user=self.request.user, source="api")
 
     @extend_schema(responses={204: None, 409: OpenApiResponse(description="The policy is the active one.")})
     def destroy(self, request: Request, *args, **kwargs) -> Response:
