@@ -29,10 +29,11 @@ class JobState(models.TextChoices):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELED = "canceled"
+    EXPIRED = "expired"  # not started within its queue timeout: no backend call, no attempt
 
 
 ACTIVE_STATES = frozenset({JobState.QUEUED, JobState.RUNNING})
-TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED})
+TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED, JobState.EXPIRED})
 TEXT_MAX = 10_000  # an error message kept on a row
 # What a success writes: a backend result's own fields, then what the call cost.
 RESULT_FIELDS = ("output", "finish_reason", "prompt_tokens", "completion_tokens", "latency_ms")
@@ -71,11 +72,13 @@ def _api_datetime(value: datetime | None) -> str | None:
 
 # target state -> states it may be entered from. The one table of legal moves.
 TRANSITIONS: dict[str, frozenset[str]] = {
-    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED, JobState.CANCELED}),  # requeue / retry
+    # a re-queue, or an operator's retry
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED, JobState.CANCELED, JobState.EXPIRED}),
     JobState.RUNNING: frozenset({JobState.QUEUED}),
     JobState.SUCCEEDED: frozenset({JobState.RUNNING}),
     JobState.FAILED: frozenset({JobState.QUEUED, JobState.RUNNING}),
     JobState.CANCELED: frozenset({JobState.QUEUED, JobState.RUNNING}),
+    JobState.EXPIRED: frozenset({JobState.QUEUED}),
 }
 
 
@@ -117,6 +120,10 @@ class Job(models.Model):
     metadata = models.JSONField(default=dict, blank=True)
     timeout_s = models.PositiveIntegerField()
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    tenant = models.ForeignKey("tenants.Tenant", null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs")
+    # Not started by then, the job ends `expired` (None: it may wait for ever).
+    queue_timeout_s = models.PositiveIntegerField(null=True, blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
 
     # Idempotency: Redis answers fast; this unique key is the backstop when Redis lost it.
     idempotency_key = models.CharField(max_length=255, null=True, blank=True)
@@ -159,6 +166,13 @@ class Job(models.Model):
             models.Index(fields=["priority", "created_at"], name="job_priority_created"),
             # The live dashboard's "jobs per backend under the active policy, last hour": an index-only range scan.
             models.Index(fields=["created_at", "policy_name", "backend_name"], name="job_created_policy_backend"),
+            # The reconciler's "queued jobs past their queue timeout": only waiting jobs with a timeout are in it.
+            models.Index(
+                fields=["expires_at"],
+                condition=Q(state="queued", expires_at__isnull=False),
+                name="job_queued_expiry",
+            ),
+            models.Index(fields=["tenant", "created_at"], name="job_tenant_created"),
         ]
         constraints = [
             models.UniqueConstraint(

@@ -50,6 +50,7 @@ INSTALLED_APPS = [
     "workers",
     "dashboard",
     "audit",
+    "tenants",
 ]
 
 MIDDLEWARE = [
