@@ -27,6 +27,7 @@ from rq.job import Job as RQJob
 from rq.utils import utcparse
 
 from dashboard import aggregates, charts
+from jobs import fair_queue
 from jobs.models import Job
 from jobs.queueing import get_queue
 from orchestrator_site.redis import redis_client
@@ -175,17 +176,22 @@ def _redis_panels(snap: Snapshot, now: datetime) -> aggregates.Window:
     queue_names = list(settings.RQ_QUEUES)
     pipe = client.pipeline(transaction=False)
     for name in queue_names:
+        pipe.get(fair_queue.depth_key(name))
+        pipe.zrange(fair_queue.heads_key(name), 0, 0, withscores=True)  # the oldest tenant head waited longest
         queue_key = get_queue(name).key
-        pipe.llen(queue_key)
-        pipe.lindex(queue_key, 0)  # RQ pushes on the right and pops on the left: index 0 waited longest
+        pipe.llen(queue_key)  # RQ's own list: jobs from before the fair queue, other RQ jobs
+        pipe.lindex(queue_key, 0)
     parse_window = aggregates.queue_read(pipe, now)
     replies = pipe.execute()
-    n = 2 * len(queue_names)
-    depths, heads = replies[0:n:2], replies[1:n:2]
+    n = 4 * len(queue_names)
+    fair_depths, fair_heads, rq_depths, rq_heads = (replies[i:n:4] for i in range(4))
     window = parse_window(replies[n:])
+    depths = [max(0, int(f or 0)) + int(r) for f, r in zip(fair_depths, rq_depths, strict=True)]
 
-    waiting = [(i, h.decode()) for i, h in enumerate(heads) if h]
-    enqueued: dict[int, float | None] = {}
+    enqueued: dict[int, float | None] = {
+        i: max(now.timestamp() - head[0][1] / 1e6, 0.0) for i, head in enumerate(fair_heads) if head
+    }
+    waiting = [(i, h.decode()) for i, h in enumerate(rq_heads) if h and i not in enqueued]
     if waiting:
         pipe = client.pipeline(transaction=False)
         for _, rq_id in waiting:

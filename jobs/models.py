@@ -8,6 +8,7 @@ After a change commits, the status document is re-mirrored into Redis.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable, Collection, Sequence
 from datetime import datetime
@@ -18,9 +19,13 @@ from django.db import connections, models, router, transaction
 from django.db.models import F, Q, prefetch_related_objects
 from django.db.models.expressions import Combinable
 from django.utils import timezone
+from redis.exceptions import RedisError
 
-from jobs import cancellation, status_mirror
+from jobs import cancellation, fair_queue, status_mirror
 from jobs.images import ImageBlob, to_base64
+from orchestrator_site.redis import redis_client
+
+log = logging.getLogger(__name__)
 
 
 class JobState(models.TextChoices):
@@ -49,6 +54,20 @@ def storable(text: str, limit: int | None = None) -> str:
     if limit is not None:
         text = text[:limit]
     return text.replace("\x00", "\ufffd") if "\x00" in text else text
+
+
+def _leave_queues(jobs: Sequence[Job]) -> None:
+    """Waiting jobs that will not run give up their places (after commit). If Redis does not answer,
+    a worker that takes one later finds it not claimable and drops it."""
+    try:
+        pipe = redis_client().pipeline(transaction=False)
+        for job in jobs:
+            fair_queue.remove(
+                job.queue, fair_queue.tenant_key(job.tenant_id), job.rq_job_id or str(job.pk), pipeline=pipe
+            )
+        pipe.execute()
+    except RedisError as exc:
+        log.warning("jobs not taken off their queues", extra={"jobs": len(jobs), "error": str(exc)})
 
 
 def _str(value: Any) -> str | None:
@@ -359,6 +378,7 @@ class Job(models.Model):
         conn = connections[router.db_for_write(cls)]
         q = conn.ops.quote_name
         col = {name: q(meta.get_field(name).column) for name in ("state", "version", "attempt_count")}
+        expires = q(meta.get_field("expires_at").column)
         allowed = sorted(TRANSITIONS[JobState.RUNNING])
         pks = list(dict.fromkeys(meta.pk.get_db_prep_value(i, conn) for i in ids))
         sql = (
@@ -367,11 +387,13 @@ class Job(models.Model):
             f" {q(meta.get_field('started_at').column)} = %s, {q(meta.get_field('updated_at').column)} = %s"
             f" WHERE {q(meta.pk.column)} IN ({', '.join(['%s'] * len(pks))})"
             f" AND {col['state']} IN ({', '.join(['%s'] * len(allowed))})"
+            f" AND ({expires} IS NULL OR {expires} > %s)"  # past its queue timeout: expire_due's, not ours
             f" RETURNING {', '.join(q(f.column) for f in meta.concrete_fields)}"
         )
         at = meta.get_field("started_at").get_db_prep_save(now, conn)
         with transaction.atomic(using=conn.alias, savepoint=False):  # no savepoint inside a caller's transaction
-            jobs = list(cls.objects.db_manager(conn.alias).raw(sql, [JobState.RUNNING, worker, at, at, *pks, *allowed]))
+            params = [JobState.RUNNING, worker, at, at, *pks, *allowed, at]
+            jobs = list(cls.objects.db_manager(conn.alias).raw(sql, params))
             if not jobs:
                 return []
             prefetch_related_objects(jobs, "backend")
@@ -552,6 +574,9 @@ class Job(models.Model):
                 self._close_attempt(AttemptOutcome.CANCELED)
                 job_id = str(self.pk)
                 transaction.on_commit(lambda: cancellation.request_stop(job_id))
+            elif won:
+                job = self
+                transaction.on_commit(lambda: _leave_queues([job]))
         return won
 
     def requeue_lost(self, reason: str) -> bool:
@@ -585,6 +610,31 @@ class Job(models.Model):
             cost=None,
             latency_ms=None,
         )
+
+    @classmethod
+    def expire_due(cls, ids: Collection[str] | None = None, *, limit: int = 500) -> list[Job]:
+        """queued -> expired for jobs past their queue timeout (of ``ids``, or any); returns those moved.
+
+        No backend was called and no attempt opened: the job simply waited too long. Whoever finds
+        one calls this (the worker that took it, the reconciler's pass), and each expired job
+        leaves its queue, so it holds no place in it.
+        """
+        now = timezone.now()
+        due = cls.objects.filter(state=JobState.QUEUED, expires_at__lte=now)
+        if ids is not None:
+            due = due.filter(pk__in=list(ids))
+        rows = list(due.order_by("expires_at")[:limit])
+        if not rows:
+            return []
+        moves = [
+            (job, {"finished_at": now, "error": f"not started within its queue timeout ({job.queue_timeout_s} s)"})
+            for job in rows
+        ]
+        won = cls.transition_many(JobState.EXPIRED, moves)
+        expired = [job for job, ok in zip(rows, won, strict=True) if ok]
+        if expired:
+            transaction.on_commit(lambda: _leave_queues(expired))
+        return expired
 
     def _close_attempt(
         self, outcome: str, *, error: str = "", traceback: str = "", latency_ms: int | None = None

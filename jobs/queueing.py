@@ -6,8 +6,11 @@ from typing import TYPE_CHECKING
 
 from django.conf import settings
 from rq import Queue
+from rq.job import JobStatus
 from rq.serializers import JSONSerializer
+from rq.utils import now as rq_now
 
+from jobs import fair_queue
 from orchestrator_site.redis import redis_client
 
 if TYPE_CHECKING:
@@ -34,12 +37,16 @@ def get_queue(name: str) -> Queue:
 
 
 def enqueue(job: Job, pipeline: Pipeline | None = None, meta: dict[str, str] | None = None) -> None:
-    """Push ``job`` onto its queue; with ``pipeline``, nothing is sent until the caller executes it.
+    """Put ``job`` in its tenant's sub-queue of its queue (``jobs.fair_queue``); with ``pipeline``,
+    nothing is sent until the caller executes it.
 
-    ``meta`` rides in the RQ job's meta hash, not its payload (the payload stays the bare job id):
-    the W3C trace context (``traceparent``) when tracing is on, so the worker continues the trace.
+    The RQ job hash is RQ's own (a worker fetches it and RQ's tools can read it); only RQ's FIFO
+    list is replaced by the fair queue. ``meta`` rides in the hash's meta, not its payload (the
+    payload stays the bare job id): the W3C trace context (``traceparent``) when tracing is on, so
+    the worker continues the trace.
     """
-    get_queue(job.queue).enqueue_call(
+    queue = get_queue(job.queue)
+    rq_job = queue.create_job(
         TASK,
         args=(str(job.pk),),
         job_id=job.rq_job_id,
@@ -47,6 +54,21 @@ def enqueue(job: Job, pipeline: Pipeline | None = None, meta: dict[str, str] | N
         result_ttl=settings.JOB_STATUS_CACHE_TTL_S,
         failure_ttl=7 * 24 * 3600,
         description=f"llm job {job.pk} ({job.priority})",
-        pipeline=pipeline,
         meta=meta,
     )
+    rq_job.origin = queue.name
+    rq_job.enqueued_at = rq_now()
+    pipe = pipeline if pipeline is not None else queue.connection.pipeline()
+    rq_job.set_status(JobStatus.QUEUED, pipeline=pipe)
+    rq_job.save(pipeline=pipe)
+    tenant = job.tenant if type(job).tenant.is_cached(job) else None  # never a query here
+    fair_queue.push(
+        job.queue,
+        fair_queue.tenant_key(job.tenant_id),
+        rq_job.id,
+        fair_queue.score_of((job.enqueued_at or job.created_at).timestamp()),
+        weight=tenant.weight if tenant is not None else None,
+        pipeline=pipe,
+    )
+    if pipeline is None:
+        pipe.execute()

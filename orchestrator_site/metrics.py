@@ -18,7 +18,7 @@ and the figures survive any web or worker restart. Counters reset only when Redi
 which Prometheus treats like any counter reset.
 
 The control plane's ``/metrics`` registers :class:`FleetCollector`, which at scrape time reads those
-hashes plus live state: queue depth (LLEN of every RQ queue), per-backend in-flight calls, circuit
+hashes plus live state: queue depth (every queue's waiting jobs), per-backend in-flight calls, circuit
 state, error rate and latency (``routing.stats``), and django-rq's own queue/worker figures
 (``RQCollector``). Process-local figures (django-prometheus HTTP/DB metrics, Python runtime) come
 from the serving process, or from prometheus_client's multiprocess directory when
@@ -212,6 +212,7 @@ class FleetCollector(Collector):
     """Reads the fleet figures from Redis (two round trips) and the backend list from the DB (one query)."""
 
     def collect(self) -> Iterable[Metric]:
+        from jobs import fair_queue
         from routing import stats
         from routing.models import Backend
 
@@ -222,19 +223,21 @@ class FleetCollector(Collector):
             for h in HISTOGRAMS:
                 pipe.hgetall(h.redis_key)
             pipe.smembers("rq:queues")
-            counters, *hists, queue_keys = pipe.execute()
-            queues = sorted({k.decode().removeprefix("rq:queue:") for k in queue_keys} | set(settings.JOB_QUEUES))
-            pipe = client.pipeline(transaction=False)
-            for q in queues:
-                pipe.llen(f"rq:queue:{q}")
-            depths = pipe.execute()
+            pipe.smembers(fair_queue.KNOWN_QUEUES_KEY)
+            counters, *hists, queue_keys, fair_names = pipe.execute()
+            queues = sorted(
+                {k.decode().removeprefix("rq:queue:") for k in queue_keys}
+                | {n.decode() for n in fair_names}
+                | set(settings.JOB_QUEUES)
+            )
+            depths = list(fair_queue.depths(queues, client).values())
         except RedisError as exc:
             log.warning("fleet metrics unavailable", extra={"error": str(exc)})
             return
         yield from _counter_families(_decode(counters))
         for h, raw in zip(HISTOGRAMS, hists, strict=True):
             yield _histogram_family(h, _decode(raw))
-        depth = GaugeMetricFamily(PREFIX + "queue_depth", "Jobs waiting in each RQ queue (LLEN).", labels=["queue"])
+        depth = GaugeMetricFamily(PREFIX + "queue_depth", "Jobs waiting in each queue.", labels=["queue"])
         for q, n in zip(queues, depths, strict=True):
             depth.add_metric([q], n)
         yield depth

@@ -126,6 +126,8 @@ CACHES = {
 }
 
 JOB_QUEUES = ("high", "normal", "low")  # dequeue order: high before normal before low
+# Fair share (jobs/fair_queue.py): a job waiting longer than this behind higher-priority work is served next.
+MAX_STARVATION_S = env_int("MAX_STARVATION_S", 300, minimum=1)
 JOB_TIMEOUT_S = env_int("JOB_TIMEOUT_S", 600, minimum=1)
 # Pools of resident-model workers (an hf_local backend names its pool): each pool has its own
 # '<pool>-high|normal|low' queues, so `manage.py rqworker gpu-high gpu-normal gpu-low` finds them.

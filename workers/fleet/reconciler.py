@@ -2,10 +2,10 @@
 
 The database is the system of record; Redis can lose a queue entry (FLUSHALL, a restart
 without persistence, an enqueue that failed after the row committed, a worker stopped between
-popping a job and claiming it). Any ``queued`` job whose RQ job is gone, or is on no queue, is
-pushed again. Jobs younger than ``min_age_s`` are left alone: their enqueue may still be in
-flight right after commit. A duplicate push is harmless (the worker's compare-and-set makes the
-second delivery a no-op).
+popping a job and claiming it). Any ``queued`` job whose RQ job is gone, or that waits in no
+sub-queue of the fair queue (``jobs.fair_queue``), is pushed again. Jobs younger than ``min_age_s``
+are left alone: their enqueue may still be in flight right after commit. A duplicate push is
+harmless (the worker's compare-and-set makes the second delivery a no-op).
 
 A ``running`` job is re-queued when its worker's liveness key expired: the worker has not beaten
 for a whole lease TTL (its long-lived ``worker-seen`` key is still there). When both keys are gone
@@ -23,9 +23,9 @@ from datetime import timedelta
 from django.conf import settings
 from django.utils import timezone
 
-from jobs import queueing, retention
+from jobs import fair_queue, queueing, retention
 from jobs.models import Job, JobState
-from orchestrator_site.redis import key, redis_client, reply_text
+from orchestrator_site.redis import key, redis_client
 from workers.fleet import liveness
 
 log = logging.getLogger(__name__)
@@ -33,29 +33,28 @@ BATCH = 500
 
 
 def requeue_lost_jobs(min_age_s: float = 5.0) -> int:
-    """Push every queued job whose RQ job is missing from Redis; returns how many were pushed."""
+    """Push every queued job whose RQ job is missing from Redis, or that waits on no queue; returns how many."""
     client = redis_client()
     cutoff = timezone.now() - timedelta(seconds=min_age_s)
     queued = Job.objects.filter(state=JobState.QUEUED, created_at__lte=cutoff).order_by("created_at")
     pushed = 0
     last_created = None
-    on_queues: dict[str, set[str]] = {}  # queue name -> RQ job ids waiting on it (read once per pass)
     while True:
         page = queued if last_created is None else queued.filter(created_at__gt=last_created)
-        batch = list(page.only("id", "priority", "queue", "rq_job_id", "timeout_s", "created_at")[:BATCH])
+        fields = ("id", "priority", "queue", "rq_job_id", "timeout_s", "created_at", "enqueued_at", "tenant_id")
+        batch = list(page.only(*fields)[:BATCH])
         if not batch:
             return pushed
         last_created = batch[-1].created_at
         pipe = client.pipeline(transaction=False)
         for job in batch:
             pipe.exists(queueing.get_queue(job.queue).job_class.key_for(job.rq_job_id))
-        exists = pipe.execute()
-        for name in {job.queue for job in batch} - on_queues.keys():
-            on_queues[name] = {reply_text(i) for i in client.lrange(queueing.get_queue(name).key, 0, -1)}
+            fair_queue.is_waiting(job.queue, fair_queue.tenant_key(job.tenant_id), job.rq_job_id, pipeline=pipe)
+        replies = pipe.execute()
         missing = [
             job
-            for job, found in zip(batch, exists, strict=True)
-            if not found or job.rq_job_id not in on_queues[job.queue]
+            for job, found, waiting in zip(batch, replies[::2], replies[1::2], strict=True)
+            if not found or waiting is None
         ]
         if missing:
             pipe = client.pipeline()
@@ -67,6 +66,16 @@ def requeue_lost_jobs(min_age_s: float = 5.0) -> int:
             )
             pushed += len(missing)
             log.warning("re-enqueued jobs lost by Redis", extra={"count": len(missing)})
+
+
+def expire_overdue() -> int:
+    """Queued jobs past their queue timeout end ``expired``, found here even when no worker runs."""
+    expired = 0
+    while batch := Job.expire_due():
+        expired += len(batch)
+    if expired:
+        log.info("expired jobs past their queue timeout", extra={"count": expired})
+    return expired
 
 
 def missing_key(worker_name: str) -> str:
@@ -132,7 +141,9 @@ def requeue_orphaned_running() -> tuple[int, int]:
 
 
 def reconcile(min_age_s: float = 5.0) -> tuple[int, int, int]:
-    """One pass: (queued jobs re-enqueued, running jobs re-queued, running jobs failed)."""
+    """One pass: (queued jobs re-enqueued, running jobs re-queued, running jobs failed); jobs past
+    their queue timeout are expired first, so none of them is pushed again."""
+    expire_overdue()
     pushed = requeue_lost_jobs(min_age_s=min_age_s)
     requeued, failed = requeue_orphaned_running()
     retention.purge_if_due()  # throttled fleet-wide by its own lock

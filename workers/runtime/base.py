@@ -38,7 +38,7 @@ from typing import Any
 from django.conf import settings
 from django.db import close_old_connections
 from django.utils import timezone
-from rq.exceptions import StopRequested
+from rq.exceptions import DequeueTimeout, StopRequested
 from rq.executions import Execution
 from rq.job import Job as RQJob
 from rq.queue import Queue
@@ -46,10 +46,9 @@ from rq.serializers import JSONSerializer
 from rq.timeouts import BaseDeathPenalty
 from rq.worker import SimpleWorker, WorkerStatus
 
-from jobs import queueing
+from jobs import fair_queue, queueing
 from jobs.models import Job
 from orchestrator_site import tracing
-from orchestrator_site.redis import reply_text
 from routing import capacity
 from routing.models import Backend
 from workers.execution.run_figures import record_run
@@ -93,6 +92,77 @@ class Delivery:
         return self.job.backend
 
 
+def taken_entry(rq_job: RQJob, queue: Queue) -> fair_queue.Taken:
+    """Where a taken job came from (set by ``take``); a job that came another way goes back to RQ's list."""
+    return getattr(rq_job, "fair_entry", None) or fair_queue.Taken(queue.name, rq_job.id, "", "")
+
+
+def take(
+    queues: list[Queue], n: int, connection: Any, job_class: type[RQJob], serializer: Any
+) -> list[tuple[RQJob, Queue]]:
+    """Up to ``n`` jobs from the fair queue with their RQ hashes; jobs whose hash is gone are skipped
+    (deleted since they were queued: RQ's own dequeue skips those too)."""
+    by_name = {q.name: q for q in queues}
+    entries = fair_queue.take([q.name for q in queues], n, client=connection)
+    if not entries:
+        return []
+    rq_jobs = job_class.fetch_many([e.job_id for e in entries], connection=connection, serializer=serializer)
+    taken = []
+    for entry, rq_job in zip(entries, rq_jobs, strict=True):
+        if rq_job is not None:
+            rq_job.fair_entry = entry
+            taken.append((rq_job, by_name[entry.queue]))
+    return taken
+
+
+class FairDequeue:
+    """Mixed into the worker's queue class: RQ's loop takes its next job from the fair queue.
+
+    RQ's ``dequeue_any`` pops the first of the worker's lists (BLPOP); here the fair queue's take
+    decides, and an idle worker blocks on the queues' bells (short waits, below the Redis socket
+    timeout) until a push rings one or RQ's dequeue timeout passes.
+    """
+
+    BELL_WAIT_S = 2.0
+
+    @classmethod
+    def dequeue_any(
+        cls,
+        queues: Any,
+        timeout: int | None,
+        connection: Any,
+        job_class: Any = None,
+        serializer: Any = None,
+        death_penalty_class: Any = None,
+    ) -> tuple[RQJob, Queue] | None:
+        queues = list(queues)
+        names = [q.name for q in queues]
+        until = None if not timeout else time.monotonic() + timeout
+        while True:
+            taken = take(queues, 1, connection, job_class or RQJob, serializer)
+            if taken:
+                return taken[0]
+            if timeout is None:  # burst mode: never block
+                return None
+            left = cls.BELL_WAIT_S if until is None else until - time.monotonic()
+            if left <= 0:
+                raise DequeueTimeout(timeout, names)
+            fair_queue.wait_for_push(names, min(left, cls.BELL_WAIT_S), client=connection)
+
+
+_fair_classes: dict[type, type] = {}
+
+
+def fair_queue_class(queue_class: type[Queue]) -> type[Queue]:
+    """``queue_class`` (django-rq's, or a ``--queue-class``) with the fair dequeue."""
+    if issubclass(queue_class, FairDequeue):
+        return queue_class
+    fair = _fair_classes.get(queue_class)
+    if fair is None:
+        fair = _fair_classes[queue_class] = type(f"Fair{queue_class.__name__}", (FairDequeue, queue_class), {})
+    return fair
+
+
 class NoDeathPenalty(BaseDeathPenalty):
     """RQ's SIGALRM death penalty works only in the main thread, and our jobs may run in others.
 
@@ -120,6 +190,7 @@ class BaseWorker(SimpleWorker):
         if len(args) < 2:
             kwargs["name"] = kwargs.get("name") or f"{socket.gethostname()}.{os.getpid()}"
         super().__init__(*args, **kwargs)
+        self.queue_class = fair_queue_class(self.queue_class)
         # Finished jobs' figures and RQ hash deletes, summed and sent in one round trip now and then.
         self.write_behind = WriteBehind()
         self._waiting_for_job = False
@@ -182,31 +253,27 @@ class BaseWorker(SimpleWorker):
         return True
 
     def drop_unclaimed(self, deliveries: list[Delivery]) -> None:
-        """Deliveries that lost their claim use nothing: their RQ hashes go with the next flush."""
+        """Deliveries that lost their claim use nothing: their RQ hashes go with the next flush.
+
+        A job is not claimable past its queue timeout: this worker found it, so it expires it.
+        """
         if deliveries:
             log.info("jobs not claimable; skipped", extra={"jobs": [d.job_id for d in deliveries]})
             self.write_behind.delete(*(d.rq_job.key for d in deliveries))
+            try:
+                Job.expire_due([d.job_id for d in deliveries if is_our_task(d.rq_job)])
+            except Exception:  # the reconciler's pass expires them too
+                log.exception("expiring jobs failed", extra={"jobs": len(deliveries)})
 
     def take_waiting(self, n: int) -> list[tuple[RQJob, Queue]]:
-        """Pop up to ``n`` waiting jobs, highest-priority queue first (a worker killed right after
-        this leaves them ``queued`` in the database and on no queue: the reconciler pushes them again)."""
-        taken: list[tuple[RQJob, Queue]] = []
-        for queue in self.queues:
-            if len(taken) >= n:
-                break
-            ids = self.connection.lpop(queue.key, n - len(taken))
-            if not ids:
-                continue
-            ids = [reply_text(i) for i in ids]
-            for rq_job in self.job_class.fetch_many(ids, connection=self.connection, serializer=self.serializer):
-                if rq_job is not None:  # deleted since it was queued: RQ's own dequeue skips those too
-                    taken.append((rq_job, queue))
-        return taken
+        """Take up to ``n`` waiting jobs the way the fair queue serves them (priority, then tenants by
+        weight, with aging). A worker killed right after this leaves them ``queued`` in the database
+        and on no queue: the reconciler pushes them again."""
+        return take(self.queues, n, self.connection, self.job_class, self.serializer)
 
     def push_back(self, taken: list[tuple[RQJob, Queue]]) -> None:
-        """Put popped jobs back in front of their queues, in the order they were taken."""
-        for rq_job, queue in reversed(taken):
-            queue.push_job_id(rq_job.id, at_front=True)
+        """Put taken jobs back where they were (their tenant's sub-queue, at their enqueue time)."""
+        fair_queue.put_back((taken_entry(rq_job, queue) for rq_job, queue in taken), client=self.connection)
 
     def finish_own(self, d: Delivery, span: Any = None) -> None:
         """Our own task's run is over: its RQ hash goes, its figures are recorded (both buffered)."""
