@@ -27,7 +27,7 @@ from jobs.models import ACTIVE_STATES, Job, JobAttempt, JobState
 from orchestrator_site.admin_actions import RefuseForbiddenActionsMixin
 from orchestrator_site.redis import redis_client
 
-RETRYABLE_STATES = frozenset({JobState.FAILED, JobState.CANCELED})  # what Job.requeue accepts
+RETRYABLE_STATES = frozenset({JobState.FAILED, JobState.CANCELED, JobState.EXPIRED})  # what Job.requeue accepts
 
 
 class JobAttemptInline(admin.TabularInline):

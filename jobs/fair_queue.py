@@ -279,15 +279,22 @@ def is_waiting(queue: str, tenant: str, job_id: str, *, pipeline: Pipeline) -> N
     pipeline.zscore(f"{PREFIX}q:{queue}:t:{tenant}", job_id)
 
 
-def position(queue: str, tenant: str, job_id: str, higher: Sequence[str] = ()) -> int | None:
-    """Where a waiting job stands: 1 = next to be taken from ``queue`` and the ``higher`` queues before it.
+def position(
+    queue: str, tenant: str, job_id: str, higher: Sequence[str] = (), *, pipeline: Pipeline | None = None
+) -> int | None:
+    """Where a waiting job stands: 1 = next to be taken from ``queue`` and the ``higher`` queues before it
+    (None: it waits nowhere). With ``pipeline``, the script is queued there and its reply is the raw
+    position (``-1`` for nowhere).
 
     Approximate in two ways: it assumes the tenants' passes advance as they would if no new job
     arrived (a new tenant, or new jobs at a higher priority, move it back), and it ignores aging.
     """
     pos = _script("position", _POSITION)(
-        args=[PREFIX, queue, tenant, job_id, POSITION_SCAN_MAX, *higher], client=redis_client()
+        args=[PREFIX, queue, tenant, job_id, POSITION_SCAN_MAX, *higher],
+        client=pipeline if pipeline is not None else redis_client(),
     )
+    if pipeline is not None:
+        return None
     return int(pos) if int(pos) > 0 else None
 
 

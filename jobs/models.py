@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable, Collection, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -307,6 +307,7 @@ class Job(models.Model):
             ],
             "links": {"self": f"/jobs/{pk}", "result": f"/jobs/{pk}/result", "cancel": f"/jobs/{pk}/cancel"},
             "owner_id": _int(self.created_by_id),
+            "tenant_id": _int(self.tenant_id),
         }
 
     # --- state machine -------------------------------------------------------------
@@ -596,15 +597,18 @@ class Job(models.Model):
         return won
 
     def requeue(self) -> bool:
-        """failed|canceled -> queued (operator retry): clears the outcome, keeps the attempt history."""
+        """failed|canceled|expired -> queued (operator retry): clears the outcome, keeps the attempt
+        history; a queue timeout starts again from now."""
+        now = timezone.now()
         return self.transition(
             JobState.QUEUED,
+            expires_at=now + timedelta(seconds=self.queue_timeout_s) if self.queue_timeout_s else None,
             output="",
             error="",
             finish_reason="",
             finished_at=None,
             started_at=None,
-            enqueued_at=timezone.now(),
+            enqueued_at=now,
             prompt_tokens=None,
             completion_tokens=None,
             cost=None,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from django.urls import reverse
 
+from jobs import fair_queue
 from jobs.models import Job, JobState
-from orchestrator_site.redis import redis_client
 from routing.models import Backend, BackendKind, RoutingPolicy
 from tests.factories import make_job
 
@@ -69,7 +69,7 @@ def test_retry_action_requeues_failed_job_onto_its_queue(admin_client, dev_backe
     admin_client.post(reverse("admin:jobs_job_changelist"), {"action": "retry_jobs", "_selected_action": [job.pk]})
     job.refresh_from_db()
     assert job.state == JobState.QUEUED and job.error == ""
-    assert str(job.pk).encode() in redis_client().lrange("rq:queue:normal", 0, -1)
+    assert str(job.pk).encode() in [i.encode() for i in fair_queue.waiting_ids("normal")]
 
 
 def test_backend_api_key_is_never_shown(admin_client):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from django.urls import reverse
 
+from jobs import fair_queue
 from jobs.models import Job, JobState
-from orchestrator_site.redis import redis_client
 from routing.models import Backend, BackendKind
 from tests.factories import make_job
 
@@ -70,7 +70,7 @@ def test_retry_requeues_failed_and_canceled_jobs_and_skips_the_rest(admin_client
     assert msgs == ["Re-queued 2 job(s). Skipped 2 that were not failed or canceled."]
     assert states(failed, canceled, queued, done) == ["queued", "queued", "queued", "succeeded"]
     assert Job.objects.get(pk=failed.pk).error == "" and Job.objects.get(pk=done.pk).output == "kept"
-    on_queue = redis_client().lrange("rq:queue:normal", 0, -1)
+    on_queue = [i.encode() for i in fair_queue.waiting_ids("normal")]
     assert str(failed.pk).encode() in on_queue and str(canceled.pk).encode() in on_queue
     assert str(queued.pk).encode() not in on_queue  # skipped: not enqueued a second time
     assert list(failed.attempts.values_list("outcome", flat=True)) == ["failed"]  # history kept

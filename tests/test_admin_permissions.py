@@ -10,8 +10,8 @@ from django.urls import reverse
 from django_rq.settings import get_queues_list
 
 from audit.models import AuditEntry
+from jobs import fair_queue
 from jobs.models import Job, JobState
-from orchestrator_site.redis import redis_client
 from routing import circuit
 from routing.circuit import CircuitConfig
 from routing.models import Backend, BackendKind, PolicyChange, RoutingPolicy
@@ -119,7 +119,7 @@ def test_forged_job_actions_from_view_only_staff_are_403_and_change_nothing(clie
 
     assert Job.objects.get(pk=queued.pk).state == JobState.QUEUED
     assert Job.objects.get(pk=failed.pk).state == JobState.FAILED
-    assert redis_client().llen("rq:queue:normal") == 0
+    assert len(fair_queue.waiting_ids("normal")) == 0
     assert not AuditEntry.objects.exists()
 
 

@@ -17,8 +17,9 @@ from django.db import transaction
 from rq.job import Job as RQJob
 from rq.serializers import JSONSerializer
 
+from jobs import fair_queue
 from jobs.models import AttemptOutcome, Job, JobAttempt, JobState
-from jobs.queueing import TASK, get_queue
+from jobs.queueing import TASK
 from jobs.status_mirror import cache_key
 from routing.models import Backend, BackendKind
 from tests.conftest import run_worker_burst, token_client
@@ -45,8 +46,8 @@ STATUS_FIELDS = {
 
 # --- helpers -----------------------------------------------------------------------
 def queued_ids() -> dict[str, list[str]]:
-    """The RQ job ids waiting on each priority queue."""
-    return {name: get_queue(name).get_job_ids() for name in settings.JOB_QUEUES}
+    """The RQ job ids waiting on each priority queue (in the fair queue's sub-queues)."""
+    return {name: fair_queue.waiting_ids(name) for name in settings.JOB_QUEUES}
 
 
 def rq_job(job_id: str, redis) -> RQJob:
@@ -189,10 +190,13 @@ def test_status_falls_back_to_the_database_after_a_redis_flush_and_refills_the_m
     job_id = submit(api)["id"]
     before = api.get(f"/jobs/{job_id}").json()
 
+    assert before["queue_position"] == 1
     redis_db.flushdb()
     resp = api.get(f"/jobs/{job_id}")
 
     assert resp.status_code == 200
+    # The flush took its place in the queue too: no position until the reconciler pushes it again.
+    before["queue_position"] = None
     assert resp.json() == before
     assert redis_db.get(cache_key(job_id)) is not None
     with django_assert_num_queries(0):  # refilled: served from Redis again (the token is remembered)

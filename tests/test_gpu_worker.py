@@ -14,6 +14,7 @@ import pytest
 from rq.job import Job as RQJob
 from rq.registry import FinishedJobRegistry, StartedJobRegistry
 
+from jobs import fair_queue
 from jobs.models import AttemptOutcome, Job, JobState, storable
 from orchestrator_site.redis import redis_client
 from routing import circuit, policies
@@ -102,7 +103,7 @@ def test_waiting_jobs_run_as_one_batch_each_with_its_own_result(api, gpu_backend
     assert StartedJobRegistry("gpu-normal", connection=conn).get_job_ids() == []
     assert FinishedJobRegistry("gpu-normal", connection=conn).get_job_ids() == []
     assert RQJob.fetch_many(ids, connection=conn, serializer="rq.serializers.JSONSerializer") == [None] * 4
-    assert conn.llen("rq:queue:gpu-normal") == 0
+    assert len(fair_queue.waiting_ids("gpu-normal")) == 0
     # Batched jobs feed the fleet metrics and the dashboard like any other job.
     text = metrics_text()
     assert 'llm_orchestrator_jobs_finished_total{backend="tiny",outcome="succeeded"} 4.0' in text
@@ -267,9 +268,9 @@ def test_jobs_a_gpu_worker_popped_but_never_claimed_are_pushed_again(api, gpu_ba
     # Ten seconds' wait to fill the batch: the worker holds the popped jobs, unclaimed, when it dies.
     first = worker_process(*QUEUES, worker_class=GPU_WORKER, BATCH_WAIT_MS="10000", **FAST_RECOVERY)
     deadline = time.monotonic() + 60
-    while redis_client().llen("rq:queue:gpu-normal") and time.monotonic() < deadline and first.poll() is None:
+    while len(fair_queue.waiting_ids("gpu-normal")) and time.monotonic() < deadline and first.poll() is None:
         time.sleep(0.05)
-    assert redis_client().llen("rq:queue:gpu-normal") == 0, first.log_path.read_text()[-3000:]
+    assert len(fair_queue.waiting_ids("gpu-normal")) == 0, first.log_path.read_text()[-3000:]
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
     assert {j.state for j in Job.objects.filter(pk__in=ids)} == {JobState.QUEUED}
@@ -400,7 +401,7 @@ def test_a_stopped_gpu_worker_hands_its_batch_back_after_the_grace(api, gpu_back
     assert {j.state for j in jobs} == {JobState.QUEUED}  # back in line, not left running for the reconciler
     assert {j.attempts.get().outcome for j in jobs} == {AttemptOutcome.INTERRUPTED}
     assert "grace 0.3s" in jobs[0].attempts.get().error
-    assert redis_client().llen("rq:queue:gpu-normal") == 2
+    assert len(fair_queue.waiting_ids("gpu-normal")) == 2
     worker_process(*QUEUES, worker_class=GPU_WORKER, **FAST_RECOVERY)
     for job in wait_for_state(ids, JobState.SUCCEEDED, timeout=60):
         assert job.attempt_count == 2 and job.output == alone(gpu_backend, prompts[ids.index(str(job.pk))], 200)

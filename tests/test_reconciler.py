@@ -9,6 +9,7 @@ import pytest
 from django.core.management import call_command
 from django.utils import timezone
 
+from jobs import fair_queue
 from jobs.models import Job, JobState
 from orchestrator_site.redis import redis_client
 from tests.conftest import run_worker_burst
@@ -42,7 +43,7 @@ def test_reconcile_leaves_enqueued_and_young_jobs_alone(api, policy, capsys):
     redis_client().flushdb()
     call_command("reconcile", min_age=60)
     assert "re-enqueued 0 job(s)" in capsys.readouterr().out  # too young to judge
-    assert redis_client().llen("rq:queue:normal") == 0
+    assert len(fair_queue.waiting_ids("normal")) == 0
 
 
 def _running_on_a_dead_worker(api, attempts: int) -> Job:
@@ -87,7 +88,7 @@ def test_a_worker_whose_key_expired_is_dead_at_once(api, policy):
 
 def test_a_queued_job_popped_by_a_worker_that_died_before_claiming_it_is_pushed_again(api, policy, capsys):
     job_id = api.post("/jobs", {"prompt": "popped"}, format="json").json()["id"]
-    assert redis_client().lpop("rq:queue:normal") == job_id.encode()  # the worker popped it, then died
+    assert [t.job_id for t in fair_queue.take(["normal"])] == [job_id]  # the worker took it, then died
     call_command("reconcile", min_age=0)
     assert "re-enqueued 1 job(s)" in capsys.readouterr().out
     run_worker_burst()

@@ -11,7 +11,7 @@ import pytest
 from django.db import connection
 from django.utils import timezone
 
-from jobs import status_mirror
+from jobs import fair_queue, status_mirror
 from jobs.models import AttemptOutcome, Job, JobAttempt, JobState
 from orchestrator_site.redis import redis_client
 from tests.factories import make_job
@@ -388,8 +388,8 @@ def test_jobs_whose_claim_the_database_refused_go_back_in_order_and_run_once(api
         client = redis_client()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            if refused and client.llen("rq:queue:normal") == 3:
-                put_back.append([i.decode() for i in client.lrange("rq:queue:normal", 0, -1)])
+            if refused and len(ids := fair_queue.waiting_ids("normal", client)) == 3:
+                put_back.append(ids)
                 return
             time.sleep(0.01)
 

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from jobs import fair_queue
 from jobs.models import AttemptOutcome, Job, JobState
 from orchestrator_site.redis import redis_client
 from routing import policies
@@ -68,7 +69,7 @@ def test_sigterm_finishes_running_jobs_within_the_grace_requeues_the_rest_and_ex
         attempt = job.attempts.get()
         assert attempt.outcome == AttemptOutcome.INTERRUPTED and "shut down" in attempt.error
     assert all(Job.objects.get(pk=i).attempt_count == 0 for i in waiting)
-    queued = redis_client().lrange("rq:queue:high", 0, -1)
+    queued = [i.encode() for i in fair_queue.waiting_ids("high")]
     assert {j.encode() for j in long} <= set(queued)  # back on their queue, no reconciler needed
     Backend.objects.filter(name="slow").update(config={"latency_ms": 10})
     run_worker_burst(MAX_CONCURRENCY="4")
@@ -192,7 +193,9 @@ def test_a_second_sigterm_requeues_the_running_jobs_at_once_and_exits(api, backe
         assert (job.state, job.worker, job.output) == (JobState.QUEUED, "", "")
         attempt = job.attempts.get()
         assert attempt.outcome == AttemptOutcome.INTERRUPTED and "second signal" in attempt.error
-    assert {j.encode() for j in ids} <= set(redis_client().lrange("rq:queue:normal", 0, -1))  # no reconciler needed
+    assert {j.encode() for j in ids} <= set(
+        [i.encode() for i in fair_queue.waiting_ids("normal")]
+    )  # no reconciler needed
     set_latency(backend, latency_ms=10)
     run_worker_burst()
     assert states(ids) == ["succeeded"] * 2

@@ -23,6 +23,25 @@ class JobStatusSerializer(JobSerializer):
         read_only_fields = fields
 
 
+class JobDetailSerializer(JobStatusSerializer):
+    """``GET /jobs/<id>``: the status document, and a waiting job's place (``jobs.queue_position``)."""
+
+    queue_position = serializers.IntegerField(
+        allow_null=True,
+        read_only=True,
+        help_text="While queued: 1 = the next job the workers would take (approximate; see docs/api.md).",
+    )
+    eta_s = serializers.FloatField(
+        allow_null=True,
+        read_only=True,
+        help_text="While queued: seconds until it starts (measured drain rate).",
+    )
+
+    class Meta(JobStatusSerializer.Meta):
+        fields = [*JobStatusSerializer.Meta.fields, "queue_position", "eta_s"]
+        read_only_fields = fields
+
+
 class JobResultSerializer(JobSerializer):
     """``GET /jobs/<id>/result`` once the job has ended."""
 

@@ -182,6 +182,7 @@ class JobSerializer(serializers.ModelSerializer):
     attempt_log = serializers.ListField(child=serializers.DictField(), read_only=True)
     links = serializers.DictField(child=serializers.CharField(), read_only=True)
     owner_id = serializers.IntegerField(source="created_by_id")
+    tenant_id = serializers.IntegerField(allow_null=True)
 
     class Meta:
         model = Job
@@ -209,6 +210,7 @@ class JobSerializer(serializers.ModelSerializer):
             "attempt_log",
             "links",
             "owner_id",
+            "tenant_id",
         ]
         read_only_fields = fields
 
@@ -217,7 +219,7 @@ class JobSerializer(serializers.ModelSerializer):
 
 
 # Fields of the status document that are internal (access control) or belong to /result.
-PRIVATE_FIELDS = ("owner_id",)
+PRIVATE_FIELDS = ("owner_id", "tenant_id")
 RESULT_FIELDS = ("id", "state", "backend", "output", "finish_reason", "usage", "cost", "latency_ms", "error")
 
 

@@ -14,9 +14,10 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from jobs import services, status_mirror
+from jobs import queue_position, services, status_mirror
 from jobs.api.schema import (
     CancelConflictSerializer,
+    JobDetailSerializer,
     JobPendingSerializer,
     JobResultSerializer,
     JobStatusSerializer,
@@ -147,10 +148,18 @@ class JobListCreate(generics.GenericAPIView):
         return self.get_paginated_response(data)
 
 
+def with_place(doc: dict[str, Any]) -> dict[str, Any]:
+    """A waiting job's ``queue_position`` and ``eta_s`` (``jobs.queue_position``); null once it left the queue."""
+    place = queue_position.UNKNOWN
+    if doc.get("state") == JobState.QUEUED and doc.get("queue"):
+        place = queue_position.place(doc["queue"], doc.get("tenant_id"), doc["id"])
+    return {**doc, "queue_position": place.position, "eta_s": place.eta_s}
+
+
 class JobDetail(APIView):
-    @extend_schema(responses=JobStatusSerializer, summary="A job's status")
+    @extend_schema(responses=JobDetailSerializer, summary="A job's status")
     def get(self, request: Request, job_id: str) -> Response:
-        return Response(public(_status_doc(request, job_id)))
+        return Response(public(with_place(_status_doc(request, job_id))))
 
 
 class JobResult(APIView):

@@ -1,0 +1,55 @@
+"""Where a waiting job stands: its place among the jobs the workers would take, and an ETA.
+
+Both are read when asked (``GET /jobs/<id>``, the job's admin page), never stored: one Redis round
+trip (the fair queue's position script and the pool's drain counters, pipelined). The position is
+that of ``jobs.fair_queue.position``: exact while nothing new arrives, moved back by new jobs at a
+higher priority or of a tenant that starts waiting, and blind to aging. The ETA divides it by the
+pool's measured drain rate (jobs taken per second over the last minute, every priority of the pool);
+with nothing taken in that minute there is no rate and no ETA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from django.conf import settings
+from redis.exceptions import RedisError
+
+from jobs import fair_queue
+from orchestrator_site.redis import redis_client
+
+
+@dataclass(frozen=True)
+class Place:
+    position: int | None
+    eta_s: float | None
+
+
+UNKNOWN = Place(None, None)
+
+
+def pool_queues(queue: str) -> tuple[list[str], list[str]]:
+    """(the queues of ``queue``'s pool before it, every queue of its pool), in the workers' order."""
+    priorities = list(settings.JOB_QUEUES)
+    for i, priority in enumerate(priorities):
+        if queue == priority or queue.endswith("-" + priority):
+            pool = queue[: len(queue) - len(priority)]
+            names = [pool + p for p in priorities]
+            return names[:i], names
+    return [], [queue]
+
+
+def place(queue: str, tenant_id: int | None, rq_job_id: str) -> Place:
+    """The job's place at ``queue``; ``UNKNOWN`` when it waits nowhere or Redis does not answer."""
+    higher, pool = pool_queues(queue)
+    pipe = redis_client().pipeline(transaction=False)
+    fair_queue.position(queue, fair_queue.tenant_key(tenant_id), rq_job_id, higher, pipeline=pipe)
+    pipe.mget([k for q in pool for k in fair_queue.drain_keys(q)])
+    try:
+        raw_position, drained = pipe.execute()
+    except RedisError:
+        return UNKNOWN
+    position = int(raw_position) if int(raw_position) > 0 else None
+    rate = fair_queue.drain_rate_of(drained)
+    eta = round(position / rate, 1) if position is not None and rate > 0 else None
+    return Place(position, eta)
