@@ -5,7 +5,7 @@ adding a few commands to the pipeline that call already sends: no extra round tr
 expiring on their own:
 
 - ``llmo:dash:n:<epoch minute>`` hash ``<backend>:<state>`` -> jobs that reached ``state``
-  (succeeded | failed | canceled) in that minute; kept 2 h. Sixty small reads draw the
+  (succeeded | failed | canceled | expired) in that minute; kept 2 h. Sixty small reads draw the
   per-minute throughput chart.
 - ``llmo:dash:h:<epoch minute // 5>`` hash, latency histograms of the jobs that finished in those
   five minutes; kept 2 h:
@@ -54,7 +54,7 @@ DAY_TTL_S = 2 * 24 * 3600
 BUCKETS_PER_DECADE = 20
 BOUNDS_S: tuple[float, ...] = tuple(10 ** (i / BUCKETS_PER_DECADE - 3) for i in range(7 * BUCKETS_PER_DECADE + 1))
 N_BUCKETS = len(BOUNDS_S) + 1
-STATES = ("succeeded", "failed", "canceled")
+STATES = ("succeeded", "failed", "canceled", "expired")
 NO_BACKEND = "-"
 
 
@@ -88,14 +88,20 @@ def record(pipe: Pipeline, run: RunFacts) -> None:
         log.warning("dashboard figures not recorded", extra={"job_id": run.job_id, "error": repr(exc)})
 
 
+def count_final(pipe: Pipeline, backend: str, state: str, at: datetime) -> None:
+    """One job of ``backend`` reached ``state`` at ``at`` (a run's end, or an expiry that had no run)."""
+    ckey = count_key(epoch_minute(at))
+    pipe.hincrby(ckey, f"{backend}:{state}", 1)
+    pipe.expire(ckey, TTL_S)
+
+
 def _record(pipe: Pipeline, run: RunFacts) -> None:
     if not run.finished_in_run or run.finished_at is None:
         return  # re-queued for a retry, or a duplicate delivery: counted when it ends
     backend = run.backend or NO_BACKEND
     minute = epoch_minute(run.finished_at)
-    ckey, hkey = count_key(minute), hist_key(minute // SLOT_MIN)
-    pipe.hincrby(ckey, f"{backend}:{run.state}", 1)
-    pipe.expire(ckey, TTL_S)
+    hkey = hist_key(minute // SLOT_MIN)
+    count_final(pipe, backend, run.state, run.finished_at)
     if run.started_at is not None:
         if run.enqueued_at is not None:
             wait = (run.started_at - run.enqueued_at).total_seconds()

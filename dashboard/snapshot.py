@@ -107,6 +107,7 @@ class Snapshot:
     queues: list[QueueRow] = field(default_factory=list)
     succeeded_per_min: float = 0.0
     failed_per_min: float = 0.0
+    expired_per_min: float = 0.0  # not started within their queue timeout
     throughput_svg: str = ""
     latency: list[LatencyRow] = field(default_factory=list)
     wait_svg: str = ""
@@ -208,6 +209,7 @@ def _redis_panels(snap: Snapshot, now: datetime) -> aggregates.Window:
     whole = slice(-RATE_MINUTES - 1, -1)  # the current minute is still filling up
     snap.succeeded_per_min = sum(succeeded[whole]) / RATE_MINUTES
     snap.failed_per_min = sum(failed[whole]) / RATE_MINUTES
+    snap.expired_per_min = sum(window.per_minute("expired")[whole]) / RATE_MINUTES
     snap.throughput_svg = charts.throughput_chart(window.minutes, succeeded, failed)
     _latency(snap, window)
     return window

@@ -22,7 +22,7 @@ from rq.job import Job as RQJob
 from rq.serializers import JSONSerializer
 
 from audit import log as audit_log
-from jobs import queueing
+from jobs import queue_position, queueing
 from jobs.models import ACTIVE_STATES, Job, JobAttempt, JobState
 from orchestrator_site.admin_actions import RefuseForbiddenActionsMixin
 from orchestrator_site.redis import redis_client
@@ -64,7 +64,7 @@ class JobAdmin(RefuseForbiddenActionsMixin, admin.ModelAdmin):
     actions = ["cancel_jobs", "retry_jobs"]
     inlines = [JobAttemptInline]
     fieldsets = [
-        (None, {"fields": ["id", "state", "priority", "created_by", "error"]}),
+        (None, {"fields": ["id", "state", "priority", "created_by", "tenant", "error"]}),
         (
             "Request",
             {
@@ -84,13 +84,38 @@ class JobAdmin(RefuseForbiddenActionsMixin, admin.ModelAdmin):
             },
         ),
         ("Result", {"fields": ["output", "finish_reason", "prompt_tokens", "completion_tokens", "cost", "latency_ms"]}),
-        ("Routing", {"fields": ["backend_name", "policy_name", "policy_version", "routing", "queue"]}),
-        ("Timings", {"fields": ["created_at", "enqueued_at", "started_at", "finished_at", "attempt_count", "worker"]}),
+        ("Routing", {"fields": ["backend_name", "policy_name", "policy_version", "routing", "queue", "queue_place"]}),
+        (
+            "Timings",
+            {
+                "fields": [
+                    "created_at",
+                    "enqueued_at",
+                    "queue_timeout_s",
+                    "expires_at",
+                    "started_at",
+                    "finished_at",
+                    "attempt_count",
+                    "worker",
+                ]
+            },
+        ),
     ]
 
     def get_readonly_fields(self, request: HttpRequest, obj=None) -> list[str]:
         # Jobs change only through their state machine (actions below), never by hand.
-        return [f.name for f in Job._meta.fields] + ["created_by"]
+        return [f.name for f in Job._meta.fields] + ["created_by", "queue_place"]
+
+    @admin.display(description="Queue position")
+    def queue_place(self, obj: Job) -> str:
+        """While queued: its place among the jobs the workers would take, and when it should start."""
+        if obj.state != JobState.QUEUED or not obj.queue:
+            return "—"
+        place = queue_position.place(obj.queue, obj.tenant_id, obj.rq_job_id or str(obj.pk))
+        if place.position is None:
+            return "not on its queue (the reconciler will push it again)"
+        eta = f", starts in about {place.eta_s:g} s" if place.eta_s is not None else ", no drain rate measured yet"
+        return f"{place.position}{eta}"
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

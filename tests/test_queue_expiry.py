@@ -9,10 +9,13 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
+from dashboard import aggregates
 from jobs import fair_queue, queueing, status_mirror
 from jobs.models import Job, JobState
+from orchestrator_site import metrics
 from tests.conftest import run_worker_burst
 from tests.factories import make_job
+from tests.test_metrics import metrics_token, scrape, value  # noqa: F401 (metrics_token: an autouse fixture)
 from workers.fleet import reconciler
 
 
@@ -75,3 +78,15 @@ def test_a_worker_that_takes_an_overdue_job_expires_it_without_calling_the_backe
         job.refresh_from_db()
         assert (job.state, job.attempt_count, job.worker) == (JobState.EXPIRED, 0, "")
     assert Job.objects.get(pk=ok.pk).state == JobState.SUCCEEDED
+
+
+@pytest.mark.django_db(transaction=True)
+def test_expired_jobs_count_in_the_metrics_and_the_dashboard(dev_backend):
+    for _ in range(2):
+        waiting_job(dev_backend, expires_in_s=-1)
+    reconciler.expire_overdue()
+    samples = scrape("fleet")
+    assert value(samples, metrics.PREFIX + "jobs_finished_total", backend="dev", outcome="expired") == 2
+    pipe = fair_queue.redis_client().pipeline(transaction=False)
+    parse = aggregates.queue_read(pipe, timezone.now())
+    assert sum(parse(pipe.execute()).per_minute("expired")) == 2

@@ -38,3 +38,10 @@ def test_a_canceled_job_gives_up_its_place(api, policy):
 def test_pool_queues_rank_behind_their_own_pools_higher_priorities():
     assert queue_position.pool_queues("gpu-low") == (["gpu-high", "gpu-normal"], ["gpu-high", "gpu-normal", "gpu-low"])
     assert queue_position.pool_queues("high") == ([], ["high", "normal", "low"])
+
+
+def test_the_jobs_admin_page_shows_its_queue_position(api, policy, admin_client):
+    ids = submit_jobs(api, 2)
+    page = admin_client.get(f"/admin/jobs/job/{ids[1]}/change/")
+    assert page.status_code == 200
+    assert "2, no drain rate measured yet" in page.content.decode()

@@ -10,6 +10,7 @@ buffered: a worker passes its write-behind buffer as ``pipe``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -90,3 +91,20 @@ def record_fleet_figures(run: RunFacts, pipe: Any = None) -> None:
     aggregates.record(pipe, run)  # the live dashboard's per-minute figures; never raises
     if own:
         pipe.execute()
+
+
+def record_expired(jobs: Sequence[Any]) -> None:
+    """Jobs that ended ``expired`` (never run): their final state in the fleet metrics and the dashboard."""
+    if not jobs:
+        return
+    try:
+        pipe = redis_client().pipeline(transaction=False)
+        for job in jobs:
+            backend = job.backend_name or aggregates.NO_BACKEND
+            inc(pipe, JOBS_FINISHED, backend, "expired")
+            if job.enqueued_at and job.finished_at:
+                observe(pipe, JOB_LATENCY, (job.finished_at - job.enqueued_at).total_seconds(), backend, "expired")
+            aggregates.count_final(pipe, backend, "expired", job.finished_at)
+        pipe.execute()
+    except Exception as exc:
+        log.warning("expired jobs' figures not recorded", extra={"jobs": len(jobs), "error": repr(exc)})

@@ -26,6 +26,7 @@ from django.utils import timezone
 from jobs import fair_queue, queueing, retention
 from jobs.models import Job, JobState
 from orchestrator_site.redis import key, redis_client
+from workers.execution.run_figures import record_expired
 from workers.fleet import liveness
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ def expire_overdue() -> int:
     """Queued jobs past their queue timeout end ``expired``, found here even when no worker runs."""
     expired = 0
     while batch := Job.expire_due():
+        record_expired(batch)
         expired += len(batch)
     if expired:
         log.info("expired jobs past their queue timeout", extra={"count": expired})

@@ -14,8 +14,9 @@ workers.runtime.gpu.GpuWorker``). The base does what does not depend on how jobs
   started registry. So a worker claims the rows of the jobs it pops (``claim_or_put_back``: one
   statement; if the database refuses, they go back in front of their queues), runs them, and deletes
   each RQ job hash through the write-behind buffer. Any other RQ job runs RQ's way (``run_other``).
-- **Taking more than RQ hands over**: ``take_waiting`` pops waiting jobs in priority order,
-  ``push_back`` returns them.
+- **Taking jobs fairly**: RQ's loop dequeues through ``FairDequeue`` (``jobs.fair_queue``: priority,
+  then tenants by weight, with aging); ``take_waiting`` takes more the same way, ``push_back``
+  returns them to the exact places they had.
 - **Grace and stop.** The first SIGTERM/SIGINT stops taking work; running jobs get
   ``WORKER_SHUTDOWN_GRACE_S``; what is left is re-queued (``requeue_interrupted``: ``running ->
   queued``, the attempt closed as ``interrupted``). A second signal re-queues at once.
@@ -51,7 +52,7 @@ from jobs.models import Job
 from orchestrator_site import tracing
 from routing import capacity
 from routing.models import Backend
-from workers.execution.run_figures import record_run
+from workers.execution.run_figures import record_expired, record_run
 from workers.fleet import status
 from workers.fleet.heartbeat import Heartbeat
 from workers.runtime.write_behind import WriteBehind
@@ -261,7 +262,7 @@ class BaseWorker(SimpleWorker):
             log.info("jobs not claimable; skipped", extra={"jobs": [d.job_id for d in deliveries]})
             self.write_behind.delete(*(d.rq_job.key for d in deliveries))
             try:
-                Job.expire_due([d.job_id for d in deliveries if is_our_task(d.rq_job)])
+                record_expired(Job.expire_due([d.job_id for d in deliveries if is_our_task(d.rq_job)]))
             except Exception:  # the reconciler's pass expires them too
                 log.exception("expiring jobs failed", extra={"jobs": len(deliveries)})
 

@@ -66,8 +66,8 @@ class ThreadedWorker(BaseWorker):
     def execute_job(self, job: RQJob, queue: Queue) -> None:
         """Hand ``job`` to the job threads, with as many more waiting jobs as they have room for.
 
-        RQ's loop hands us one job per blocking dequeue; we pop more at once (one LPOP per queue,
-        in priority order, and one fetch) up to the threads' room (``slots`` running plus a few
+        RQ's loop hands us one job per blocking dequeue; we take more at once (one call of the fair
+        queue's take script, and one fetch) up to the threads' room (``slots`` running plus a few
         waiting), claim them all in one statement, and return once there is room again.
         """
         if self.job_threads is None:
