@@ -8,13 +8,19 @@ belongs to at most one tenant (``Membership``); an API key always acts as its te
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
-from django.db import models
+from django.db import models, transaction
 from django.utils import timezone
+from redis.exceptions import RedisError
+
+from jobs import fair_queue
+
+log = logging.getLogger(__name__)
 
 PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}  # lower is more urgent
 KEY_PREFIX = "llmo_"
@@ -77,6 +83,12 @@ class Tenant(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    def save(self, *args, **kwargs) -> None:
+        super().save(*args, **kwargs)
+        tenant, weight = str(self.pk), self.weight
+        # A new weight governs the tenant's next dispatch, not only its next submission.
+        transaction.on_commit(lambda: _set_weight(tenant, weight))
+
     def clean(self) -> None:
         names = self.allowed_backends
         if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
@@ -99,6 +111,13 @@ class Membership(models.Model):
 
     def __str__(self) -> str:
         return f"{self.user} in {self.tenant}"
+
+
+def _set_weight(tenant: str, weight: int) -> None:
+    try:
+        fair_queue.set_weight(tenant, weight)
+    except RedisError as exc:  # its next submission writes the weight too
+        log.warning("tenant weight not published", extra={"tenant": tenant, "error": str(exc)})
 
 
 def hash_key(raw: str) -> str:

@@ -131,3 +131,14 @@ def test_drain_rate_counts_taken_jobs() -> None:
     for k in fq.drain_keys("normal"):
         client.set(k, 6)
     assert fq.drain_rate(["normal"]) == pytest.approx(36 / 60)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_tenants_new_weight_governs_its_next_dispatch() -> None:
+    from tenants.models import Tenant
+
+    tenant = Tenant.objects.create(name="t", weight=1)
+    assert fq.redis_client().hget(fq.PREFIX + "weights", str(tenant.pk)) == b"1"
+    tenant.weight = 5
+    tenant.save()
+    assert fq.redis_client().hget(fq.PREFIX + "weights", str(tenant.pk)) == b"5"
