@@ -15,8 +15,8 @@ import json
 import pytest
 from django.conf import settings as django_settings
 
+from jobs import fair_queue
 from jobs.models import Job
-from jobs.queueing import get_queue
 from routing.models import Backend, BackendKind, RoutingPolicy
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -50,7 +50,7 @@ def post(client, body, *, key: str | None = None, **kwargs):
 
 def assert_nothing_left(redis) -> None:
     assert Job.objects.count() == 0, "a rejected request left a job row"
-    assert {q: get_queue(q).count for q in django_settings.JOB_QUEUES} == dict.fromkeys(django_settings.JOB_QUEUES, 0)
+    assert fair_queue.depths(django_settings.JOB_QUEUES) == dict.fromkeys(django_settings.JOB_QUEUES, 0)
     assert list(redis.scan_iter("rq:job:*")) == [], "a rejected request left an RQ job"
     assert list(redis.scan_iter("llmo:idem:*")) == [], "a rejected request left its idempotency key"
 

@@ -14,8 +14,8 @@ from django.conf import settings as django_settings
 from django.utils import timezone
 from rest_framework.authtoken.models import Token
 
+from jobs import fair_queue
 from jobs.models import Job
-from jobs.queueing import get_queue
 from routing import policies
 from routing.models import Backend, BackendKind, RoutingPolicy
 from tests.conftest import token_client
@@ -33,7 +33,7 @@ def post(client, body, key: str | None, **kwargs):
 
 
 def queue_sizes() -> dict[str, int]:
-    return {name: get_queue(name).count for name in django_settings.JOB_QUEUES}
+    return fair_queue.depths(django_settings.JOB_QUEUES)
 
 
 def idem_keys(redis) -> list[bytes]:
@@ -246,7 +246,7 @@ def test_concurrent_duplicates_create_exactly_one_job(gunicorn_server, user, pol
     assert all(r.headers.get("Idempotent-Replayed") == "true" for r in responses if r.status_code == 200)
     assert Job.objects.count() == 1
     job_id = Job.objects.get().pk
-    assert get_queue("high").get_job_ids() == [str(job_id)]
+    assert fair_queue.waiting_ids("high") == [str(job_id)]
     assert queue_sizes() == {"high": 1, "normal": 0, "low": 0}
 
 
@@ -261,7 +261,7 @@ def test_concurrent_requests_with_distinct_keys_create_one_job_each(gunicorn_ser
     ids = {r.json()["id"] for r in responses}
     assert len(ids) == 30
     assert set(map(str, Job.objects.values_list("pk", flat=True))) == ids
-    assert set(get_queue("high").get_job_ids()) == ids
+    assert set(fair_queue.waiting_ids("high")) == ids
     assert len(idem_keys(redis_db)) == 30
 
 

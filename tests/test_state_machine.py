@@ -55,7 +55,7 @@ def test_terminal_states_cannot_be_left_except_by_requeue(dev_backend):
 
 def test_transition_table_never_leaves_succeeded():
     assert all(JobState.SUCCEEDED not in sources for target, sources in TRANSITIONS.items())
-    assert {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED} == TERMINAL_STATES
+    assert {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED, JobState.EXPIRED} == TERMINAL_STATES
 
 
 def test_result_arriving_after_cancel_is_discarded(dev_backend):

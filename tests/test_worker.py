@@ -38,13 +38,14 @@ def test_rq_job_carries_only_the_job_id_as_json(api, policy):
 
 
 def test_a_job_enqueued_under_the_tasks_old_path_still_runs(api, policy):
-    """RQ jobs enqueued before the task moved may still wait in Redis: a worker runs them as its own."""
-    from jobs import queueing
+    """RQ jobs enqueued before the task moved (and before the fair queue) may still wait on RQ's own
+    list: a worker takes them from there and runs them as its own."""
+    from jobs import fair_queue, queueing
 
     job_id = submit(api)
     job = Job.objects.get(pk=job_id)
     queue = queueing.get_queue(job.queue)
-    queue.remove(job.rq_job_id)
+    fair_queue.remove(job.queue, fair_queue.tenant_key(job.tenant_id), job.rq_job_id)
     queue.enqueue_call(queueing.LEGACY_TASKS[0], args=(job_id,), job_id=job.rq_job_id, timeout=job.timeout_s + 30)
     run_worker_burst()
     job.refresh_from_db()
