@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import models
 from rest_framework import serializers
 
@@ -38,3 +39,20 @@ STRICT_STRING_MAPPING: dict[type[models.Field], type[serializers.Field]] = {
     models.SlugField: StrictSlugField,
     models.URLField: StrictURLField,
 }
+
+
+class ModelCleanMixin:
+    """For a ``ModelSerializer``: run the model's ``clean()`` so the API and the admin enforce the same
+    rules; string fields take only JSON strings."""
+
+    serializer_field_mapping = {**serializers.ModelSerializer.serializer_field_mapping, **STRICT_STRING_MAPPING}
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        instance = self.instance or self.Meta.model()  # type: ignore[attr-defined]
+        for name, value in attrs.items():
+            setattr(instance, name, value)
+        try:
+            instance.clean()
+        except DjangoValidationError as exc:
+            raise serializers.ValidationError(exc.message_dict) from None
+        return attrs

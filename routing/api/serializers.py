@@ -2,32 +2,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.exceptions import ValidationError as DjangoValidationError
 from rest_framework import serializers
 
-from orchestrator_site.serializer_fields import STRICT_STRING_MAPPING, StrictCharField
+from orchestrator_site.serializer_fields import ModelCleanMixin, StrictCharField
 from routing.models import Backend, RoutingPolicy
 from routing.strategies import strategy_choices
 
 
-class _ModelCleanMixin:
-    """Run the model's ``clean()`` so the API and the admin enforce the same rules; string fields
-    take only JSON strings."""
-
-    serializer_field_mapping = {**serializers.ModelSerializer.serializer_field_mapping, **STRICT_STRING_MAPPING}
-
-    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
-        instance = self.instance or self.Meta.model()  # type: ignore[attr-defined]
-        for name, value in attrs.items():
-            setattr(instance, name, value)
-        try:
-            instance.clean()
-        except DjangoValidationError as exc:
-            raise serializers.ValidationError(exc.message_dict) from None
-        return attrs
-
-
-class BackendSerializer(_ModelCleanMixin, serializers.ModelSerializer):
+class BackendSerializer(ModelCleanMixin, serializers.ModelSerializer):
     api_key = StrictCharField(
         write_only=True, required=False, allow_blank=True, max_length=500, style={"input_type": "password"}
     )
@@ -73,7 +55,7 @@ class BackendSummarySerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class RoutingPolicySerializer(_ModelCleanMixin, serializers.ModelSerializer):
+class RoutingPolicySerializer(ModelCleanMixin, serializers.ModelSerializer):
     strategy = serializers.ChoiceField(choices=[])
 
     class Meta:
