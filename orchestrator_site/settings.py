@@ -210,6 +210,7 @@ AUTH_TOKEN_CACHE_S = env_int("AUTH_TOKEN_CACHE_MS", 5000, minimum=0, maximum=300
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "orchestrator_site.auth.CachedTokenAuthentication",
+        "orchestrator_site.auth.BearerAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
