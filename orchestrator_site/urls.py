@@ -13,12 +13,13 @@ from orchestrator_site.metrics import metrics_view
 @api_view(["GET"])
 @permission_classes([AllowAny])
 def api_root(request: Request) -> Response:
-    """LLM Orchestrator: submit jobs, follow them, manage backends and routing policies."""
+    """LLM Orchestrator: submit jobs, follow them, manage backends, routing policies and tenants."""
     return Response(
         {
             "jobs": request.build_absolute_uri("/jobs"),
             "backends": request.build_absolute_uri("/backends"),
             "policies": request.build_absolute_uri("/policies"),
+            "tenants": request.build_absolute_uri("/tenants"),
             "schema": request.build_absolute_uri("/api/schema"),
             "admin": request.build_absolute_uri("/admin/"),
             "health": request.build_absolute_uri("/healthz"),
@@ -38,6 +39,7 @@ urlpatterns = [
     re_path(r"^metrics/?$", metrics_view, name="metrics"),
     path("", include("jobs.api.urls")),
     path("", include("routing.api.urls")),
+    path("", include("tenants.api.urls")),
 ]
 
 # A path no view matches answers JSON like the API's own 404s (the admin keeps its HTML page).
