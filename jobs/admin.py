@@ -50,16 +50,17 @@ class JobAdmin(RefuseForbiddenActionsMixin, admin.ModelAdmin):
         "id",
         "state",
         "priority",
+        "tenant",
         "backend_name",
         "policy_name",
         "created_at",
         "latency_ms",
         "attempt_count",
     ]
-    list_filter = ["state", "priority", "backend_name", "policy_name"]
+    list_filter = ["state", "priority", "tenant", "backend_name", "policy_name"]
     search_fields = ["=id", "prompt"]
     date_hierarchy = "created_at"
-    list_select_related = False
+    list_select_related = ["tenant"]
     show_full_result_count = False
     actions = ["cancel_jobs", "retry_jobs"]
     inlines = [JobAttemptInline]
