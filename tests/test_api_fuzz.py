@@ -3,8 +3,9 @@
 A real gunicorn serves the test database; schemathesis generates valid and invalid requests for
 every operation from ``/api/schema`` (bounded examples, a fixed seed, so a run is repeatable and
 takes about a minute) and checks each answer against the schema. Two identities: a client (every
-operation; registry writes must be refused as documented) and staff (the registry and policy
-writes, stateful sequences included). ``FUZZ_EXAMPLES`` / ``FUZZ_SEED`` widen or vary a run.
+operation; registry writes and every tenant call must be refused as documented) and staff (the
+registry, policy and tenant calls, stateful sequences included). ``FUZZ_EXAMPLES`` / ``FUZZ_SEED``
+widen or vary a run.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def test_fuzzed_api_answers_no_5xx_and_only_what_its_schema_documents(server, po
             tmp_path,
             "staff",
             "--include-path-regex",
-            "^/(backends|policies)",
+            "^/(backends|policies|tenants)",
         ),
     }
     for name, run in runs.items():
