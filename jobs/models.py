@@ -537,11 +537,16 @@ class Job(models.Model):
             )
             if changed == len(moves):
                 won = [True] * len(moves)
-            else:  # some lost (a cancel got there first): a winner holds exactly the version it set
-                now_at = dict(
-                    cls.objects.filter(pk__in=[job.pk for job, _ in moves], state=target).values_list("pk", "version")
-                )
-                won = [now_at.get(job.pk) == job.version + 1 for job, _ in moves]
+            else:  # some lost (a cancel got there first): a winner holds exactly the version and time it set
+                # (the time too: a stale copy one version behind, such as a retried write that had in fact
+                # committed, would otherwise pass for the winner and end the job twice)
+                now_at = {
+                    pk: (version, at)
+                    for pk, version, at in cls.objects.filter(
+                        pk__in=[job.pk for job, _ in moves], state=target
+                    ).values_list("pk", "version", "updated_at")
+                }
+                won = [now_at.get(job.pk) == (job.version + 1, now) for job, _ in moves]
             if then is not None:
                 then([job for (job, _), ok in zip(moves, won, strict=True) if ok])
             for (job, _), ok in zip(moves, won, strict=True):
