@@ -1,8 +1,9 @@
 """``UsageMixin``: a tenant's tokens today and spend this period, vs its limits, in the Tenant admin.
 
 Mix it into the Tenant ``ModelAdmin`` (before ``admin.ModelAdmin``): the change page shows both as
-read-only fields (with ``fieldsets``, name ``USAGE_FIELDS`` in one) and the list as columns. Each row reads its counters (``tenants.usage``): one
-Redis round trip, and an aggregate query only where Redis has no counter.
+read-only fields (with ``fieldsets``, name ``USAGE_FIELDS`` in one) and the list as columns. Each row
+reads its counters (``tenants.usage``): one Redis round trip, and an aggregate query only where Redis
+has no counter.
 """
 
 from __future__ import annotations
