@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """P1: ``POST /jobs`` throughput and latency against a bare Django view, in one run.
 
-    .venv/bin/python bench/p1_submit.py [--duration 10] [--connections 8] [--workers 2] [--json out.json]
+    .venv/bin/python bench/p1_submit.py [--duration 10] [--connections 8] [--workers 2] [--tenant-limits]
+                                          [--json out.json]
 
 What it does, all in a temporary directory that is removed at the end:
 
@@ -14,6 +15,11 @@ What it does, all in a temporary directory that is removed at the end:
   baseline and API alternately (``--rounds`` times each); the report uses the medians.
 
 Goal (P1): API throughput >= 0.7x the baseline's and API p99 <= 3x the baseline's.
+
+``--tenant-limits`` adds a third endpoint run in every round: ``POST /jobs`` by a user of a tenant
+with every counted limit set (``rpm_limit``, ``tokens_per_day``, ``budget_usd``, ``max_queued``; far
+above what the run reaches, so every request is admitted): admission's script runs on each request.
+It must meet the same goals, and the report gives its throughput against the API without limits.
 Nothing drains the RQ queue during the run; db 14 is flushed at the end.
 Exit status: 0 PASS, 1 FAIL, 2 could not run.
 """
@@ -48,6 +54,22 @@ GOAL_THROUGHPUT_RATIO = 0.7
 GOAL_P99_RATIO = 3.0
 
 
+LIMITED = "api-limits"  # POST /jobs by a tenant with every admission limit set (--tenant-limits)
+MODES = ("bare", "api", LIMITED)
+# The tenant of --tenant-limits: every counted limit set, far above what a run reaches.
+LIMITED_TENANT = (
+    "from decimal import Decimal\n"
+    "from django.contrib.auth import get_user_model\n"
+    "from rest_framework.authtoken.models import Token\n"
+    "from tenants.models import Membership, Tenant\n"
+    "t = Tenant.objects.create(name='bench-limited', rpm_limit=10**9, tokens_per_day=10**15,\n"
+    "    budget_usd=Decimal(10**9), budget_period='month', max_queued=10**9)\n"
+    "u = get_user_model().objects.create_user('bench-limited', password=None)\n"
+    "Membership.objects.create(user=u, tenant=t)\n"
+    "print(Token.objects.create(user=u).key)\n"
+)
+
+
 class BenchError(Exception):
     """The benchmark could not run (not a performance failure)."""
 
@@ -64,6 +86,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--redis-host", default="127.0.0.1")
     p.add_argument("--redis-port", type=int, default=6379)
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, database)")
+    p.add_argument(
+        "--tenant-limits",
+        action="store_true",
+        help="also measure POST /jobs by a tenant with every admission limit set (admitted, but counted)",
+    )
     args = p.parse_args()
     if args.duration < 1 or args.connections < 1 or args.workers < 1 or args.rounds < 1 or args.warmup < 0:
         p.error("--duration, --connections, --workers and --rounds must be >= 1, --warmup >= 0")
@@ -140,6 +167,7 @@ def run_wrk(
     seconds: int,
     nonce: str,
     workers: list[int] | None = None,
+    label: str | None = None,
 ) -> dict:
     path = API_PATH if mode == "api" else BARE_PATH
     cmd = [
@@ -172,7 +200,7 @@ def run_wrk(
     if proc.returncode != 0:
         raise BenchError(f"wrk failed ({proc.returncode}):\n{out}\n{err}")
     result = parse_wrk(out)
-    result["mode"] = mode
+    result["mode"] = label or mode
     result["seconds"] = seconds
     # Server CPU per request: what the application costs, much less sensitive to a noisy
     # machine than req/s (which also pays for wrk, Redis and the kernel on the same CPUs).
@@ -217,6 +245,11 @@ def manage(env: dict, *argv: str) -> str:
     if proc.returncode != 0:
         raise BenchError(f"manage.py {' '.join(argv)} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc.stdout
+
+
+def limited_user(env: dict) -> str:
+    """A user of a tenant with every admission limit set; its API token."""
+    return manage(env, "shell", "-c", LIMITED_TENANT).strip().splitlines()[-1]
 
 
 def start_gunicorn(args: argparse.Namespace, env: dict, port: int, log_path: Path) -> subprocess.Popen:
@@ -335,7 +368,8 @@ def median_of(runs: list[dict], key: str) -> float | None:
 
 
 def summarize(runs: list[dict]) -> dict:
-    by = {mode: [r for r in runs if r["mode"] == mode] for mode in ("bare", "api")}
+    modes = [m for m in MODES if any(r["mode"] == m for r in runs)]
+    by = {mode: [r for r in runs if r["mode"] == mode] for mode in modes}
     keys = ("rps", "p50_ms", "p90_ms", "p99_ms", "server_cpu_ms_per_req")
     med = {mode: {k: median_of(rs, k) for k in keys} for mode, rs in by.items()}
     throughput_ratio = med["api"]["rps"] / med["bare"]["rps"]
@@ -348,7 +382,19 @@ def summarize(runs: list[dict]) -> dict:
     errors = sum(r["non_2xx"] + r["socket_errors"] for r in runs)
     ok_t = throughput_ratio >= GOAL_THROUGHPUT_RATIO
     ok_p = p99_ratio <= GOAL_P99_RATIO
+    limits: dict = {}
+    if LIMITED in med:
+        lim = med[LIMITED]
+        limits = {
+            "limits_throughput_ratio": lim["rps"] / med["bare"]["rps"],
+            "limits_p99_ratio": lim["p99_ms"] / med["bare"]["p99_ms"],
+            "limits_vs_no_limits_throughput": lim["rps"] / med["api"]["rps"],
+            "limits_pair_vs_no_limits": [b["rps"] / a["rps"] for a, b in zip(by["api"], by[LIMITED], strict=True)],
+        }
+        ok_t = ok_t and limits["limits_throughput_ratio"] >= GOAL_THROUGHPUT_RATIO
+        ok_p = ok_p and limits["limits_p99_ratio"] <= GOAL_P99_RATIO
     return {
+        **limits,
         "median": med,
         "throughput_ratio": throughput_ratio,
         "p99_ratio": p99_ratio,
@@ -364,7 +410,7 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def print_report(args: argparse.Namespace, runs: list[dict], summary: dict, db_counts: dict, load: float) -> None:
-    label = {"bare": "baseline", "api": "POST /jobs"}
+    label = {"bare": "baseline", "api": "POST /jobs", LIMITED: "  with limits"}
     print()
     print(
         f"P1: gunicorn -w {args.workers} (sync), wrk -t{args.threads} -c{args.connections} "
@@ -385,7 +431,7 @@ def print_report(args: argparse.Namespace, runs: list[dict], summary: dict, db_c
             f"{_fmt(r['server_cpu_ms_per_req']):>12}{r['requests']:>10}{r['non_2xx'] + r['socket_errors']:>8}"
         )
     print("-" * len(head))
-    for mode in ("bare", "api"):
+    for mode in summary["median"]:
         m = summary["median"][mode]
         name = f"{label[mode]} median"
         print(
@@ -404,6 +450,16 @@ def print_report(args: argparse.Namespace, runs: list[dict], summary: dict, db_c
     )
     pairs = ", ".join(f"{x:.2f}" for x in summary["pair_throughput_ratios"])
     print(f"per-round throughput ratios:   {pairs}")
+    if "limits_throughput_ratio" in summary:
+        print(
+            f"with tenant limits/baseline:   {summary['limits_throughput_ratio']:.2f} throughput, "
+            f"{summary['limits_p99_ratio']:.2f} p99 (same goals)"
+        )
+        pairs = ", ".join(f"{x:.2f}" for x in summary["limits_pair_vs_no_limits"])
+        print(
+            f"with limits/without limits:    {summary['limits_vs_no_limits_throughput']:.2f} throughput "
+            f"(per round: {pairs})"
+        )
     if summary["server_cpu_ratio"] is not None:
         print(
             f"server CPU per request:        api {summary['median']['api']['server_cpu_ms_per_req']:.2f} ms, "
@@ -475,6 +531,10 @@ def main() -> int:
         manage(env, "migrate", "--noinput", "-v", "0")
         creds = json.loads(manage(env, "bootstrap_demo", "--json").strip().splitlines()[-1])
         token = creds["token"]
+        limited_token = limited_user(env) if args.tenant_limits else ""
+        modes = [("bare", "bare", token), ("api", "api", token)]
+        if limited_token:
+            modes.append((LIMITED, "api", limited_token))
 
         port = free_port()
         base = f"http://127.0.0.1:{port}"
@@ -486,15 +546,15 @@ def main() -> int:
         print(f"setup {time.monotonic() - t0:.1f}s; gunicorn on {base}, warming up...", flush=True)
 
         if args.warmup:
-            for mode in ("bare", "api"):
-                run_wrk(args, base, mode, token, args.warmup, f"{nonce}w")
+            for label, mode, tok in modes:
+                run_wrk(args, base, mode, tok, args.warmup, f"{nonce}w{label}")
         runs = []
         for i in range(args.rounds):
-            for mode in ("bare", "api"):
-                r = run_wrk(args, base, mode, token, args.duration, f"{nonce}r{i}", workers)
+            for label, mode, tok in modes:
+                r = run_wrk(args, base, mode, tok, args.duration, f"{nonce}r{i}{label}", workers, label=label)
                 runs.append(r)
                 print(
-                    f"  {mode:<5} round {i + 1}: {r['rps']:.1f} req/s, p50 {r['p50_ms']:.2f} ms, "
+                    f"  {label:<10} round {i + 1}: {r['rps']:.1f} req/s, p50 {r['p50_ms']:.2f} ms, "
                     f"p99 {r['p99_ms']:.2f} ms, server CPU {_fmt(r['server_cpu_ms_per_req'])} ms/req",
                     flush=True,
                 )
@@ -517,6 +577,7 @@ def main() -> int:
                     "workers": args.workers,
                     "rounds": args.rounds,
                     "warmup_s": args.warmup,
+                    "tenant_limits": args.tenant_limits,
                 },
                 "host": {
                     "cpus": os.cpu_count(),

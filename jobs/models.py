@@ -21,7 +21,7 @@ from django.db.models.expressions import Combinable
 from django.utils import timezone
 from redis.exceptions import RedisError
 
-from jobs import cancellation, fair_queue, status_mirror
+from jobs import cancellation, fair_queue, hooks, status_mirror
 from jobs.images import ImageBlob, to_base64
 from orchestrator_site.redis import redis_client
 
@@ -140,6 +140,10 @@ class Job(models.Model):
     timeout_s = models.PositiveIntegerField()
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
     tenant = models.ForeignKey("tenants.Tenant", null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs")
+    # The tenant's name at submission (the status document and the metrics read it without a query).
+    tenant_name = models.CharField(max_length=64, blank=True)
+    # Tokens admission reserved against the tenant's tokens_per_day (None: none); settled when the job ends.
+    reserved_tokens = models.PositiveIntegerField(null=True, blank=True)
     # Not started by then, the job ends `expired` (None: it may wait for ever).
     queue_timeout_s = models.PositiveIntegerField(null=True, blank=True)
     expires_at = models.DateTimeField(null=True, blank=True)
@@ -306,6 +310,9 @@ class Job(models.Model):
                 for a in (self.attempt_rows() if attempts else ())
             ],
             "links": {"self": f"/jobs/{pk}", "result": f"/jobs/{pk}/result", "cancel": f"/jobs/{pk}/cancel"},
+            "tenant": self.tenant_name or None,
+            "queue_timeout_s": _int(self.queue_timeout_s),
+            "expires_at": _api_datetime(self.expires_at),
             "owner_id": _int(self.created_by_id),
             "tenant_id": _int(self.tenant_id),
         }
@@ -345,6 +352,8 @@ class Job(models.Model):
             self._known_attempts = None
         job = self
         transaction.on_commit(lambda: status_mirror.publish(job))
+        if target in TERMINAL_STATES:  # this call won the move: the job's books close once
+            transaction.on_commit(lambda: hooks.ended([job]))
         return True
 
     def mark_running(self, worker: str) -> bool:
@@ -528,11 +537,16 @@ class Job(models.Model):
             )
             if changed == len(moves):
                 won = [True] * len(moves)
-            else:  # some lost (a cancel got there first): a winner holds exactly the version it set
-                now_at = dict(
-                    cls.objects.filter(pk__in=[job.pk for job, _ in moves], state=target).values_list("pk", "version")
-                )
-                won = [now_at.get(job.pk) == job.version + 1 for job, _ in moves]
+            else:  # some lost (a cancel got there first): a winner holds exactly the version and time it set
+                # (the time too: a stale copy one version behind, such as a retried write that had in fact
+                # committed, would otherwise pass for the winner and end the job twice)
+                now_at = {
+                    pk: (version, at)
+                    for pk, version, at in cls.objects.filter(
+                        pk__in=[job.pk for job, _ in moves], state=target
+                    ).values_list("pk", "version", "updated_at")
+                }
+                won = [now_at.get(job.pk) == (job.version + 1, now) for job, _ in moves]
             if then is not None:
                 then([job for (job, _), ok in zip(moves, won, strict=True) if ok])
             for (job, _), ok in zip(moves, won, strict=True):
@@ -549,6 +563,9 @@ class Job(models.Model):
             # still holds its committed version, so the same write can be tried again.
             for job, values in (move for move, ok in zip(moves, won, strict=True) if ok):
                 transaction.on_commit(lambda job=job, values=values: settle(job, values), using=conn.alias)
+            if target in TERMINAL_STATES:  # after the settles above: the instances hold the outcome
+                winners = [job for (job, _), ok in zip(moves, won, strict=True) if ok]
+                transaction.on_commit(lambda: hooks.ended(winners), using=conn.alias)
         return won
 
     def mark_failed(
@@ -598,9 +615,11 @@ class Job(models.Model):
 
     def requeue(self) -> bool:
         """failed|canceled|expired -> queued (operator retry): clears the outcome, keeps the attempt
-        history; a queue timeout starts again from now."""
+        history; a queue timeout starts again from now, and ``jobs.hooks.reopened`` runs after commit
+        (admission reserves the job's tokens again)."""
         now = timezone.now()
-        return self.transition(
+        was_final = self.state in TERMINAL_STATES
+        won = self.transition(
             JobState.QUEUED,
             expires_at=now + timedelta(seconds=self.queue_timeout_s) if self.queue_timeout_s else None,
             output="",
@@ -614,6 +633,10 @@ class Job(models.Model):
             cost=None,
             latency_ms=None,
         )
+        if won and was_final:  # its books were closed when it ended: they open again
+            job = self
+            transaction.on_commit(lambda: hooks.reopened([job]))
+        return won
 
     @classmethod
     def expire_due(cls, ids: Collection[str] | None = None, *, limit: int = 500) -> list[Job]:

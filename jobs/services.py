@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -21,11 +22,13 @@ from redis.exceptions import RedisError
 from jobs import idempotency, queueing, status_mirror
 from jobs.models import Job, JobState
 from orchestrator_site import metrics, tracing
-from orchestrator_site.redis import redis_client
+from orchestrator_site.redis import RoundTrip, redis_client
 from routing import registry
 from routing.models import Backend
 from routing.services import Decision, route
 from routing.strategies import JobFacts
+from tenants import admission
+from tenants.models import Tenant
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +45,9 @@ def estimate_tokens(text: str) -> int:
     return math.ceil(len(text) / 4)
 
 
-def job_facts(data: dict[str, Any], key: str = "") -> JobFacts:
-    """What routing may know of a request; ``key`` (the job id) makes seeded strategies replayable."""
+def job_facts(data: dict[str, Any], key: str = "", allowed_backends: Sequence[str] = ()) -> JobFacts:
+    """What routing may know of a request; ``key`` (the job id) makes seeded strategies replayable;
+    ``allowed_backends`` (the tenant's; empty: all) bounds what it may pick."""
     text = data.get("prompt") or "".join(str(m.get("content", "")) for m in data.get("messages") or [])
     return JobFacts(
         priority=data.get("priority", "normal"),
@@ -53,54 +57,97 @@ def job_facts(data: dict[str, Any], key: str = "") -> JobFacts:
         pinned_backend=data.get("backend") or "",
         prompt_tokens=estimate_tokens(text),
         max_tokens=data.get("max_tokens") or 0,
+        allowed_backends=tuple(allowed_backends),
         key=key,
     )
 
 
-def submit(data: dict[str, Any], *, user, body: Any, idempotency_key: str | None) -> Submission:
-    """Create (or, for a repeated Idempotency-Key, find) the job for a validated request."""
+def submit(
+    data: dict[str, Any], *, user, body: Any, idempotency_key: str | None, tenant: Tenant | None = None
+) -> Submission:
+    """Create (or, for a repeated Idempotency-Key, find) the job for a validated request, for ``tenant``.
+
+    A tenant's limits are checked first: the 403s with no I/O, the counted limits (429) by a script
+    in the first round trip that also claims the Idempotency-Key (``tenants.admission``); any
+    refusal, or any failure after admission, leaves no claim and no reservation behind.
+    """
+    admission.check_request(tenant, data)
     client = redis_client()
     fp = idempotency.fingerprint(body) if idempotency_key else ""
     rkey = idempotency.redis_key(user.pk, idempotency_key) if idempotency_key else ""
+    job_id = uuid.uuid4()
+    ticket = admission.ticket(tenant, data, str(job_id), idem_key=rkey, fingerprint=fp)
 
-    for _ in range(3):  # a claim can vanish under us when its owner fails; then try again
-        pipe = client.pipeline(transaction=False)
-        if idempotency_key:
-            pipe.set(rkey, fp, nx=True, ex=idempotency.PENDING_TTL_S)
-        pipe.get(registry.VERSION_KEY)
-        results = pipe.execute()
-        if not idempotency_key or results[0]:
+    # A claim can vanish under us when its owner fails, and a day's counter can be missing: then again.
+    for _ in range(4):
+        if ticket is not None:
+            rt = RoundTrip(client)
+            ticket.queue_on(rt)
+            version = rt.command("get", registry.VERSION_KEY)
+            rt.execute()
+            token, state = version.value, ticket.outcome()  # raises AdmissionRefused
+            if state.startswith("miss:"):
+                ticket.rebuild(state.removeprefix("miss:"))
+                continue
+            claimed = state == "ok"
+        else:
+            pipe = client.pipeline(transaction=False)
+            if idempotency_key:
+                pipe.set(rkey, fp, nx=True, ex=idempotency.PENDING_TTL_S)
+            pipe.get(registry.VERSION_KEY)
+            results = pipe.execute()
+            token, claimed = results[-1], not idempotency_key or bool(results[0])
+        if claimed:
             break
-        job_id = idempotency.wait_for_job_id(client, rkey, fp)
-        if job_id:
-            return replay(job_id)
+        existing_id = idempotency.wait_for_job_id(client, rkey, fp)
+        if existing_id:
+            return replay(existing_id)
     else:
         raise idempotency.KeyInProgress("A request with this Idempotency-Key keeps failing; retry later.")
 
     try:
-        snap = registry.snapshot(registry.ensure_token(results[-1]))
-        job_id = uuid.uuid4()
-        decision = route(job_facts(data, key=str(job_id)), snap)
+        snap = registry.snapshot(registry.ensure_token(token))
+        admission.check_model(tenant, data.get("model") or "", snap)
+        allowed = tenant.allowed_backends if tenant is not None else ()
+        decision = route(job_facts(data, key=str(job_id), allowed_backends=allowed), snap)
         job = _build(job_id, data, user, decision, snap.backends[decision.backend], idempotency_key, fp)
+        _for_tenant(job, data, tenant, ticket)
         doc = job.status_document()
         try:
             with transaction.atomic():
                 job.save(force_insert=True)
                 if job.image_count:
                     job.attach_images(data["images"])
-                transaction.on_commit(lambda: _after_commit(job, doc, rkey, fp))
+                transaction.on_commit(lambda: _after_commit(job, doc, rkey, fp, ticket))
         except IntegrityError:
             if not idempotency_key:
                 raise
             existing = _existing_for_key(user, idempotency_key, fp, rkey)
+            if ticket is not None:  # no job of ours: give the admission back (the key is settled above)
+                ticket.release(keep_idempotency=True)
             if existing is None:
-                return submit(data, user=user, body=body, idempotency_key=idempotency_key)
+                return submit(data, user=user, body=body, idempotency_key=idempotency_key, tenant=tenant)
             return existing
     except BaseException:
-        if idempotency_key:
+        if ticket is not None:
+            ticket.release()  # the claim and the reservations, in one round trip
+        elif idempotency_key:
             client.delete(rkey)  # release our claim so a retry is not told "in progress"
         raise
     return Submission(job, doc, created=True)
+
+
+def _for_tenant(job: Job, data: dict[str, Any], tenant: Tenant | None, ticket: admission.Ticket | None) -> None:
+    """The job's tenant (cached on the instance: the enqueue reads its weight), reservation and queue timeout."""
+    queue_timeout_s = data.get("queue_timeout_s") or (tenant.queue_timeout_s if tenant is not None else None)
+    if tenant is not None:
+        job.tenant = tenant
+        job.tenant_name = tenant.name
+    if ticket is not None and ticket.tokens:
+        job.reserved_tokens = ticket.tokens
+    if queue_timeout_s:
+        job.queue_timeout_s = queue_timeout_s
+        job.expires_at = job.created_at + timedelta(seconds=queue_timeout_s)
 
 
 def _build(
@@ -147,10 +194,12 @@ def _build(
     return job
 
 
-def _after_commit(job: Job, doc: dict[str, Any], rkey: str, fp: str) -> None:
+def _after_commit(job: Job, doc: dict[str, Any], rkey: str, fp: str, ticket: admission.Ticket | None = None) -> None:
     """One round trip: the RQ job, the idempotency answer and the status mirror."""
     pipe = redis_client().pipeline()
     queueing.enqueue(job, pipeline=pipe, meta=tracing.inject())  # the worker's span joins this request's trace
+    if ticket is not None:
+        ticket.after_commit(pipe)  # queued now: counted by its queue, no longer as just admitted
     metrics.record_submission(pipe, priority=job.priority, policy=job.policy_name, backend=job.backend_name)
     if rkey:
         pipe.set(rkey, f"{fp}:{job.pk}", ex=idempotency.ttl_s())

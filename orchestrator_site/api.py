@@ -16,6 +16,7 @@ from rest_framework.views import exception_handler as drf_exception_handler
 
 from jobs.idempotency import IdempotencyError
 from routing.services import RoutingError
+from tenants.admission import AdmissionRefused, TenantForbidden
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,10 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
             body["rejected"] = exc.rejected
         headers = {"Retry-After": "5"} if exc.status == 503 else None
         return Response(body, status=exc.status, headers=headers)
+    if isinstance(exc, AdmissionRefused):
+        return Response(exc.body(), status=exc.status, headers={"Retry-After": str(exc.retry_after)})
+    if isinstance(exc, TenantForbidden):
+        return Response(exc.body(), status=exc.status)
     if isinstance(exc, IdempotencyError):
         return Response({"detail": exc.message, "Idempotency-Key": [exc.message]}, status=exc.status)
     if isinstance(exc, RequestDataTooBig):

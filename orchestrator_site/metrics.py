@@ -94,8 +94,17 @@ BACKEND_ATTEMPTS = CounterDef(
     "backend_attempts_total", "Backend calls (job attempts) by outcome.", ("backend", "outcome")
 )
 BACKEND_ERRORS = CounterDef("backend_errors_total", "Backend calls that failed or errored.", ("backend",))
-TOKENS = CounterDef("tokens_total", "Tokens reported by backends (kind = prompt|completion).", ("backend", "kind"))
-COST = CounterDef("cost_total", "Cost of finished jobs in the backends' price unit (cost_*_per_1k).", ("backend",))
+TOKENS = CounterDef(
+    "tokens_total",
+    "Tokens reported by backends (kind = prompt|completion), by the job's tenant ('-': none).",
+    ("backend", "kind", "tenant"),
+)
+COST = CounterDef(
+    "cost_total",
+    "Cost of finished jobs in the backends' price unit (cost_*_per_1k), by the job's tenant ('-': none).",
+    ("backend", "tenant"),
+)
+NO_TENANT = "-"
 COUNTERS = (
     JOBS_CREATED,
     JOBS_ENQUEUED,
@@ -184,9 +193,14 @@ def _counter_families(raw: dict[str, str]) -> Iterator[Metric]:
     for c in COUNTERS:
         # CounterMetricFamily appends _total itself.
         fam = CounterMetricFamily(PREFIX + c.name.removesuffix("_total"), c.doc, labels=list(c.labels))
-        for labels, value in sorted(series.get(c.name, [])):
+        summed: dict[tuple[str, ...], float] = {}
+        for labels, value in series.get(c.name, []):
+            if len(labels) == len(c.labels) - 1 and c.labels[-1] == "tenant":
+                labels = [*labels, NO_TENANT]  # counted before the tenant label: no tenant
             if len(labels) == len(c.labels):
-                fam.add_metric(labels, value)
+                summed[tuple(labels)] = summed.get(tuple(labels), 0.0) + value
+        for labels, value in sorted(summed.items()):
+            fam.add_metric(list(labels), value)
         yield fam
 
 

@@ -163,6 +163,12 @@ JOB_LIMITS = {
     "timeout_s": env_int("MAX_JOB_TIMEOUT_S", JOB_TIMEOUT_S, minimum=1),
     "json_field_bytes": env_int("MAX_JSON_FIELD_BYTES", 16 * 1024, minimum=64),
 }
+# Admission (tenants/admission.py). Jobs waiting at one priority over all its queues (0: no cap; over it, 429).
+QUEUE_MAX_DEPTH = env_int("QUEUE_MAX_DEPTH", 0, minimum=0)
+# Tokens a job without max_tokens reserves against its tenant's tokens_per_day until it ends.
+TOKEN_RESERVATION_DEFAULT = env_int("TOKEN_RESERVATION_DEFAULT", 1024, minimum=0)
+# The largest queue_timeout_s a submission may ask for.
+MAX_QUEUE_TIMEOUT_S = env_int("MAX_QUEUE_TIMEOUT_S", 24 * 3600, minimum=1)
 REQUEST_JSON_MAX_DEPTH = env_int("REQUEST_JSON_MAX_DEPTH", 32, minimum=2, maximum=256)  # deeper bodies get a 400
 # Room for MAX_IMAGES base64 images plus the prompt; larger bodies get a 413.
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int(

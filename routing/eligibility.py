@@ -6,9 +6,13 @@ from collections.abc import Mapping, Sequence
 
 from routing.strategies import BackendStats, Candidate, JobFacts
 
+NOT_ALLOWED = "not among the tenant's allowed backends"
+
 
 def reject_reason(job: JobFacts, c: Candidate, stats: BackendStats | None) -> str | None:
     """Why ``c`` cannot run ``job``, or None when it can."""
+    if job.allowed_backends and c.name not in job.allowed_backends:
+        return NOT_ALLOWED
     if not c.enabled:
         return "disabled"
     if c.drained:

@@ -73,6 +73,8 @@ def facts_for(job: Job) -> JobFacts:
     seen = (job.routing or {}).get("job")
     if isinstance(seen, dict):
         known = {k: v for k, v in seen.items() if k in JobFacts.__dataclass_fields__}
+        if "allowed_backends" in known:  # stored as a JSON list
+            known["allowed_backends"] = tuple(known["allowed_backends"] or ())
         return JobFacts(**{**known, "key": str(job.pk)})
     from jobs.services import estimate_tokens
 

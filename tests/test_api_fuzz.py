@@ -107,7 +107,8 @@ def server(transactional_db, tmp_path) -> Iterator[str]:
 def test_fuzzed_api_answers_no_5xx_and_only_what_its_schema_documents(server, policy, user, staff, tmp_path):
     # Room for any valid job: one too big for every context window is a designed 503 with Retry-After
     # (an operator may add a bigger backend; tests/test_api_validation.py), not a fault to fuzz for.
-    Backend.objects.filter(name="dev").update(max_context_tokens=1_000_000)
+    # The same for a job asking for a multimodal backend.
+    Backend.objects.filter(name="dev").update(max_context_tokens=1_000_000, supports_multimodal=True)
     base = server
     runs = {
         "client": fuzz(base, Token.objects.create(user=user).key, tmp_path, "client"),

@@ -109,9 +109,9 @@ def test_worker_process_outcomes_reach_the_control_plane_through_redis(api, db):
     jobs = [Job.objects.get(pk=i) for i in ok_ids]
     prompt = sum(j.prompt_tokens for j in jobs)
     completion = sum(j.completion_tokens for j in jobs)
-    assert value(s, P + "tokens_total", backend="priced", kind="prompt") == prompt
-    assert value(s, P + "tokens_total", backend="priced", kind="completion") == completion
-    assert value(s, P + "cost_total", backend="priced") == pytest.approx(float(sum(j.cost for j in jobs)))
+    assert value(s, P + "tokens_total", backend="priced", kind="prompt", tenant="-") == prompt
+    assert value(s, P + "tokens_total", backend="priced", kind="completion", tenant="-") == completion
+    assert value(s, P + "cost_total", backend="priced", tenant="-") == pytest.approx(float(sum(j.cost for j in jobs)))
     assert value(s, P + "queue_depth", queue="normal") == 0
     # Our task skips RQ's per-job registries (the Job row keeps all of it): nothing lingers in
     # RQ's, and the RQ job hashes are gone once the jobs ended.
@@ -199,3 +199,41 @@ def test_every_exported_domain_name_is_prefixed_and_declared():
     assert all(n.startswith(P) for n in names)
     assert {P + "jobs_created_total", P + "job_latency_seconds_bucket", P + "queue_depth"} <= names
     assert settings.JOB_QUEUES == ("high", "normal", "low")
+
+
+@pytest.mark.django_db
+def test_tokens_and_cost_carry_the_tenant_and_earlier_series_count_as_none():
+    from datetime import UTC, datetime
+    from decimal import Decimal
+
+    from workers.execution.run_facts import AttemptFacts, RunFacts
+    from workers.execution.run_figures import record_fleet_figures
+
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    attempt = AttemptFacts(1, "dev", "succeeded", "", 0.01, at, at)
+    for tenant in ("acme", "acme", ""):
+        record_fleet_figures(
+            RunFacts(
+                job_id="j",
+                queue="normal",
+                state="succeeded",
+                backend="dev",
+                policy="p",
+                enqueued_at=at,
+                started_at=at,
+                finished_at=at,
+                prompt_tokens=3,
+                completion_tokens=4,
+                cost=Decimal("0.5"),
+                attempts=[attempt],
+                tenant=tenant,
+            )
+        )
+    # written before the tenant label existed: two labels, counted as no tenant
+    redis_client().hincrby(metrics.COUNTERS_KEY, metrics._field("tokens_total", "dev", "prompt"), 10)
+    s = scrape("fleet")
+    assert value(s, P + "tokens_total", backend="dev", kind="prompt", tenant="acme") == 6
+    assert value(s, P + "tokens_total", backend="dev", kind="completion", tenant="acme") == 8
+    assert value(s, P + "cost_total", backend="dev", tenant="acme") == 1.0
+    assert value(s, P + "tokens_total", backend="dev", kind="prompt", tenant="-") == 13
+    assert value(s, P + "cost_total", backend="dev", tenant="-") == 0.5

@@ -105,6 +105,9 @@ class JobCreateSerializer(serializers.Serializer):
             required=False, min_value=1, max_value=limits["max_tokens"]
         )
         self.fields["timeout_s"] = serializers.IntegerField(required=False, min_value=1, max_value=limits["timeout_s"])
+        self.fields["queue_timeout_s"] = serializers.IntegerField(
+            required=False, min_value=1, max_value=settings.MAX_QUEUE_TIMEOUT_S
+        )
 
     def to_internal_value(self, data: Any) -> dict:
         if not isinstance(data, dict):
@@ -155,7 +158,7 @@ def validate_submission(data: Any) -> dict:
     their error document is exactly ``is_valid(raise_exception=True)``'s.
     """
     global _submission_validator
-    limits = tuple(sorted(_limits().items()))
+    limits = (*sorted(_limits().items()), settings.MAX_QUEUE_TIMEOUT_S)
     cached = _submission_validator
     if cached is None or cached[0] != limits:
         validator = JobCreateSerializer()
@@ -182,6 +185,13 @@ class JobSerializer(serializers.ModelSerializer):
     attempt_log = serializers.ListField(child=serializers.DictField(), read_only=True)
     links = serializers.DictField(child=serializers.CharField(), read_only=True)
     owner_id = serializers.IntegerField(source="created_by_id")
+    tenant = serializers.CharField(
+        source="tenant_name", allow_null=True, help_text="The tenant the job was submitted for (its name then)."
+    )
+    queue_timeout_s = serializers.IntegerField(
+        allow_null=True, help_text="Not started within this many seconds, the job ends 'expired'."
+    )
+    expires_at = serializers.DateTimeField(allow_null=True, help_text="When a waiting job expires (null: never).")
     tenant_id = serializers.IntegerField(allow_null=True)
 
     class Meta:
@@ -209,6 +219,9 @@ class JobSerializer(serializers.ModelSerializer):
             "metadata",
             "attempt_log",
             "links",
+            "tenant",
+            "queue_timeout_s",
+            "expires_at",
             "owner_id",
             "tenant_id",
         ]

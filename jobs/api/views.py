@@ -30,6 +30,7 @@ from jobs.api.serializers import (
     validate_submission,
 )
 from jobs.models import TERMINAL_STATES, Job, JobState, Priority
+from tenants.identity import tenant_of
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 MAX_IDEMPOTENCY_KEY = 255
@@ -103,7 +104,15 @@ class JobListCreate(generics.GenericAPIView):
         responses={
             202: JobStatusSerializer,
             200: OpenApiResponse(JobStatusSerializer, description="Replayed: the job this Idempotency-Key made."),
+            403: OpenApiResponse(
+                description="The tenant may not: disabled, a priority above its max_priority, or a backend"
+                " outside its allowed_backends (`limit` names the rule)."
+            ),
             409: OpenApiResponse(description="The Idempotency-Key is in use by a request still in progress."),
+            429: OpenApiResponse(
+                description="Over a limit (`limit`: rpm_limit, tokens_per_day, budget_usd, max_queued or"
+                " queue_max_depth); retry after `Retry-After` seconds (also `retry_after`). Nothing was kept."
+            ),
             422: OpenApiResponse(
                 description="The pinned backend cannot take this job, or the key was used with another body."
             ),
@@ -116,7 +125,9 @@ class JobListCreate(generics.GenericAPIView):
         if key is not None and not (0 < len(key.strip()) <= MAX_IDEMPOTENCY_KEY):
             raise ValidationError({IDEMPOTENCY_HEADER: [f"Must be 1 to {MAX_IDEMPOTENCY_KEY} characters."]})
         data = validate_submission(request.data)
-        submission = services.submit(data, user=request.user, body=request.data, idempotency_key=key)
+        submission = services.submit(
+            data, user=request.user, body=request.data, idempotency_key=key, tenant=tenant_of(request)
+        )
         doc = submission.document
         headers = {"Location": request.build_absolute_uri(f"/jobs/{doc['id']}")}
         if not submission.created:

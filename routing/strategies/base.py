@@ -20,6 +20,8 @@ class JobFacts:
     pinned_backend: str = ""
     prompt_tokens: int = 0
     max_tokens: int = 0
+    # The backends the job's tenant may use (empty: any); routing never picks another.
+    allowed_backends: tuple[str, ...] = ()
     # A stable identity for the job (its id, or its Idempotency-Key) so that a random
     # strategy picks the same backend when the same job is routed or replayed again.
     key: str = ""

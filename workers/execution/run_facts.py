@@ -43,6 +43,7 @@ class RunFacts:
     completion_tokens: int | None
     cost: Decimal | None
     attempts: list[AttemptFacts] = field(default_factory=list)
+    tenant: str = ""  # the job's tenant's name ('' for none)
 
     @property
     def finished_in_run(self) -> bool:
@@ -71,6 +72,7 @@ def read_run(job_id: str, queue: str, since: datetime, row: Any = None) -> RunFa
             prompt_tokens=row.prompt_tokens,
             completion_tokens=row.completion_tokens,
             cost=row.cost,
+            tenant=row.tenant_name,
             attempts=[
                 AttemptFacts(
                     number=a.number,
@@ -97,6 +99,7 @@ def read_run(job_id: str, queue: str, since: datetime, row: Any = None) -> RunFa
             "prompt_tokens",
             "completion_tokens",
             "cost",
+            "tenant_name",
         )
         .first()
     )
@@ -129,4 +132,5 @@ def read_run(job_id: str, queue: str, since: datetime, row: Any = None) -> RunFa
         completion_tokens=row["completion_tokens"],
         cost=row["cost"],
         attempts=attempts,
+        tenant=row["tenant_name"],
     )

@@ -24,6 +24,7 @@ from orchestrator_site.metrics import (
     EXECUTION,
     JOB_LATENCY,
     JOBS_FINISHED,
+    NO_TENANT,
     QUEUE_WAIT,
     TOKENS,
     inc,
@@ -82,12 +83,13 @@ def record_fleet_figures(run: RunFacts, pipe: Any = None) -> None:
             observe(pipe, JOB_LATENCY, (run.finished_at - run.enqueued_at).total_seconds(), run.backend, run.state)
         if run.started_at:
             observe(pipe, EXECUTION, (run.finished_at - run.started_at).total_seconds(), run.backend, run.state)
+        tenant = run.tenant or NO_TENANT
         if run.prompt_tokens:
-            inc(pipe, TOKENS, run.backend, "prompt", amount=int(run.prompt_tokens))
+            inc(pipe, TOKENS, run.backend, "prompt", tenant, amount=int(run.prompt_tokens))
         if run.completion_tokens:
-            inc(pipe, TOKENS, run.backend, "completion", amount=int(run.completion_tokens))
+            inc(pipe, TOKENS, run.backend, "completion", tenant, amount=int(run.completion_tokens))
         if run.cost:
-            inc(pipe, COST, run.backend, amount=float(run.cost))
+            inc(pipe, COST, run.backend, tenant, amount=float(run.cost))
     aggregates.record(pipe, run)  # the live dashboard's per-minute figures; never raises
     if own:
         pipe.execute()
