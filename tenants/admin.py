@@ -12,6 +12,7 @@ from orchestrator_site.admin_actions import RefuseForbiddenActionsMixin
 from routing.models import Backend
 from tenants import keys, services
 from tenants.models import ApiKey, Membership, Tenant
+from tenants.usage_admin import USAGE_FIELDS, UsageMixin
 
 
 class TenantForm(forms.ModelForm):
@@ -85,7 +86,7 @@ class ApiKeyInline(admin.TabularInline):
 
 
 @admin.register(Tenant)
-class TenantAdmin(RefuseForbiddenActionsMixin, admin.ModelAdmin):
+class TenantAdmin(UsageMixin, RefuseForbiddenActionsMixin, admin.ModelAdmin):
     form = TenantForm
     list_display = [
         "name",
@@ -110,6 +111,12 @@ class TenantAdmin(RefuseForbiddenActionsMixin, admin.ModelAdmin):
         ),
         ("Priority, backends and share", {"fields": ["max_priority", "allowed_backends", "weight", "queue_timeout_s"]}),
     ]
+
+    def get_fieldsets(self, request: HttpRequest, obj: Tenant | None = None) -> list:
+        fieldsets = list(super().get_fieldsets(request, obj))
+        if obj is not None:  # a tenant being created has no usage yet
+            fieldsets.append(("Usage (today / this budget period)", {"fields": list(USAGE_FIELDS)}))
+        return fieldsets
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Tenant]:
         return super().get_queryset(request).annotate(_members=Count("memberships"))

@@ -57,6 +57,8 @@ def test_tenant_pages_render(admin_client, tenant, user, dev_backend):
     page = admin_client.get(reverse("admin:tenants_tenant_change", args=[tenant.pk]))
     assert page.status_code == 200
     assert b"alice" in page.content and b"llmo_" in page.content  # member and key prefix
+    assert b"Tokens today" in page.content and b"Spend this period" in page.content  # usage vs limits
+    assert b"Tokens today" in listing.content
     assert admin_client.get(reverse("admin:tenants_tenant_add")).status_code == 200
     assert admin_client.get(reverse("admin:tenants_tenant_changelist") + "?q=acm").status_code == 200
 
