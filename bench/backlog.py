@@ -159,7 +159,7 @@ def workers(env: dict, n: int, **extra: str) -> Iterator[list[subprocess.Popen]]
     """``n`` ``manage.py rqworker high normal low`` processes as the project starts them; SIGTERM at the end."""
     cmd = [sys.executable, "manage.py", "rqworker", "high", "normal", "low"]
     procs = [
-        subprocess.Popen(cmd, cwd=ROOT, env={**env, **extra}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        subprocess.Popen(cmd, cwd=ROOT, env={**env, **extra}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(n)
     ]
     try:
