@@ -18,6 +18,12 @@ All in a temporary directory removed at the end; SQLite there (or ``--database-u
   RQ's ``SimpleWorker`` draining as many no-op function calls on the same Redis; rounds alternate
   and the report takes medians. Goal: ours >= 0.5 of raw.
 
+With ``--tenants N`` (N >= 2) the run compares fair-queue layouts instead: each round drains the same P3
+(and P5) jobs once all of one tenant and once spread evenly over N tenants (each tenant's jobs queued
+one after the other, so all are backlogged), alternating; the report gives the medians and
+N tenants ÷ one tenant (goal >= 0.95). Those jobs are made in bulk without HTTP (``bench/backlog.py``:
+``POST /jobs`` does not assign tenants), in both arms alike.
+
 Exit status: 0 PASS, 1 FAIL, 2 could not run.
 """
 
@@ -38,12 +44,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-REDIS_DB = 14
+REDIS_DB = 14  # unless --redis-db
 P3_CONCURRENCY = 32
 P3_LATENCY_MS = 100
 P3_IDEAL = P3_CONCURRENCY / (P3_LATENCY_MS / 1000)
 GOAL_P3 = 0.9
 GOAL_P5 = 0.5
+GOAL_TENANTS = 0.95
 
 
 def parse_args() -> argparse.Namespace:
@@ -54,6 +61,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--p5-concurrency", type=int, default=0, help="MAX_CONCURRENCY for P5 (default: the setting's)")
     p.add_argument("--rounds", type=int, default=3, help="P3 rounds, and P5 rounds alternating (default 3)")
     p.add_argument("--only", choices=["p3", "p5"], help="run one of the two")
+    p.add_argument("--tenants", type=int, default=0, help="N >= 2: N tenants backlogged against one, per round")
+    p.add_argument("--redis-db", type=int, default=REDIS_DB)
     p.add_argument("--database-url", default="", help="default: SQLite in the temporary directory")
     p.add_argument("--redis-host", default="127.0.0.1")
     p.add_argument("--redis-port", type=int, default=6379)
@@ -65,7 +74,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="llmo-bench-workers-"))
-    redis_url = f"redis://{args.redis_host}:{args.redis_port}/{REDIS_DB}"
+    redis_url = f"redis://{args.redis_host}:{args.redis_port}/{args.redis_db}"
     env = {k: v for k, v in os.environ.items() if k not in ("SECRET_KEY_FILE", "DATABASE_URL", "MAX_CONCURRENCY")}
     env.update(
         DJANGO_SETTINGS_MODULE="orchestrator_site.settings",
@@ -110,6 +119,8 @@ class Bench:
         redis_client().flushdb()
         call_command("migrate", verbosity=0)
         self.user = self.make_user()
+        if self.args.tenants >= 2:
+            return self.tenants_run()
         skip = {"p3": "p5", "p5": "p3"}.get(self.args.only or "")
         p3 = self.p3() if skip != "p3" else {"jobs": 0, "jobs_per_s": 0, "ideal": P3_IDEAL, "ratio": 0}
         rq_plain = self.rq_plain_p3() if skip != "p3" else 0.0
@@ -156,7 +167,7 @@ class Bench:
         user, _ = get_user_model().objects.get_or_create(username="bench")  # a reused --database-url has it
         return user
 
-    def reset(self, latency_ms: int) -> None:
+    def reset(self, latency_ms: int):
         """An empty queue, a clean job table, and the one ``dev`` backend at ``latency_ms``."""
         from jobs.models import Job
         from orchestrator_site.redis import redis_client
@@ -165,12 +176,13 @@ class Bench:
 
         redis_client().flushdb()
         Job.objects.all().delete()
-        Backend.objects.update_or_create(
+        backend, _ = Backend.objects.update_or_create(
             name="dev",
             defaults={"kind": BackendKind.DEV, "config": {"latency_ms": latency_ms}, "max_concurrency": 64},
         )
         if not RoutingPolicy.objects.filter(is_active=True).exists():
             policies.activate(RoutingPolicy.objects.create(name="bench", strategy="ordered", params={}))
+        return backend
 
     def submit(self, n: int) -> None:
         """``n`` jobs through the real POST /jobs (validation, routing, idempotency-free enqueue)."""
@@ -204,6 +216,54 @@ class Bench:
             raise SystemExit(f"{n - done} of {n} jobs did not succeed")
         span = jobs.aggregate(a=Min("started_at"), b=Max("finished_at"))
         return n / (span["b"] - span["a"]).total_seconds()
+
+    # --- N tenants against one -------------------------------------------------------------------
+    def tenants_run(self) -> int:
+        from django.conf import settings
+
+        from bench import backlog
+        from tenants.models import Tenant
+
+        Tenant.objects.all().delete()
+        tenants = [backlog.tenant(f"t{i}") for i in range(self.args.tenants)]
+        benches = {
+            "p3": (P3_LATENCY_MS, self.args.p3_jobs, P3_CONCURRENCY),
+            "p5": (0, self.args.p5_jobs, self.args.p5_concurrency or settings.MAX_CONCURRENCY),
+        }
+        if self.args.only:
+            benches = {self.args.only: benches[self.args.only]}
+        report, ok = {}, True
+        for name, (latency, jobs, concurrency) in benches.items():
+            rates: dict[int, list[float]] = {1: [], len(tenants): []}
+            for _ in range(self.args.rounds):
+                for arm in rates:
+                    backend = self.reset(latency)
+                    for i in range(arm):
+                        n = jobs // arm + (1 if i < jobs % arm else 0)
+                        backlog.create_jobs(n, backend, owner=self.user, tenant=tenants[i], label=f"t{i}")
+                    rates[arm].append(self.drain(concurrency))
+            one, many = statistics.median(rates[1]), statistics.median(rates[len(tenants)])
+            report[name] = {
+                "jobs": jobs,
+                "concurrency": concurrency,
+                "one_tenant_jobs_per_s": round(one, 1),
+                "tenants_jobs_per_s": round(many, 1),
+                "one_tenant_rounds": [round(r, 1) for r in rates[1]],
+                "tenants_rounds": [round(r, 1) for r in rates[len(tenants)]],
+                "ratio": round(many / one, 3),
+            }
+            ok = ok and many / one >= GOAL_TENANTS
+        print(f"\n{len(tenants)} tenants backlogged vs one tenant, same jobs, rounds alternating, medians")
+        for name, r in report.items():
+            print(
+                f"{name.upper()}  {r['jobs']} jobs, MAX_CONCURRENCY={r['concurrency']}: one tenant"
+                f" {r['one_tenant_jobs_per_s']} jobs/s (rounds {r['one_tenant_rounds']}), {len(tenants)} tenants"
+                f" {r['tenants_jobs_per_s']} jobs/s (rounds {r['tenants_rounds']}) -> ratio {r['ratio']:.3f};"
+                f" goal >= {GOAL_TENANTS}: {'PASS' if r['ratio'] >= GOAL_TENANTS else 'FAIL'}"
+            )
+        if self.args.json_path:
+            Path(self.args.json_path).write_text(json.dumps({"tenants": len(tenants), **report}, indent=2))
+        return 0 if ok else 1
 
     # --- P3 ---------------------------------------------------------------------------------------
     def p3(self) -> dict:

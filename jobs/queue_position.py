@@ -2,8 +2,9 @@
 
 Both are read when asked (``GET /jobs/<id>``, the job's admin page), never stored: one Redis round
 trip (the fair queue's position script and the pool's drain counters, pipelined). The position is
-that of ``jobs.fair_queue.position``: exact while nothing new arrives, moved back by new jobs at a
-higher priority or of a tenant that starts waiting, and blind to aging. The ETA divides it by the
+that of ``jobs.fair_queue.position``: a forecast as the queue stands (moved back by new jobs at a
+higher priority or of a tenant that starts waiting, blind to aging), exact up to
+``POSITION_SCAN_MAX`` tenants ahead and estimated past them, so its cost stays bounded. The ETA divides it by the
 pool's measured drain rate (jobs taken per second over the last minute, every priority of the pool);
 with nothing taken in that minute there is no rate and no ETA.
 """

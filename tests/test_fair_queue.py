@@ -117,6 +117,24 @@ def test_positions_follow_the_dispatch_order() -> None:
     assert fq.position("normal", "a", "gone") is None
 
 
+def test_positions_past_the_tenants_counted_one_by_one_are_estimated_closely(monkeypatch) -> None:
+    now = time.time()
+    tenants = [f"t{i:02d}" for i in range(12)]
+    for t in tenants:
+        for i in range(8):
+            push("normal", t, f"{t}-{i}", at=now + i / 1000, weight=2 if t == "t03" else None)
+    take_ids(["normal"], 5)  # passes off the tie
+    monkeypatch.setattr(fq, "POSITION_SCAN_MAX", 4)
+    past_scan = len(tenants) - 1 - 4  # about one dispatch each, either way
+    jobs = [f"{t}-{i}" for t in tenants for i in (0, 3, 7)]
+    predicted = {j: fq.position("normal", j[:3], j) for j in jobs}
+    order = take_ids(["normal"], 100)
+    for job in jobs:
+        if job in order:
+            exact = order.index(job) + 1
+            assert abs(predicted[job] - exact) <= past_scan, (job, predicted[job], exact)
+
+
 def test_jobs_on_rqs_own_list_are_taken_after_the_sub_queues() -> None:
     fq.redis_client().rpush("rq:queue:normal", "legacy")
     push("normal", "a", "a0")

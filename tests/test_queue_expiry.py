@@ -73,7 +73,7 @@ def test_a_worker_that_takes_an_overdue_job_expires_it_without_calling_the_backe
     overdue = [waiting_job(dev_backend, expires_in_s=-1) for _ in range(5)]
     ok = make_job(dev_backend)
     queueing.enqueue(ok)
-    run_worker_burst(RECONCILE_INTERVAL_S="0")
+    run_worker_burst(RECONCILE_INTERVAL_MS="0")  # no reconcile pass: the worker expires them
     for job in overdue:
         job.refresh_from_db()
         assert (job.state, job.attempt_count, job.worker) == (JobState.EXPIRED, 0, "")

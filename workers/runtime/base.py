@@ -101,18 +101,24 @@ def taken_entry(rq_job: RQJob, queue: Queue) -> fair_queue.Taken:
 def take(
     queues: list[Queue], n: int, connection: Any, job_class: type[RQJob], serializer: Any
 ) -> list[tuple[RQJob, Queue]]:
-    """Up to ``n`` jobs from the fair queue with their RQ hashes; jobs whose hash is gone are skipped
-    (deleted since they were queued: RQ's own dequeue skips those too)."""
+    """Up to ``n`` jobs from the fair queue with their RQ hashes; fewer only when the queues ran dry.
+
+    Entries whose hash is gone (deleted since they were queued) are skipped, as RQ's own dequeue
+    skips them, and the take goes on: a skipped entry must not read as an empty queue, which would
+    end a burst worker or send an idle one to wait for a bell while jobs are still queued.
+    """
     by_name = {q.name: q for q in queues}
-    entries = fair_queue.take([q.name for q in queues], n, client=connection)
-    if not entries:
-        return []
-    rq_jobs = job_class.fetch_many([e.job_id for e in entries], connection=connection, serializer=serializer)
-    taken = []
-    for entry, rq_job in zip(entries, rq_jobs, strict=True):
-        if rq_job is not None:
-            rq_job.fair_entry = entry
-            taken.append((rq_job, by_name[entry.queue]))
+    names = [q.name for q in queues]
+    taken: list[tuple[RQJob, Queue]] = []
+    while len(taken) < n:
+        entries = fair_queue.take(names, n - len(taken), client=connection)
+        if not entries:
+            break
+        rq_jobs = job_class.fetch_many([e.job_id for e in entries], connection=connection, serializer=serializer)
+        for entry, rq_job in zip(entries, rq_jobs, strict=True):
+            if rq_job is not None:
+                rq_job.fair_entry = entry
+                taken.append((rq_job, by_name[entry.queue]))
     return taken
 
 
