@@ -84,7 +84,20 @@ class JobAdmin(RefuseForbiddenActionsMixin, admin.ModelAdmin):
                 ]
             },
         ),
-        ("Result", {"fields": ["output", "finish_reason", "prompt_tokens", "completion_tokens", "cost", "latency_ms"]}),
+        (
+            "Result",
+            {
+                "fields": [
+                    "output",
+                    "tool_calls",
+                    "finish_reason",
+                    "prompt_tokens",
+                    "completion_tokens",
+                    "cost",
+                    "latency_ms",
+                ]
+            },
+        ),
         ("Routing", {"fields": ["backend_name", "policy_name", "policy_version", "routing", "queue", "queue_place"]}),
         (
             "Timings",
@@ -249,7 +262,18 @@ def build_timeline(job: Job) -> dict[str, Any]:
         "total_tokens": (job.prompt_tokens or 0) + (job.completion_tokens or 0) if usage_known else None,
         "cost": _cost(job.cost),
         "trace_id": trace_id(job),
+        "tool_calls": tool_calls(job),
     }
+
+
+def tool_calls(job: Job) -> list[tuple[str, str, str]]:
+    """The calls the model asked for, as (id, function name, arguments), tolerating hand-written rows."""
+    out = []
+    for call in job.tool_calls if isinstance(job.tool_calls, list) else []:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if isinstance(fn, dict):
+            out.append((str(call.get("id", "")), str(fn.get("name", "")), str(fn.get("arguments", ""))))
+    return out
 
 
 def trace_id(job: Job) -> str:

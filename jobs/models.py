@@ -137,6 +137,8 @@ class Job(models.Model):
     temperature = models.FloatField(null=True, blank=True)
     params = models.JSONField(default=dict, blank=True)
     metadata = models.JSONField(default=dict, blank=True)
+    # Publish the output as it comes (jobs/deltas.py): only for a client that reads it, it costs Redis.
+    stream = models.BooleanField(default=False)
     timeout_s = models.PositiveIntegerField()
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
     tenant = models.ForeignKey("tenants.Tenant", null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs")
@@ -166,6 +168,8 @@ class Job(models.Model):
 
     # Outcome.
     output = models.TextField(blank=True)
+    # The tools the model called, in OpenAI's message shape (finish_reason "tool_calls").
+    tool_calls = models.JSONField(default=list, blank=True)
     finish_reason = models.CharField(max_length=32, blank=True)
     error = models.TextField(blank=True)
     prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
@@ -295,6 +299,7 @@ class Job(models.Model):
             "latency_ms": _int(self.latency_ms),
             "finish_reason": _str(self.finish_reason),
             "output": _str(self.output),
+            "tool_calls": self.tool_calls or [],
             "metadata": self.metadata,
             "attempt_log": [
                 {
@@ -457,7 +462,7 @@ class Job(models.Model):
     def mark_succeeded(self, **fields: Any) -> bool:
         """running -> succeeded with the result (``SUCCESS_FIELDS``, as ``workers.execution.request.success_fields``
         builds them); False when the job stopped being ours (canceled)."""
-        if fields.keys() != set(SUCCESS_FIELDS):
+        if fields.keys() - {"tool_calls"} != set(SUCCESS_FIELDS):
             raise TypeError(f"mark_succeeded takes {', '.join(SUCCESS_FIELDS)}; got {', '.join(sorted(fields))}")
         return Job.mark_succeeded_many([(self, fields)])[0]
 
@@ -475,6 +480,7 @@ class Job(models.Model):
                 {
                     **{n: f[n] for n in SUCCESS_FIELDS},
                     "output": storable(f["output"]),
+                    "tool_calls": f.get("tool_calls") or [],  # optional: only a tool-calling answer has them
                     "error": "",
                     "finished_at": f.get("finished_at") or now,
                 },
@@ -623,6 +629,7 @@ class Job(models.Model):
             JobState.QUEUED,
             expires_at=now + timedelta(seconds=self.queue_timeout_s) if self.queue_timeout_s else None,
             output="",
+            tool_calls=[],
             error="",
             finish_reason="",
             finished_at=None,

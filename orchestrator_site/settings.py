@@ -209,6 +209,11 @@ BATCH_MAX = env_int("BATCH_MAX", 64, minimum=1, maximum=1024)  # jobs in one bat
 BATCH_WAIT_MS = env_int("BATCH_WAIT_MS", 10, minimum=0, maximum=10_000)  # how long to wait for more jobs
 # New tokens per batch round: a late job waits at most one round; a longer job continues in the next.
 BATCH_ROUND_TOKENS = env_int("BATCH_ROUND_TOKENS", 128, minimum=1, maximum=32_768)
+# Streaming (jobs/deltas.py): each job's output deltas in a capped, expiring Redis Stream.
+STREAM_MAX_EVENTS = env_int("STREAM_MAX_EVENTS", 10_000, minimum=10)  # entries kept per job (approximate cap)
+STREAM_TTL_S = env_int("STREAM_TTL_S", 3600, minimum=1)  # the stream expires this long after its last write
+STREAM_FLUSH_S = env_int("STREAM_FLUSH_MS", 20, minimum=0, maximum=10_000) / 1000  # a job's writes at most this often
+STREAM_FLUSH_EVENTS = env_int("STREAM_FLUSH_EVENTS", 64, minimum=1)  # ...unless this many deltas wait
 
 # --- API --------------------------------------------------------------------
 # How long each process remembers an API token (orchestrator_site/auth.py); 0: read it every request.

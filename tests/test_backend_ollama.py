@@ -265,3 +265,10 @@ def test_job_runs_on_ollama_through_a_real_worker(api, fake):
     body = fake.last.body
     assert body["messages"][-1]["images"] == [PNG_1PX] and body["keep_alive"] == "5m"
     assert body["options"]["num_predict"] == 2
+
+
+def test_streamed_content_reaches_the_delta_sink_as_it_comes(fake):
+    got: list[dict] = []
+    result = OllamaAdapter().generate(backend_for(fake), ask(on_delta=got.append))
+    assert got == [{"content": "one"}, {"content": " two"}, {"content": " three"}]
+    assert "".join(d["content"] for d in got) == result.output and result.tool_calls == []

@@ -387,3 +387,17 @@ def test_canceling_a_running_job_stops_the_servers_generation_and_frees_the_slot
     job = Job.objects.get(pk=long_id)
     assert job.state == JobState.CANCELED and job.output == ""
     assert job.attempts.get().outcome == "canceled"
+
+
+# --- deltas ---------------------------------------------------------------------------------------
+def test_streamed_content_reaches_the_delta_sink_as_it_comes(fake):
+    got: list[dict] = []
+    result = OpenAIAdapter().generate(backend_for(fake), ask(on_delta=got.append))
+    assert got == [{"content": "one"}, {"content": " two"}, {"content": " three"}]
+    assert "".join(d["content"] for d in got) == result.output
+
+
+def test_an_unstreamed_answer_reaches_the_delta_sink_whole(fake):
+    got: list[dict] = []
+    OpenAIAdapter().generate(backend_for(fake, config={"stream": False}), ask(on_delta=got.append))
+    assert got == [{"content": "one two three"}]

@@ -216,6 +216,7 @@ class JobSerializer(serializers.ModelSerializer):
             "latency_ms",
             "finish_reason",
             "output",
+            "tool_calls",
             "metadata",
             "attempt_log",
             "links",
@@ -233,7 +234,18 @@ class JobSerializer(serializers.ModelSerializer):
 
 # Fields of the status document that are internal (access control) or belong to /result.
 PRIVATE_FIELDS = ("owner_id", "tenant_id")
-RESULT_FIELDS = ("id", "state", "backend", "output", "finish_reason", "usage", "cost", "latency_ms", "error")
+RESULT_FIELDS = (
+    "id",
+    "state",
+    "backend",
+    "output",
+    "tool_calls",
+    "finish_reason",
+    "usage",
+    "cost",
+    "latency_ms",
+    "error",
+)
 
 
 def public(doc: dict[str, Any], *, with_output: bool = False) -> dict[str, Any]:

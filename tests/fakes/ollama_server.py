@@ -11,6 +11,11 @@ Extra knobs: ``chunk_delay_s`` between streamed lines; ``error_after=N`` sends N
 ``{"error": ...}`` line on the 200 response (how Ollama reports a failure after streaming began);
 ``truncate_after=N`` ends the stream after N content lines with no ``done`` line (``truncate_mode``
 "clean" finishes the chunked body, "drop" cuts the connection).
+
+Tools: with ``tool_calls=[{"name", "arguments": {...}}]`` a chat that offers ``tools`` gets those
+calls as Ollama sends them: one message line whose ``tool_calls`` hold whole calls (no id, arguments
+an object), no content, then the ``done`` line with done_reason "stop". ``format`` ("json" or a
+schema) without a ``reply`` answers ``{"echo": <last user message>}``.
 """
 
 from __future__ import annotations
@@ -53,9 +58,11 @@ class OllamaFake(FakeServer):
         error_message: str = "an error was encountered while running the model: CUDA error: out of memory",
         truncate_after: int | None = None,
         truncate_mode: str = "clean",
+        tool_calls: list[dict[str, Any]] | None = None,
         **knobs: Any,
     ) -> None:
         super().__init__(**knobs)
+        self.tool_calls = tool_calls
         self.models = dict(DEFAULT_MODELS if models is None else models)
         self.reply = reply
         self.version = version
@@ -173,7 +180,16 @@ class OllamaFake(FakeServer):
             return self.error(h, 500, f"model {resolved} does not support images")
 
         options = body.get("options") or {}
-        words = (self.reply if self.reply is not None else prompt_text).split()
+        reply = self.reply
+        if reply is None and body.get("format"):
+            reply = json.dumps({"echo": prompt_text})
+        calls = [
+            {"function": {"name": c["name"], "arguments": c.get("arguments", {})}}
+            for c in (self.tool_calls if chat and body.get("tools") else None) or ()
+        ]
+        if calls:
+            reply = ""
+        words = (reply if reply is not None else prompt_text).split()
         done_reason = "stop"
         limit = options.get("num_predict")
         if isinstance(limit, int) and 0 <= limit < len(words):
@@ -193,6 +209,8 @@ class OllamaFake(FakeServer):
 
         if body.get("stream", True) is False:
             final = {"model": model, "created_at": _now(), key: piece(" ".join(words))}
+            if calls:
+                final[key]["tool_calls"] = calls
             h.send_json(200, {**final, "done_reason": done_reason, "done": True, **stats})
             return None
 
@@ -206,6 +224,11 @@ class OllamaFake(FakeServer):
                 self.pause(self.chunk_delay_s)
             line = {"model": model, "created_at": _now(), key: piece(word if i == 0 else f" {word}"), "done": False}
             h.write_chunk(json.dumps(line).encode() + b"\n")
+        if calls:
+            message = {"role": "assistant", "content": "", "tool_calls": calls}
+            h.write_chunk(
+                json.dumps({"model": model, "created_at": _now(), key: message, "done": False}).encode() + b"\n"
+            )
         if self.error_after is not None:
             h.write_chunk(json.dumps({"error": self.error_message}).encode() + b"\n")
         elif self.truncate_after is not None:

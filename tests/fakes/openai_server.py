@@ -16,6 +16,13 @@ Shape knobs for broken servers: ``omit_finish_reason``, ``empty_choices``, ``omi
 ``truncate_after=N`` ends the stream after N content chunks (no finish_reason, no ``[DONE]``) and
 ``error_after=N`` sends N content chunks then ``data: {"error": {...}}`` (code ``fail_status``), as vLLM
 reports a failure after streaming began. ``chunk_delay_s`` paces the content chunks.
+
+Tools: with ``tool_calls=[{"name", "arguments"}...]`` (arguments an object or JSON text) the model
+calls those tools whenever the request offers ``tools`` (and ``tool_choice`` is not "none"): the
+message has no content and ``tool_calls`` (ids ``call_fake<n>``), finish_reason "tool_calls". Streamed
+as OpenAI does: per call, a first delta with index, id, type, name and empty arguments, then the
+arguments in fragments of ``arguments_chunk`` characters. ``response_format`` json_object/json_schema
+without a ``reply`` answers ``{"echo": <last user message>}``.
 """
 
 from __future__ import annotations
@@ -52,10 +59,14 @@ class OpenAIFake(FakeServer):
         omit_usage: bool = False,
         truncate_after: int | None = None,
         error_after: int | None = None,
+        tool_calls: list[dict[str, Any]] | None = None,
+        arguments_chunk: int = 4,
         **knobs: Any,
     ) -> None:
         super().__init__(**knobs)
         assert error_style in ("nested", "flat")
+        self.tool_calls = tool_calls
+        self.arguments_chunk = arguments_chunk
         self.models = tuple(models)
         self.api_key = api_key
         self.error_style = error_style
@@ -112,6 +123,15 @@ class OpenAIFake(FakeServer):
         h.send_json(status, body, headers)
 
     # --- chat ----------------------------------------------------------------------
+    def _calls(self, body: dict[str, Any]) -> list[dict[str, Any]]:
+        """The tool calls this answer makes: the knob's, when the request offers tools it may call."""
+        if not self.tool_calls or not body.get("tools") or body.get("tool_choice") == "none":
+            return []
+        with self._lock:
+            self._ids += 1
+            first = self._ids * 10
+        return _calls_for(self.tool_calls, first)
+
     def _chat(self, h: FakeHandler, req: RecordedRequest) -> None:
         bad = "invalid_request_error"
         if req.json_error is not None:
@@ -158,8 +178,14 @@ class OpenAIFake(FakeServer):
             if m.get("role") == "user":
                 last_user = text
 
-        words = (self.reply if self.reply is not None else last_user).split()
-        finish_reason = "stop"
+        reply = self.reply
+        if reply is None and (body.get("response_format") or {}).get("type") in ("json_object", "json_schema"):
+            reply = json.dumps({"echo": last_user})
+        words = (reply if reply is not None else last_user).split()
+        calls = self._calls(body)
+        if calls:
+            words = []
+        finish_reason = "tool_calls" if calls else "stop"
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         if isinstance(limit, int) and 0 <= limit < len(words):
             words, finish_reason = words[:limit], "length"
@@ -173,10 +199,13 @@ class OpenAIFake(FakeServer):
             completion_id = f"chatcmpl-fake{self._ids}"
         head = {"id": completion_id, "created": int(time.time()), "model": model}
         if body.get("stream"):
-            return self._stream(h, head, words, finish_reason, usage, body)
+            return self._stream(h, head, words, finish_reason, usage, body, calls)
+        message: dict[str, Any] = {"role": "assistant", "content": " ".join(words)}
+        if calls:
+            message = {"role": "assistant", "content": None, "tool_calls": calls}
         choice: dict[str, Any] = {
             "index": 0,
-            "message": {"role": "assistant", "content": " ".join(words)},
+            "message": message,
             "logprobs": None,
             "finish_reason": None if self.omit_finish_reason else finish_reason,
         }
@@ -194,6 +223,7 @@ class OpenAIFake(FakeServer):
         finish_reason: str,
         usage: dict[str, int],
         body: dict[str, Any],
+        calls: list[dict[str, Any]],
     ) -> None:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
@@ -219,12 +249,42 @@ class OpenAIFake(FakeServer):
                 self.pause(self.chunk_delay_s)
             delta = {"content": word if i == 0 else f" {word}"}
             event([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
+        for index, call in enumerate(calls):
+            fn = call["function"]
+            first = {
+                "index": index,
+                "id": call["id"],
+                "type": "function",
+                "function": {"name": fn["name"], "arguments": ""},
+            }
+            event([{"index": 0, "delta": {"tool_calls": [first]}, "logprobs": None, "finish_reason": None}])
+            args, size = fn["arguments"], max(1, self.arguments_chunk)
+            for start in range(0, len(args), size):
+                if self.chunk_delay_s:
+                    self.pause(self.chunk_delay_s)
+                part = {"index": index, "function": {"arguments": args[start : start + size]}}
+                event([{"index": 0, "delta": {"tool_calls": [part]}, "logprobs": None, "finish_reason": None}])
         final_reason = None if self.omit_finish_reason else finish_reason
         event([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": final_reason}])
         if include_usage and not self.omit_usage:
             event([], usage=usage)
         h.write_chunk(b"data: [DONE]\n\n")
         h.end_stream()
+
+
+def _calls_for(specs: list[dict[str, Any]], first_id: int) -> list[dict[str, Any]]:
+    out = []
+    for i, spec in enumerate(specs):
+        args = spec.get("arguments", {})
+        text = args if isinstance(args, str) else json.dumps(args)
+        out.append(
+            {
+                "id": f"call_fake{first_id + i}",
+                "type": "function",
+                "function": {"name": spec["name"], "arguments": text},
+            }
+        )
+    return out
 
 
 def _check_image_url(image_url: Any) -> str | None:

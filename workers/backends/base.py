@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+# Where an adapter sends output as it arrives: ``{"content": "..."}`` or, for tool calls, OpenAI's
+# chunk shape ``{"tool_calls": [{"index", "id", "type", "function": {"name", "arguments"}}]}`` (the
+# first delta of a call carries its id, type and name; later ones argument fragments to append).
+DeltaSink = Callable[[dict[str, Any]], None]
 
 
 @dataclass(frozen=True)
@@ -20,6 +26,15 @@ class GenerationRequest:
     params: dict[str, Any] = field(default_factory=dict)
     timeout_s: float = 60.0
     attempt: int = 1
+    # OpenAI's request fields, each None when the job did not set it; every adapter maps them to its
+    # server (tools natively, response_format as Ollama's ``format``, the sampling ones as options).
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+    stop: str | list[str] | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    on_delta: DeltaSink | None = field(default=None, compare=False, repr=False)
     # Set when the job is canceled while running: adapters that can stop early check it and raise
     # JobCanceled (the dev backend's wait, Ollama's stream between chunks).
     cancel: threading.Event = field(default_factory=threading.Event, compare=False, repr=False)
@@ -27,6 +42,11 @@ class GenerationRequest:
     def check_canceled(self) -> None:
         if self.cancel.is_set():
             raise JobCanceled(self.job_id)
+
+    def emit(self, delta: dict[str, Any]) -> None:
+        """Hand ``delta`` to the sink, if the caller gave one."""
+        if self.on_delta is not None:
+            self.on_delta(delta)
 
 
 @dataclass(frozen=True)
@@ -38,6 +58,9 @@ class GenerationResult:
     latency_ms: int
     # Server-side timings when the backend reports them (Ollama's *_duration fields, in ms).
     timings: dict[str, float] = field(default_factory=dict)
+    # The calls the model asked for, in OpenAI's message shape ({"id", "type": "function",
+    # "function": {"name", "arguments": JSON text}}); finish_reason is then "tool_calls".
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

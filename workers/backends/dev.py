@@ -1,7 +1,9 @@
 """``dev``: a deterministic built-in backend for demos, tests and benchmarks.
 
-The output is the prompt (or the last user message) unchanged. Config:
-``latency_ms`` (wait per call; a cancel ends the wait), ``hang_ms`` (a stuck call that ignores
+The output is the prompt (or the last user message; of content parts, its text parts joined)
+unchanged, streamed word by word to the request's delta sink. Config:
+``latency_ms`` (wait per call; a cancel ends the wait), ``token_ms`` (wait before each word after the
+first: a cancel or the deadline stops the stream between words), ``hang_ms`` (a stuck call that ignores
 its timeout and any cancel, to exercise the worker's watchdog), ``fail_rate`` (0..1, decided by a
 hash of job id and attempt, so a run is reproducible) and ``fail_status`` (the HTTP-like status
 of those failures; 5xx/429 are retryable, other 4xx permanent).
@@ -10,7 +12,9 @@ of those failures; 5xx/429 are retryable, other 4xx permanent).
 from __future__ import annotations
 
 import hashlib
+import re
 import time
+from typing import Any
 
 from workers.backends.base import (
     BackendConfig,
@@ -22,6 +26,23 @@ from workers.backends.base import (
 
 def count_tokens(text: str) -> int:
     return len(text.split())
+
+
+def content_text(content: Any) -> str:
+    """A message's text: a string as is; of content parts (OpenAI's), the ``text`` parts joined by spaces."""
+    if isinstance(content, list):
+        texts = (str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") == "text")
+        return " ".join(texts)
+    return "" if content is None else str(content)
+
+
+def pieces(text: str) -> list[str]:
+    """``text`` as word deltas (each word with the whitespace before it) that join back to ``text``."""
+    found = re.findall(r"\s*\S+", text)
+    if not found:
+        return [text] if text else []
+    found[-1] += text[sum(map(len, found)) :]  # trailing whitespace rides on the last word
+    return found
 
 
 def _roll(job_id: str, attempt: int) -> float:
@@ -53,13 +74,14 @@ class DevAdapter:
             raise BackendError.from_status(status, f"dev backend injected failure (HTTP {status})")
 
         users = [m for m in request.messages if m.get("role") == "user"] or request.messages
-        text = str(users[-1].get("content", "")) if users else ""
+        text = content_text(users[-1].get("content", "")) if users else ""
         words = text.split()
         finish_reason = "stop"
         if request.max_tokens is not None and len(words) > request.max_tokens:
             text = " ".join(words[: request.max_tokens])
             finish_reason = "length"
-        prompt_tokens = sum(count_tokens(str(m.get("content", ""))) for m in request.messages)
+        self.stream(text, float(cfg.get("token_ms", 0)) / 1000, request, started)
+        prompt_tokens = sum(count_tokens(content_text(m.get("content", ""))) for m in request.messages)
         return GenerationResult(
             output=text,
             prompt_tokens=prompt_tokens,
@@ -67,3 +89,19 @@ class DevAdapter:
             finish_reason=finish_reason,
             latency_ms=int((time.monotonic() - started) * 1000),
         )
+
+    @staticmethod
+    def stream(text: str, token_s: float, request: GenerationRequest, started: float) -> None:
+        """Send ``text`` to the sink word by word, ``token_s`` apart; stop at a cancel or the deadline."""
+        if request.on_delta is None and not token_s:
+            return
+        deadline = started + request.timeout_s
+        for i, piece in enumerate(pieces(text)):
+            if i and token_s:
+                if time.monotonic() + token_s > deadline:
+                    request.cancel.wait(max(deadline - time.monotonic(), 0))
+                    request.check_canceled()
+                    raise BackendError(f"dev backend timed out after {request.timeout_s:g}s", retryable=True)
+                request.cancel.wait(token_s)
+            request.check_canceled()
+            request.emit({"content": piece})

@@ -31,6 +31,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from workers.backends import tools
 from workers.backends.base import BackendConfig, BackendError, GenerationRequest, GenerationResult
 
 DEFAULT_MAX_TOKENS = 256
@@ -288,10 +289,11 @@ class HFLocalAdapter:
 
     # --- the Adapter interface ------------------------------------------------------------------
     def generate(self, backend: BackendConfig, request: GenerationRequest) -> GenerationResult:
-        """One request: a batch of one."""
+        """One request: a batch of one (its text reaches the delta sink whole, at the end)."""
         outcome = self.generate_batch(backend, [request])[0]
         if isinstance(outcome, BackendError):
             raise outcome
+        tools.emit_whole(request, outcome)
         return outcome
 
     def generate_batch(

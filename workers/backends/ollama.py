@@ -6,6 +6,17 @@ Request: ``model`` is the job's model or the backend's; ``messages`` as given, w
 ``max_tokens`` (as ``num_predict``) and ``temperature``. Job params are Ollama options (``top_p``,
 ``seed``, ``stop``, ``num_ctx``...; ``max_tokens`` is accepted as ``num_predict``), except ``format``
 and ``think``, which are request fields; nothing in params can replace the model, messages or stream.
+The request's OpenAI fields map to Ollama's: ``tools`` as they are (Ollama takes OpenAI's tool
+objects; it has no ``tool_choice``, so "none" sends no tools and a named function sends only that
+one), ``response_format`` as ``format`` ("json" for ``json_object``, the schema itself for
+``json_schema``), ``stop``/``top_p``/``seed`` as options.
+
+Messages: content parts become Ollama's text (the text parts joined) plus ``images`` (data URLs
+decoded); an assistant's OpenAI ``tool_calls`` (arguments as JSON text) become Ollama's (arguments as
+an object), and a tool message's ``tool_call_id`` becomes the called function's ``tool_name``.
+Answers: Ollama sends each tool call whole, its arguments an object; they are returned and streamed
+to the delta sink in OpenAI's shape (arguments as JSON text, ids ``call_<n>``), with finish_reason
+"tool_calls" (Ollama itself says "stop").
 
 We always stream, because Ollama reports a failure that happens after generation began as a 200 whose
 last NDJSON line is ``{"error": ...}``: every line is checked (the client raises on it), and a stream
@@ -34,6 +45,7 @@ import ollama
 import pydantic
 
 from workers.backends import params as token_params
+from workers.backends import tools
 from workers.backends.base import BackendConfig, BackendError, GenerationRequest, GenerationResult
 from workers.backends.outbound import refuse_unsafe, scrubbing, transport_summary
 
@@ -100,12 +112,22 @@ class OllamaAdapter:
             raise BackendError(f"Invalid request for Ollama: {_first_error(exc)}", retryable=False) from None
 
         parts: list[str] = []
+        calls: list[dict[str, Any]] = []
         final: ollama.ChatResponse | None = None
         try:
             with contextlib.closing(stream):
                 for chunk in stream:
-                    if chunk.message is not None and chunk.message.content:
-                        parts.append(chunk.message.content)
+                    if chunk.message is not None:
+                        delta: dict[str, Any] = {}
+                        if chunk.message.content:
+                            parts.append(chunk.message.content)
+                            delta["content"] = chunk.message.content
+                        if chunk.message.tool_calls:
+                            new = openai_tool_calls(chunk.message.tool_calls, first=len(calls))
+                            delta["tool_calls"] = tools.deltas_for(new, first_index=len(calls))
+                            calls += new
+                        if delta:
+                            request.emit(delta)
                     if chunk.done:
                         final = chunk
                     # Closing the stream (on the way out) tells Ollama to stop generating.
@@ -124,11 +146,15 @@ class OllamaAdapter:
 
         if final is None:
             raise BackendError("The stream ended without 'done': the answer is truncated.", retryable=True)
+        finish_reason = final.done_reason or "stop"
+        if calls and finish_reason != "length":
+            finish_reason = "tool_calls"
         return GenerationResult(
             output="".join(parts),
+            tool_calls=calls,
             prompt_tokens=final.prompt_eval_count or 0,
             completion_tokens=final.eval_count or 0,
-            finish_reason=final.done_reason or "stop",
+            finish_reason=finish_reason,
             latency_ms=int((time.monotonic() - started) * 1000),
             timings={
                 k: v / 1e6  # Ollama reports nanoseconds
@@ -153,7 +179,16 @@ def build_chat_kwargs(backend: BackendConfig, request: GenerationRequest, model:
         options["num_predict"] = request.max_tokens
     if request.temperature is not None:
         options["temperature"] = request.temperature
+    for name in ("stop", "top_p", "seed"):
+        if getattr(request, name) is not None:
+            options[name] = getattr(request, name)
     token_params.clamp(options, *token_params.caps())
+    fmt = ollama_format(request.response_format)
+    if fmt is not None:
+        fields["format"] = fmt
+    chosen = chosen_tools(request.tools, request.tool_choice)
+    if chosen:
+        fields["tools"] = chosen
 
     kwargs: dict[str, Any] = {"model": model, "messages": build_messages(request), **fields}
     if options:
@@ -165,21 +200,102 @@ def build_chat_kwargs(backend: BackendConfig, request: GenerationRequest, model:
 
 
 def build_messages(request: GenerationRequest) -> list[dict[str, Any]]:
-    """The job's messages, with its images on the last user message (a new one if there is none)."""
-    messages = [{"role": m.get("role", "user"), "content": m.get("content", "")} for m in request.messages]
+    """The job's messages in Ollama's shape (module docstring), with its images on the last user
+    message (a new one if there is none)."""
+    messages: list[dict[str, Any]] = []
+    names: dict[str, str] = {}  # tool_call_id -> function name, from the assistant messages so far
+    for m in request.messages:
+        out: dict[str, Any] = {"role": m.get("role", "user")}
+        content = m.get("content", "")
+        if isinstance(content, list):
+            out["content"] = " ".join(
+                str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") == "text"
+            )
+            images = [_part_image(p) for p in content if isinstance(p, dict) and p.get("type") == "image_url"]
+            if images:
+                out["images"] = images
+        else:
+            out["content"] = "" if content is None else content
+        if isinstance(m.get("tool_calls"), list):
+            out["tool_calls"] = []
+            for call in tools.normalize(m["tool_calls"]):
+                names[call["id"]] = call["function"]["name"]
+                out["tool_calls"].append(
+                    {"function": {"name": call["function"]["name"], "arguments": _arguments(call)}}
+                )
+        tool_name = m.get("name") or names.get(str(m.get("tool_call_id") or ""))
+        if out["role"] == "tool" and tool_name:
+            out["tool_name"] = tool_name
+        messages.append(out)
     if request.images:
-        # Decoded here and handed over as bytes: the client treats a *string* that names an existing
-        # file as a path and would upload that file, so user data never reaches it as a str.
-        try:
-            images = [base64.b64decode(img, validate=True) for img in request.images]
-        except (binascii.Error, ValueError):
-            raise BackendError("An image is not valid base64.", retryable=False) from None
+        images = [_decode(img) for img in request.images]
         users = [i for i, m in enumerate(messages) if m["role"] == "user"]
         if users:
-            messages[users[-1]]["images"] = images
+            messages[users[-1]]["images"] = [*messages[users[-1]].get("images", ()), *images]
         else:
             messages.append({"role": "user", "content": "", "images": images})
     return messages
+
+
+def _decode(image_b64: str) -> bytes:
+    # Decoded here and handed over as bytes: the client treats a *string* that names an existing
+    # file as a path and would upload that file, so user data never reaches it as a str.
+    try:
+        return base64.b64decode(image_b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise BackendError("An image is not valid base64.", retryable=False) from None
+
+
+def _part_image(part: dict[str, Any]) -> bytes:
+    """An ``image_url`` content part's image: Ollama takes no URLs, only a data URL's bytes."""
+    url = part.get("image_url", {}).get("url") if isinstance(part.get("image_url"), dict) else None
+    if not isinstance(url, str) or not url.startswith("data:") or "," not in url:
+        raise BackendError("Ollama takes images only as base64 data URLs.", retryable=False)
+    return _decode(url.partition(",")[2])
+
+
+def _arguments(call: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI call's JSON-text arguments as the object Ollama wants."""
+    try:
+        value = json.loads(call["function"]["arguments"] or "{}")
+    except ValueError:
+        raise BackendError(f"Tool call {call['id']}: arguments are not valid JSON.", retryable=False) from None
+    if not isinstance(value, dict):
+        raise BackendError(f"Tool call {call['id']}: arguments must be a JSON object.", retryable=False)
+    return value
+
+
+def ollama_format(response_format: dict[str, Any] | None) -> str | dict[str, Any] | None:
+    """OpenAI's ``response_format`` as Ollama's ``format``: "json", a JSON schema, or None (plain text)."""
+    if not isinstance(response_format, dict):
+        return None
+    kind = response_format.get("type")
+    if kind == "json_object":
+        return "json"
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        return schema if isinstance(schema, dict) else "json"
+    return None
+
+
+def chosen_tools(tool_list: list[dict[str, Any]] | None, tool_choice: Any) -> list[dict[str, Any]]:
+    """The tools to offer Ollama, which has no ``tool_choice``: "none" offers none, a named function only it."""
+    if not tool_list or tool_choice == "none":
+        return []
+    if isinstance(tool_choice, dict):
+        name = (tool_choice.get("function") or {}).get("name")
+        named = [t for t in tool_list if isinstance(t, dict) and (t.get("function") or {}).get("name") == name]
+        return named or tool_list
+    return list(tool_list)
+
+
+def openai_tool_calls(calls: Any, *, first: int = 0) -> list[dict[str, Any]]:
+    """Ollama's tool calls (arguments an object, no id) in OpenAI's shape, ids ``call_<n>`` from ``first``."""
+    return [
+        tools.finished(f"call_{first + i}", call.function.name, dict(call.function.arguments or {}))
+        for i, call in enumerate(calls)
+    ]
 
 
 def classify_response_error(exc: ollama.ResponseError) -> BackendError:

@@ -5,7 +5,8 @@
 error message or a log line (a server that echoes it back has it scrubbed).
 
 Body fields merge, later winning: backend config ``params`` < the job's ``params`` < ``model``,
-``messages``, ``max_tokens`` and ``temperature`` from the job. ``model``, ``messages``, ``stream``,
+``messages``, ``max_tokens`` and ``temperature`` from the job, and the request's ``tools``,
+``tool_choice``, ``response_format``, ``stop``, ``top_p`` and ``seed`` when set. ``model``, ``messages``, ``stream``,
 ``stream_options`` and ``n`` are never taken from params (we parse one choice). Config
 ``max_tokens_param`` renames ``max_tokens`` (OpenAI's newer models want ``max_completion_tokens``).
 
@@ -15,7 +16,12 @@ makes the server stop generating (vLLM aborts a request whose client went away),
 spent on an answer nobody will read; the call's deadline is checked between chunks too. A stream
 must end with a ``finish_reason`` (else the answer is truncated: an error); an ``error`` event in the
 stream is classified like an error response; usage comes from the final usage chunk. A server that
-answers a streamed request with one JSON object is read as such.
+answers a streamed request with one JSON object is read as such. Content and tool-call deltas go to
+the request's delta sink as they arrive; tool-call deltas are put together by index
+(``workers.backends.tools``) into the result's ``tool_calls``, and an answer with tool calls
+finishes with "tool_calls" (unless it was cut at the token limit).
+Messages pass through with their tool fields (an assistant's ``tool_calls``, a tool message's
+``tool_call_id``, ``name``); content may be a string or content parts.
 A multimodal job's last user message becomes content parts: its text plus one ``image_url`` data URL per
 image, the MIME type sniffed from the bytes.
 
@@ -39,12 +45,17 @@ from typing import Any
 import httpx
 
 from workers.backends import params as token_params
+from workers.backends import tools
 from workers.backends.base import BackendConfig, BackendError, GenerationRequest, GenerationResult
 from workers.backends.outbound import refuse_unsafe, scrub, scrubbing, transport_summary
 
 log = logging.getLogger(__name__)
 
 RESERVED_PARAMS = frozenset({"model", "messages", "stream", "stream_options", "n"})
+# GenerationRequest fields sent as body fields of the same name.
+REQUEST_FIELDS = ("tools", "tool_choice", "response_format", "stop", "top_p", "seed")
+# Message fields that pass through (OpenAI's roles system/user/assistant/tool).
+MESSAGE_FIELDS = ("name", "tool_calls", "tool_call_id")
 PARAM_ALIASES = {"num_predict": "max_tokens"}  # Ollama's name, so one job's params suit both kinds
 MAX_RETRY_AFTER_S = 3600.0
 _IMAGE_MAGIC = (
@@ -140,7 +151,9 @@ class OpenAIAdapter:
             raise BackendError("The server answered 200 with a body that is not a JSON object.", retryable=True)
         if data.get("error") or data.get("object") == "error":
             raise error_from_body(data, None, backend.api_key)
-        return parse_completion(data, started)
+        result = parse_completion(data, started)
+        tools.emit_whole(request, result)  # not streamed: the sink gets the answer in one piece
+        return result
 
 
 def read_stream(
@@ -152,6 +165,7 @@ def read_stream(
     connection: that is what tells the server to stop.
     """
     parts: list[str] = []
+    calls = tools.Accumulator()
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
     for line in response.iter_lines():
@@ -175,15 +189,23 @@ def read_stream(
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
             delta = choice.get("delta") or {}
-            content = delta.get("content") if isinstance(delta, dict) else None
-            if isinstance(content, str):
+            if not isinstance(delta, dict):
+                delta = {}
+            out: dict[str, Any] = {}
+            content = delta.get("content")
+            if isinstance(content, str) and content:
                 parts.append(content)
+                out["content"] = content
+            if delta.get("tool_calls"):
+                out["tool_calls"] = calls.add(delta["tool_calls"])
+            if out:
+                request.emit(out)
             finish_reason = choice.get("finish_reason") or finish_reason
         if isinstance(chunk.get("usage"), dict):
             usage = chunk["usage"]
     if not finish_reason:
         raise BackendError("The stream ended without a finish_reason: the answer is truncated.", retryable=True)
-    return completion_result("".join(parts), finish_reason, usage, started)
+    return completion_result("".join(parts), finish_reason, usage, started, calls.calls())
 
 
 def build_body(backend: BackendConfig, request: GenerationRequest, model: str) -> dict[str, Any]:
@@ -205,6 +227,12 @@ def build_body(backend: BackendConfig, request: GenerationRequest, model: str) -
         body[max_tokens_param] = request.max_tokens
     if request.temperature is not None:
         body["temperature"] = request.temperature
+    for name in REQUEST_FIELDS:
+        value = getattr(request, name)
+        if value is not None:
+            body[name] = value
+    if body.get("tool_choice") is not None and not body.get("tools"):
+        del body["tool_choice"]  # OpenAI refuses a tool_choice without tools
     return token_params.clamp(body, *token_params.caps())
 
 
@@ -218,7 +246,12 @@ def redirect_error(status: int) -> BackendError:
 def build_messages(request: GenerationRequest) -> list[dict[str, Any]]:
     """The job's messages; with images, the last user message's content becomes text + image_url parts."""
     messages: list[dict[str, Any]] = [
-        {"role": m.get("role", "user"), "content": m.get("content", "")} for m in request.messages
+        {
+            "role": m.get("role", "user"),
+            "content": m.get("content", ""),
+            **{k: m[k] for k in MESSAGE_FIELDS if m.get(k) is not None},
+        }
+        for m in request.messages
     ]
     if not request.images:
         return messages
@@ -227,7 +260,10 @@ def build_messages(request: GenerationRequest) -> list[dict[str, Any]]:
         messages.append({"role": "user", "content": ""})
         users = [len(messages) - 1]
     target = messages[users[-1]]
-    parts: list[dict[str, Any]] = [{"type": "text", "text": str(target["content"] or "")}]
+    content = target["content"]
+    parts: list[dict[str, Any]] = (
+        list(content) if isinstance(content, list) else [{"type": "text", "text": str(content or "")}]
+    )
     parts += [{"type": "image_url", "image_url": {"url": data_url(img)}} for img in request.images]
     target["content"] = parts
     return messages
@@ -265,21 +301,30 @@ def parse_completion(data: dict[str, Any], started: float) -> GenerationResult:
     if not finish_reason:
         raise BackendError("The answer has no finish_reason: it is truncated.", retryable=True)
     message = choice.get("message") or {}
-    content = message.get("content") if isinstance(message, dict) else None
-    return completion_result(content if isinstance(content, str) else "", finish_reason, data.get("usage"), started)
+    if not isinstance(message, dict):
+        message = {}
+    content = message.get("content")
+    calls = tools.normalize(message.get("tool_calls"))
+    output = content if isinstance(content, str) else ""
+    return completion_result(output, finish_reason, data.get("usage"), started, calls)
 
 
-def completion_result(output: str, finish_reason: Any, usage: Any, started: float) -> GenerationResult:
+def completion_result(
+    output: str, finish_reason: Any, usage: Any, started: float, tool_calls: list[dict[str, Any]] | None = None
+) -> GenerationResult:
     """The result of a finished answer, streamed or not; a server that reports no usage records zero tokens."""
     if not isinstance(usage, dict) or not usage:
         log.warning("server reported no usage; recording zero tokens")
         usage = {}
+    if tool_calls and finish_reason != "length":
+        finish_reason = "tool_calls"  # some servers say "stop" (or "function_call") with calls
     return GenerationResult(
         output=output,
         prompt_tokens=int(usage.get("prompt_tokens") or 0),
         completion_tokens=int(usage.get("completion_tokens") or 0),
         finish_reason=str(finish_reason),
         latency_ms=int((time.monotonic() - started) * 1000),
+        tool_calls=tool_calls or [],
     )
 
 

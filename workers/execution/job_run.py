@@ -25,7 +25,12 @@ attempt and every sleep together):
   usable candidate is full, the job waits for the first slot to free on any of them, best-ranked
   first, until its deadline;
 - a cancel (``RunContext.cancel``, set by the worker when the job is canceled while running or
-  abandoned past its deadline) stops the backoff and any adapter that can stop early.
+  abandoned past its deadline) stops the backoff and any adapter that can stop early;
+- a job submitted with ``stream`` has every call's output published to its delta stream
+  (``jobs.deltas``) as it comes: a call after one that sent output resets it first, and the run ends
+  it with the job's final state once that is committed;
+- a ``response_format`` asking for JSON is checked on the final output
+  (``workers.execution.structured``): a violation is a permanent error.
 
 ``run_job`` is the RQ task that ``jobs.queueing`` enqueues. Our workers run it without importing it
 (``workers.runtime.base``): the RQ job carries only the job id, and any other RQ worker calls it.
@@ -50,13 +55,14 @@ from redis.exceptions import RedisError
 from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
-from jobs.models import TEXT_MAX, AttemptOutcome, Job, storable
+from jobs import deltas
+from jobs.models import TERMINAL_STATES, TEXT_MAX, AttemptOutcome, Job, JobState, storable
 from orchestrator_site.redis import RoundTrip
 from routing import capacity, circuit
 from routing.models import POOLED_KINDS, Backend
 from workers.backends import get_adapter
 from workers.backends.base import BackendError, JobCanceled
-from workers.execution import outcome
+from workers.execution import outcome, structured
 from workers.execution.request import generation_request, success_fields
 from workers.execution.retry import Deadline, RetryPolicy
 
@@ -119,7 +125,10 @@ def run_job(job_id: str) -> str:
     if not job.mark_running(ctx.worker):
         log.info("job not claimable; skipped", extra={"job_id": job_id, "state": job.state})
         return f"skipped:{job.state}"
-    return run_claimed(job, ctx)
+    try:
+        return run_claimed(job, ctx)
+    finally:
+        deltas.drain()  # a forking worker's work horse exits with os._exit: nothing buffered may wait
 
 
 def run_claimed(job: Job, ctx: RunContext) -> str:
@@ -154,6 +163,9 @@ class JobRun:
     # The first call waited for a backend slot: its attempt starts when the call does, not at the claim.
     waited_for_slot: bool = False
     lease: str | None = None  # the backend slot the current call holds
+    stream: deltas.JobStream | None = None  # the job's delta stream, from the run's start
+    # A success was handed to the writer: its callback ends the stream once it is committed.
+    success_handed_over: bool = False
 
     @property
     def cancel(self) -> threading.Event:
@@ -172,6 +184,8 @@ class JobRun:
         return self.run()
 
     def run(self) -> str:
+        if self.stream is None and self.job.stream:
+            self.stream = deltas.JobStream(self.job.pk, self.job.attempt_count)
         try:
             full: list[Backend] = []  # usable, but every slot was taken when its turn came
             for index, name in enumerate(self.plan()):
@@ -189,7 +203,23 @@ class JobRun:
             self.fail_exhausted()
         except _Finished:
             pass
+        if self.stream is not None and not self.success_handed_over:
+            self.end_stream()
         return self.job.state
+
+    def end_stream(self) -> None:
+        """The stream's end event, once the job's final state is committed (not when it is not final:
+        handed back to its queue, it runs again and that run resets the stream)."""
+        job = self.job
+        if job.state not in TERMINAL_STATES:
+            # Stopped by another process (a cancel, the watchdog): the row knows how it ended.
+            job.refresh_from_db(
+                fields=["state", "version", "error", "finish_reason", "prompt_tokens", "completion_tokens"]
+            )
+            if job.state not in TERMINAL_STATES:
+                return
+        assert self.stream is not None
+        self.stream.end(job.state, job.finish_reason, job.usage, job.error)
 
     def wait_for_slots(self, full: list[Backend]) -> None:
         """Every free candidate was tried: take the first slot that frees on the full ones (best-ranked first)."""
@@ -318,12 +348,16 @@ class JobRun:
         self.calls += 1
         if backend.name not in self.tried:
             self.tried.append(backend.name)
-        request = generation_request(job, self.deadline.remaining(), cancel=self.cancel)
+        stream = self.stream
+        if stream is not None:
+            stream.begin_attempt(job.attempt_count)
+        request = generation_request(job, self.deadline.remaining(), cancel=self.cancel, on_delta=stream)
         extra = self.log_extra(backend)
         log.info("attempt started", extra=extra)
         started = time.monotonic()
         try:
             result = get_adapter(backend.kind).generate(backend.adapter_config(), request)
+            structured.check(request.response_format, result)
         except JobCanceled:
             # Canceled (the cancel closed the attempt) or abandoned past its deadline (failed by the
             # watchdog): either way the job's outcome is written and this call is not the backend's fault.
@@ -358,10 +392,18 @@ class JobRun:
 
         def written(won: bool) -> None:
             outcome.log_success(won, {**extra, "latency_ms": latency_ms})
+            if stream is None:
+                return
+            if won:
+                usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}
+                stream.end(JobState.SUCCEEDED, result.finish_reason, usage)
+            elif job.state in TERMINAL_STATES:  # canceled meanwhile (the loser's state is re-read)
+                stream.end(job.state, job.finish_reason, job.usage, job.error)
 
         # The write may come a moment later (group commit): the result's time is now. In a worker's
         # job thread this returns before the commit: the slot is free for the next job.
         fields = success_fields(result, backend, finished_at=timezone.now())
+        self.success_handed_over = True
         self.ctx.writer.run_batched(Job.mark_succeeded_many, (job, fields), then=written)
         raise _Finished
 
