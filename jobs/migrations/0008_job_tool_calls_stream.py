@@ -5,7 +5,7 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("jobs", "0006_tenants_and_queue_expiry"),
+        ("jobs", "0007_job_tenant_name_reserved_tokens"),
     ]
 
     operations = [
