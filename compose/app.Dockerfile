@@ -28,4 +28,4 @@ RUN useradd --system --uid 1000 app \
 USER app
 EXPOSE 8000
 # gunicorn.conf.py: workers from WEB_CONCURRENCY, JSON logs, prometheus multiprocess clean-up.
-CMD ["gunicorn", "-c", "compose/gunicorn.conf.py", "orchestrator_site.wsgi"]
+CMD ["gunicorn", "-c", "compose/gunicorn.conf.py", "orchestrator_site.asgi:application"]

@@ -1,7 +1,7 @@
 """gunicorn settings for the control plane (used by compose/app.Dockerfile).
 
-Why these: sync workers suit Django's blocking ORM; one process per core keeps the SQLite/PostgreSQL
-connections persistent per process (CONN_MAX_AGE). django-prometheus's per-process HTTP metrics are
+Why these: uvicorn workers (orchestrator_site/asgi.py: Django's blocking ORM in a thread pool, streams
+and long polls on the event loop); one process per core. django-prometheus's per-process HTTP metrics are
 merged through PROMETHEUS_MULTIPROC_DIR, which must be emptied at start and told when a worker dies.
 Access and error logs are JSON lines, like the application's own.
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:8000")
+worker_class = "uvicorn_worker.UvicornWorker"
 workers = int(os.environ.get("WEB_CONCURRENCY", multiprocessing.cpu_count()))
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
 graceful_timeout = 30

@@ -48,6 +48,7 @@ if cur then
   if v and v >= tonumber(ARGV[1]) then return 0 end
 end
 redis.call('SET', KEYS[1], ARGV[1] .. '|' .. ARGV[2], 'EX', ARGV[3])
+redis.call('PUBLISH', KEYS[2], ARGV[1])
 return 1
 """
 _script = None
@@ -56,6 +57,11 @@ _local = threading.local()
 
 def cache_key(job_id: object) -> str:
     return key("job", job_id)
+
+
+def notify_channel(job_id: object) -> str:
+    """The pub/sub channel that says "look again" to whoever follows the job (``jobs.relay``)."""
+    return key("notify", job_id)
 
 
 def _cas():
@@ -71,9 +77,9 @@ def write(job: MirroredJob, doc: dict[str, Any], pipeline: Pipeline | None = Non
     if pipeline is not None:
         # A Script run in a pipeline makes redis-py send SCRIPT EXISTS (one more round trip)
         # every time the pipeline executes; EVAL carries the body instead (Redis caches it by SHA).
-        pipeline.eval(_CAS, 1, cache_key(job.pk), job.version, payload, ttl)
+        pipeline.eval(_CAS, 2, cache_key(job.pk), notify_channel(job.pk), job.version, payload, ttl)
         return
-    _cas()(keys=[cache_key(job.pk)], args=[job.version, payload, ttl])
+    _cas()(keys=[cache_key(job.pk), notify_channel(job.pk)], args=[job.version, payload, ttl])
 
 
 def publish(job: MirroredJob) -> None:

@@ -51,6 +51,7 @@ INSTALLED_APPS = [
     "dashboard",
     "audit",
     "tenants",
+    "openai_api",
 ]
 
 MIDDLEWARE = [
@@ -169,6 +170,11 @@ QUEUE_MAX_DEPTH = env_int("QUEUE_MAX_DEPTH", 0, minimum=0)
 TOKEN_RESERVATION_DEFAULT = env_int("TOKEN_RESERVATION_DEFAULT", 1024, minimum=0)
 # The largest queue_timeout_s a submission may ask for.
 MAX_QUEUE_TIMEOUT_S = env_int("MAX_QUEUE_TIMEOUT_S", 24 * 3600, minimum=1)
+# Threads per web process that run Django under the ASGI server (orchestrator_site/asgi.py); requests
+# that wait on a job (streams, ?wait=) do not hold one. Each thread may hold a database connection.
+WEB_THREADS = env_int("WEB_THREADS", 16, minimum=1, maximum=512)
+# How long GET /jobs/<id>/result?wait= may wait (seconds).
+RESULT_WAIT_MAX_S = env_int("RESULT_WAIT_MAX_S", 60, minimum=1, maximum=3600)
 REQUEST_JSON_MAX_DEPTH = env_int("REQUEST_JSON_MAX_DEPTH", 32, minimum=2, maximum=256)  # deeper bodies get a 400
 # Room for MAX_IMAGES base64 images plus the prompt; larger bodies get a 413.
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int(

@@ -25,6 +25,7 @@ def api_root(request: Request) -> Response:
             "health": request.build_absolute_uri("/healthz"),
             "ready": request.build_absolute_uri("/readyz"),
             "metrics": request.build_absolute_uri("/metrics"),
+            "openai": request.build_absolute_uri("/v1"),
         }
     )
 
@@ -40,6 +41,7 @@ urlpatterns = [
     path("", include("jobs.api.urls")),
     path("", include("routing.api.urls")),
     path("", include("tenants.api.urls")),
+    path("", include("openai_api.api.urls")),
 ]
 
 # A path no view matches answers JSON like the API's own 404s (the admin keeps its HTML page).

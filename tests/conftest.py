@@ -142,7 +142,7 @@ def free_port() -> int:
 
 @pytest.fixture
 def gunicorn_server(transactional_db) -> Iterator:
-    """Start gunicorn (several worker processes) on the test database; yields a base-URL factory."""
+    """Start gunicorn (uvicorn worker processes, as `make run`) on the test database; yields a base-URL factory."""
     procs: list[subprocess.Popen] = []
 
     def start(workers: int = 3) -> str:
@@ -151,7 +151,9 @@ def gunicorn_server(transactional_db) -> Iterator:
             sys.executable,
             "-m",
             "gunicorn",
-            "orchestrator_site.wsgi",
+            "orchestrator_site.asgi:application",
+            "-k",
+            "uvicorn_worker.UvicornWorker",
             "-w",
             str(workers),
             "-b",

@@ -195,8 +195,8 @@ for line in reversed(sys.stdin.read().splitlines()):
 # Each in its own session (setsid): Ctrl-C reaches only this script, which then stops them
 # in order. setsid does not fork here (we are not a group leader), so $! is the real pid.
 echo "==> starting gunicorn on $BIND with $WEB_WORKERS workers (log: $WEB_LOG)"
-setsid "$VENV/bin/gunicorn" orchestrator_site.wsgi -w "$WEB_WORKERS" -b "$BIND" \
-  --access-logfile - >"$WEB_LOG" 2>&1 </dev/null &
+setsid "$VENV/bin/gunicorn" orchestrator_site.asgi:application -k uvicorn_worker.UvicornWorker \
+  -w "$WEB_WORKERS" -b "$BIND" --access-logfile - >"$WEB_LOG" 2>&1 </dev/null &
 WEB_PID=$!
 echo "==> starting one RQ worker on queues high, normal, low (log: $WORKER_LOG)"
 setsid "$PY" manage.py rqworker high normal low >"$WORKER_LOG" 2>&1 </dev/null &

@@ -15,6 +15,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from jobs import queue_position, services, status_mirror
+from jobs.api import stream
 from jobs.api.schema import (
     CancelConflictSerializer,
     JobDetailSerializer,
@@ -23,13 +24,13 @@ from jobs.api.schema import (
     JobStatusSerializer,
 )
 from jobs.api.serializers import (
-    RESULT_FIELDS,
     JobCreateSerializer,
     JobSerializer,
     public,
     validate_submission,
 )
-from jobs.models import TERMINAL_STATES, Job, JobState, Priority
+from jobs.models import Job, JobState, Priority
+from orchestrator_site import relaying
 from tenants.identity import tenant_of
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -175,18 +176,30 @@ class JobDetail(APIView):
 
 class JobResult(APIView):
     @extend_schema(
+        parameters=[OpenApiParameter("wait", float, description="Seconds to wait for the end (long poll).")],
         responses={200: JobResultSerializer, 202: JobPendingSerializer},
-        summary="A job's result (202 until done)",
+        summary="A job's result (202 until done; ?wait=N waits up to N s first)",
     )
     def get(self, request: Request, job_id: str) -> Response:
         doc = _status_doc(request, job_id)
-        if doc["state"] not in TERMINAL_STATES:
-            return Response(
-                {"id": doc["id"], "state": doc["state"], "links": doc["links"]},
-                status=status.HTTP_202_ACCEPTED,
-                headers={"Retry-After": "1"},
-            )
-        return Response({k: doc.get(k) for k in RESULT_FIELDS})
+        return stream.result_ticket_or_response(doc, stream.wait_seconds(request))
+
+
+class JobStream(APIView):
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("Last-Event-ID", str, OpenApiParameter.HEADER, required=False),
+            OpenApiParameter("after", str, description="Resume after this event id (as Last-Event-ID)."),
+        ],
+        responses={200: OpenApiResponse(description="text/event-stream: delta, reset and end events.")},
+        summary="A job's output as Server-Sent Events",
+    )
+    def get(self, request: Request, job_id: str) -> Any:
+        doc = _status_doc(request, job_id)
+        after = request.headers.get("Last-Event-ID") or request.query_params.get("after") or "0-0"
+        if not stream.STREAM_ID.match(after):
+            raise ValidationError({"Last-Event-ID": ["Must be an event id this stream sent (e.g. 1712345678901-0)."]})
+        return relaying.ticket("job.stream", job_id=doc["id"], after=after)
 
 
 class JobCancel(APIView):

@@ -1,0 +1,169 @@
+"""Following a job from the event loop: its deltas as they come, and its end, without a thread each.
+
+A web process holds one Redis pub/sub connection (:class:`Notifier`). Whoever changes what a
+follower is waiting for publishes a wake-up on the job's channel (``notify_channel``): the worker
+after it appends deltas (``jobs.deltas``), the status mirror when it writes a new state. A woken
+follower then reads what is new with one ``XRANGE``: the stream is the record, the channel only says
+"look". A follower also looks every ``POLL_S`` seconds, so a lost wake-up (a Redis restart drops the
+connection) costs at most that delay, never a hang.
+
+The end of a job is its status document turning terminal (the mirror, else the database): that
+covers jobs no worker ever ran (expired, or canceled while queued) as well as those that ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from redis import asyncio as aioredis
+from redis.exceptions import RedisError
+
+from jobs import deltas
+from jobs.models import TERMINAL_STATES, Job
+from jobs.status_mirror import cache_key, notify_channel
+
+log = logging.getLogger(__name__)
+
+POLL_S = 2.0
+
+
+class Notifier:
+    """One pub/sub connection per process; any number of jobs followed at once."""
+
+    def __init__(self, url: str) -> None:
+        self.redis = aioredis.from_url(url)
+        self._pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._reader: asyncio.Task | None = None
+
+    @contextlib.asynccontextmanager
+    async def watch(self, job_id: str) -> AsyncIterator[asyncio.Event]:
+        """An event set whenever the job's channel says something changed (subscribed on entry)."""
+        channel = notify_channel(job_id)
+        wake = asyncio.Event()
+        waiters = self._waiters.setdefault(channel, set())
+        waiters.add(wake)
+        try:
+            if len(waiters) == 1:
+                await self._subscribe(channel)
+            yield wake
+        finally:
+            waiters.discard(wake)
+            if not waiters:
+                self._waiters.pop(channel, None)
+                with contextlib.suppress(RedisError, OSError, RuntimeError):
+                    await self._pubsub.unsubscribe(channel)
+
+    async def _subscribe(self, channel: str) -> None:
+        try:
+            await self._pubsub.subscribe(channel)
+        except (RedisError, OSError) as exc:  # the periodic look still finds the end
+            log.warning("relay subscribe failed", extra={"channel": channel, "error": str(exc)})
+            return
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        while self._waiters:
+            try:
+                message = await self._pubsub.get_message(timeout=1.0)
+            except (RedisError, OSError) as exc:
+                log.warning("relay pub/sub connection lost; reconnecting", extra={"error": str(exc)})
+                await asyncio.sleep(0.5)
+                continue
+            except RuntimeError:  # no subscription yet
+                await asyncio.sleep(0.05)
+                continue
+            if message and message.get("type") == "message":
+                channel = message["channel"].decode() if isinstance(message["channel"], bytes) else message["channel"]
+                for wake in self._waiters.get(channel, ()):
+                    wake.set()
+
+    async def status(self, job_id: str) -> dict[str, Any] | None:
+        """The job's status document: the mirror's, else the database's (None: no such job)."""
+        try:
+            raw = await self.redis.get(cache_key(job_id))
+        except RedisError:
+            raw = None
+        if raw is not None:
+            return json.loads(raw.partition(b"|")[2])
+        return await _status_from_db(job_id)
+
+    async def events(
+        self, job_id: str, after: str = "0-0", *, idle_s: float | None = None
+    ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """The job's delta events after ``after``, then one ``("", {"type": "done", "status": doc})``.
+
+        ``done`` comes when the status document is terminal and every event written before it was
+        yielded, so a relay can build the final answer from the document. With ``idle_s``, a quiet
+        spell that long yields ``("", {"type": "idle"})`` (a relay's cue for a keep-alive).
+        """
+        loop = asyncio.get_running_loop()
+        last = loop.time()
+        async with self.watch(job_id) as wake:
+            while True:
+                if idle_s is not None and loop.time() - last >= idle_s:
+                    last = loop.time()
+                    yield "", {"type": "idle"}
+                wake.clear()
+                batch = await self._read_stream(job_id, after)
+                for event_id, event in batch:
+                    after = event_id
+                    yield event_id, event
+                if batch:
+                    last = loop.time()
+                    continue
+                doc = await self.status(job_id)
+                if doc is None or doc.get("state") in TERMINAL_STATES:
+                    tail = await self._read_stream(job_id, after)  # written just before the end
+                    for event_id, event in tail:
+                        yield event_id, event
+                    yield "", {"type": "done", "status": doc}
+                    return
+                wait_s = POLL_S if idle_s is None else max(0.0, min(POLL_S, idle_s - (loop.time() - last)))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), wait_s)
+
+    async def _read_stream(self, job_id: str, after: str) -> list[tuple[str, dict[str, Any]]]:
+        try:
+            return await deltas.aread(self.redis, job_id, after)
+        except RedisError as exc:
+            log.warning("relay stream read failed", extra={"job_id": job_id, "error": str(exc)})
+            return []
+
+
+@sync_to_async(thread_sensitive=False)
+def _status_from_db(job_id: str) -> dict[str, Any] | None:
+    job = Job.objects.filter(pk=job_id).first()
+    return job.status_document() if job is not None else None
+
+
+@sync_to_async(thread_sensitive=False)
+def cancel(job_id: str) -> bool:
+    """Cancel a job whose follower went away (a queued job leaves its queue; a running one stops)."""
+    from django.db import transaction
+
+    job = Job.objects.filter(pk=job_id).first()
+    if job is None:
+        return False
+    with transaction.atomic():
+        return job.cancel()
+
+
+_notifiers: dict[int, Notifier] = {}
+
+
+def notifier() -> Notifier:
+    """This event loop's notifier (one per process in practice: one loop per uvicorn worker)."""
+    loop = asyncio.get_running_loop()
+    found = _notifiers.get(id(loop))
+    if found is None:
+        found = _notifiers[id(loop)] = Notifier(settings.REDIS_URL)
+    return found

@@ -1,0 +1,120 @@
+"""``/v1``: OpenAI's Chat Completions and Models endpoints over our jobs.
+
+Every completion is a job submitted as ``POST /jobs`` submits one (``jobs.services.submit``: the
+same caps, admission, routing, idempotency and queues); the view answers a relay ticket and
+``openai_api.relay`` waits for the job on the event loop and answers as OpenAI does.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from django.conf import settings
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers
+from rest_framework.exceptions import NotFound
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from jobs import services
+from jobs.api.serializers import Base64ImageField
+from jobs.api.views import IDEMPOTENCY_HEADER, MAX_IDEMPOTENCY_KEY
+from openai_api import errors, translate
+from orchestrator_site import relaying
+from orchestrator_site.redis import redis_client
+from routing import registry
+from workers.backends import params as token_params
+
+
+class OpenAIView(APIView):
+    """Errors in OpenAI's shape (``openai_api.errors``)."""
+
+    def get_exception_handler(self):  # noqa: ANN201 (DRF's hook)
+        return errors.exception_handler
+
+
+def _snapshot() -> registry.Snapshot:
+    return registry.snapshot(registry.ensure_token(redis_client().get(registry.VERSION_KEY)))
+
+
+def served_models(snap: registry.Snapshot) -> list[str]:
+    """``auto``, then every enabled backend's name and model, each once, sorted."""
+    names: set[str] = set()
+    for backend in snap.backends.values():
+        if backend.enabled:
+            names.add(backend.name)
+            if backend.model:
+                names.add(backend.model)
+    return [translate.AUTO, *sorted(names - {translate.AUTO})]
+
+
+def _resolve_model(job: dict[str, Any], model: str) -> None:
+    """A backend name pins that backend; a model name lets routing choose among its backends."""
+    if model == translate.AUTO:
+        return
+    snap = _snapshot()
+    backend = snap.backends.get(model)
+    if backend is not None and backend.enabled:
+        job.pop("model", None)
+        job["backend"] = model
+        return
+    if not any(b.enabled and b.model == model for b in snap.backends.values()):
+        raise NotFound(f"The model '{model}' does not exist or you do not have access to it.", code="model_not_found")
+
+
+class ChatCompletions(OpenAIView):
+    @extend_schema(request=None, responses=None, summary="OpenAI Chat Completions (streamed or not)")
+    def post(self, request: Request) -> Any:
+        key = request.headers.get(IDEMPOTENCY_HEADER)
+        if key is not None and not (0 < len(key.strip()) <= MAX_IDEMPOTENCY_KEY):
+            raise translate.InvalidRequest(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters.")
+        chat = translate.parse(
+            request.data, priority_header=request.headers.get("X-Priority"), limits=settings.JOB_LIMITS
+        )
+        job = chat.job
+        if chat.images:
+            job["images"] = [_image(url, i) for i, url in enumerate(chat.images)]
+        problems = token_params.problems(job.get("params") or {}, *token_params.caps())
+        if problems:
+            path, message = next(iter(problems.items()))
+            raise translate.InvalidRequest(f"{path}: {message}", path)
+        _resolve_model(job, chat.model)
+        submission = services.submit(job, user=request.user, body=request.data, idempotency_key=key)
+        return relaying.ticket(
+            "chat",
+            job_id=submission.document["id"],
+            stream=chat.stream,
+            include_usage=chat.include_usage,
+            model=chat.model,
+            created=int(time.time()),
+        )
+
+
+def _image(url: str, index: int) -> str:
+    try:
+        return Base64ImageField().run_validation(url)
+    except serializers.ValidationError as exc:
+        detail = exc.detail[0] if isinstance(exc.detail, list) else exc.detail
+        raise translate.InvalidRequest(f"Image {index}: {detail}", "messages") from None
+
+
+def _model_object(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "llm-orchestrator"}
+
+
+class Models(OpenAIView):
+    @extend_schema(request=None, responses=None, summary="OpenAI model list: auto, and enabled backends and models")
+    def get(self, request: Request) -> Response:
+        return Response({"object": "list", "data": [_model_object(n) for n in served_models(_snapshot())]})
+
+
+class ModelDetail(OpenAIView):
+    @extend_schema(request=None, responses=None, summary="One model of the list")
+    def get(self, request: Request, model: str) -> Response:
+        if model not in served_models(_snapshot()):
+            raise NotFound(
+                f"The model '{model}' does not exist or you do not have access to it.", code="model_not_found"
+            )
+        return Response(_model_object(model))
