@@ -46,6 +46,7 @@ from django.conf import settings
 from redis import Redis
 from redis.exceptions import RedisError
 
+from jobs.status_mirror import notify_channel
 from orchestrator_site.redis import key, redis_client
 
 log = logging.getLogger(__name__)
@@ -150,13 +151,14 @@ def publish(job_id: object, events: Iterable[Event], *, fresh: bool = False, cli
     Workers go through :class:`JobStream` (buffered); this is the unbuffered write it ends in.
     """
     pipe = (client or redis_client()).pipeline(transaction=False)
-    n = _queue_writes(pipe, stream_key(job_id), list(events), fresh)
+    n = _queue_writes(pipe, stream_key(job_id), list(events), fresh, str(job_id))
     replies = pipe.execute()
     first = 1 if fresh else 0
     return [_text(r) for r in replies[first : first + n]]
 
 
-def _queue_writes(pipe: Any, name: str, events: list[Event], fresh: bool) -> int:
+def _queue_writes(pipe: Any, name: str, events: list[Event], fresh: bool, job_id: str) -> int:
+    """The events' XADDs, then a wake-up for the job's followers (``jobs.relay``)."""
     if fresh:
         pipe.delete(name)
     cap = settings.STREAM_MAX_EVENTS
@@ -165,6 +167,8 @@ def _queue_writes(pipe: Any, name: str, events: list[Event], fresh: bool) -> int
         pipe.xadd(name, {FIELD: payload}, maxlen=cap, approximate=True)
     if events:
         pipe.expire(name, settings.STREAM_TTL_S)
+    if events or fresh:
+        pipe.publish(notify_channel(job_id), b"d")
     return len(events)
 
 
@@ -313,7 +317,7 @@ class _Flusher:
         try:
             pipe = redis_client().pipeline(transaction=False)
             for stream, events, fresh in batch:
-                _queue_writes(pipe, stream.key, events, fresh)
+                _queue_writes(pipe, stream.key, events, fresh, stream.job_id)
             pipe.execute()
         except RedisError as exc:
             log.warning("deltas not published", extra={"jobs": [s.job_id for s, _, _ in batch], "error": str(exc)})

@@ -168,6 +168,7 @@ def _build(
         messages=data.get("messages") or [],
         image_count=len(data.get("images") or ()),
         requires_multimodal=bool(data.get("requires_multimodal")),
+        stream=bool(data.get("stream")),
         model=data.get("model") or backend.model,
         requested_backend=data.get("backend") or "",
         max_tokens=data.get("max_tokens"),

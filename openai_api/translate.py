@@ -13,10 +13,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from workers.backends import image_refs
+
 ROLES = ("system", "developer", "user", "assistant", "tool")
 PRIORITIES = ("high", "normal", "low")
 AUTO = "auto"
-IMAGE_REF = "job-image:"
 # Accepted and passed to the backend as they are (OpenAI-compatible servers know them).
 PASSTHROUGH = ("top_p", "stop", "seed", "frequency_penalty", "presence_penalty", "logit_bias", "parallel_tool_calls")
 # Accepted and not used (documented in docs/openai.md).
@@ -215,7 +216,7 @@ def _parts(parts: list, where: str, images: list[str], limits: dict[str, int]) -
                     "this server does not fetch images.",
                     f"{at}.image_url.url",
                 )
-            out.append({"type": "image_url", "image_url": {"url": f"{IMAGE_REF}{len(images)}"}})
+            out.append({"type": "image_url", "image_url": {"url": image_refs.ref(len(images))}})
             images.append(url)
         else:
             raise InvalidRequest(f"'{at}' must be a text or image_url content part.", at)

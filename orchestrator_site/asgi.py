@@ -18,6 +18,10 @@ django_application = get_wsgi_application()
 from a2wsgi import WSGIMiddleware  # noqa: E402
 from django.conf import settings  # noqa: E402
 
+from jobs.api import stream  # noqa: E402
+from openai_api import relay as chat  # noqa: E402
 from orchestrator_site.relaying import RelayMiddleware  # noqa: E402
 
-application = RelayMiddleware(WSGIMiddleware(django_application, workers=settings.WEB_THREADS))
+RELAYS = {"job.stream": stream.relay_events, "job.wait": stream.relay_result, "chat": chat.relay_completion}
+
+application = RelayMiddleware(WSGIMiddleware(django_application, workers=settings.WEB_THREADS), RELAYS)

@@ -42,19 +42,12 @@ def ticket(mode: str, **fields: Any) -> HttpResponse:
     return response
 
 
-def _relays() -> dict[str, Relay]:
-    from jobs.api import stream
-    from openai_api import relay as chat
-
-    return {"job.stream": stream.relay_events, "job.wait": stream.relay_result, "chat": chat.relay_completion}
-
-
 class RelayMiddleware:
     """ASGI middleware around the Django application: runs the relay a ticket asks for."""
 
-    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], relays: dict[str, Relay]) -> None:
         self.app = app
-        self._table: dict[str, Relay] | None = None
+        self.relays = relays
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -77,9 +70,7 @@ class RelayMiddleware:
         if "start" not in held:
             return
         order = json.loads(held["body"])
-        if self._table is None:
-            self._table = _relays()
-        await self._table[order["mode"]](order, scope, receive, send)
+        await self.relays[order["mode"]](order, scope, receive, send)
 
 
 class WsgiTicketGuard:

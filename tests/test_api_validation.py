@@ -109,7 +109,7 @@ INVALID_BODIES = {
     "message-unknown-field": ({"messages": [{**MSG, "nmae": "x"}]}, "messages"),
     # unknown top-level fields
     "unknown-field": ({"prompt": "a", "promt": "typo"}, "promt"),
-    "unknown-field-with-messages": ({"messages": [MSG], "stream": True}, "stream"),
+    "unknown-field-with-messages": ({"messages": [MSG], "temprature": 1}, "temprature"),
     # sizes and ranges
     "oversize-prompt": ({"prompt": "x" * (LIMITS["prompt_chars"] + 1)}, "prompt"),
     "oversize-messages": ({"messages": [{"role": "user", "content": "x" * 60}] * 2}, "messages"),

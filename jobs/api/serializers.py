@@ -85,6 +85,8 @@ class JobCreateSerializer(serializers.Serializer):
     messages = MessageSerializer(many=True, required=False, allow_empty=False)
     priority = serializers.ChoiceField(choices=Priority.choices, default=Priority.NORMAL)
     requires_multimodal = serializers.BooleanField(default=False)
+    # Publish the output as it is generated (GET /jobs/<id>/stream); off, the output comes whole at the end.
+    stream = serializers.BooleanField(default=False)
     model = serializers.CharField(required=False, allow_blank=True, max_length=200)
     backend = serializers.SlugField(required=False, allow_blank=True, max_length=64)
     temperature = serializers.FloatField(required=False, min_value=0.0, max_value=2.0)

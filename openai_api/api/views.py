@@ -25,6 +25,7 @@ from openai_api import errors, translate
 from orchestrator_site import relaying
 from orchestrator_site.redis import redis_client
 from routing import registry
+from tenants.identity import tenant_of
 from workers.backends import params as token_params
 
 
@@ -81,7 +82,10 @@ class ChatCompletions(OpenAIView):
             path, message = next(iter(problems.items()))
             raise translate.InvalidRequest(f"{path}: {message}", path)
         _resolve_model(job, chat.model)
-        submission = services.submit(job, user=request.user, body=request.data, idempotency_key=key)
+        job["stream"] = chat.stream
+        submission = services.submit(
+            job, user=request.user, body=request.data, idempotency_key=key, tenant=tenant_of(request)
+        )
         return relaying.ticket(
             "chat",
             job_id=submission.document["id"],

@@ -44,8 +44,8 @@ import httpx
 import ollama
 import pydantic
 
+from workers.backends import image_refs, tools
 from workers.backends import params as token_params
-from workers.backends import tools
 from workers.backends.base import BackendConfig, BackendError, GenerationRequest, GenerationResult
 from workers.backends.outbound import refuse_unsafe, scrubbing, transport_summary
 
@@ -203,8 +203,13 @@ def build_messages(request: GenerationRequest) -> list[dict[str, Any]]:
     """The job's messages in Ollama's shape (module docstring), with its images on the last user
     message (a new one if there is none)."""
     messages: list[dict[str, Any]] = []
+    conversation = [dict(m) for m in request.messages]
+    for m in conversation:  # copies: placing the images must not change the request
+        if isinstance(m.get("content"), list):
+            m["content"] = [dict(p) if isinstance(p, dict) else p for p in m["content"]]
+    loose = image_refs.place(conversation, request.images, lambda b64: "data:;base64," + b64)
     names: dict[str, str] = {}  # tool_call_id -> function name, from the assistant messages so far
-    for m in request.messages:
+    for m in conversation:
         out: dict[str, Any] = {"role": m.get("role", "user")}
         content = m.get("content", "")
         if isinstance(content, list):
@@ -227,8 +232,8 @@ def build_messages(request: GenerationRequest) -> list[dict[str, Any]]:
         if out["role"] == "tool" and tool_name:
             out["tool_name"] = tool_name
         messages.append(out)
-    if request.images:
-        images = [_decode(img) for img in request.images]
+    if loose:
+        images = [_decode(img) for img in loose]
         users = [i for i, m in enumerate(messages) if m["role"] == "user"]
         if users:
             messages[users[-1]]["images"] = [*messages[users[-1]].get("images", ()), *images]

@@ -44,8 +44,8 @@ from typing import Any
 
 import httpx
 
+from workers.backends import image_refs, tools
 from workers.backends import params as token_params
-from workers.backends import tools
 from workers.backends.base import BackendConfig, BackendError, GenerationRequest, GenerationResult
 from workers.backends.outbound import refuse_unsafe, scrub, scrubbing, transport_summary
 
@@ -248,12 +248,13 @@ def build_messages(request: GenerationRequest) -> list[dict[str, Any]]:
     messages: list[dict[str, Any]] = [
         {
             "role": m.get("role", "user"),
-            "content": m.get("content", ""),
+            "content": list(m["content"]) if isinstance(m.get("content"), list) else m.get("content", ""),
             **{k: m[k] for k in MESSAGE_FIELDS if m.get(k) is not None},
         }
         for m in request.messages
     ]
-    if not request.images:
+    loose = image_refs.place(messages, request.images, data_url)
+    if not loose:
         return messages
     users = [i for i, m in enumerate(messages) if m["role"] == "user"]
     if not users:
@@ -264,7 +265,7 @@ def build_messages(request: GenerationRequest) -> list[dict[str, Any]]:
     parts: list[dict[str, Any]] = (
         list(content) if isinstance(content, list) else [{"type": "text", "text": str(content or "")}]
     )
-    parts += [{"type": "image_url", "image_url": {"url": data_url(img)}} for img in request.images]
+    parts += [{"type": "image_url", "image_url": {"url": data_url(img)}} for img in loose]
     target["content"] = parts
     return messages
 
