@@ -40,7 +40,7 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     if response is None:
         return None
     message, param = _message(response.data)
-    code = getattr(exc, "code", None) or getattr(exc, "default_code", None)
+    code = getattr(getattr(exc, "detail", None), "code", None) or getattr(exc, "default_code", None)
     if isinstance(response.data, dict) and response.data.get("limit"):
         code = response.data["limit"]  # admission: which limit refused it
     response.data = body(response.status_code, message, param=param, code=code if isinstance(code, str) else None)

@@ -216,7 +216,11 @@ def _parts(parts: list, where: str, images: list[str], limits: dict[str, int]) -
                     "this server does not fetch images.",
                     f"{at}.image_url.url",
                 )
-            out.append({"type": "image_url", "image_url": {"url": image_refs.ref(len(images))}})
+            detail = part["image_url"].get("detail")
+            if detail is not None and detail not in ("auto", "low", "high"):
+                raise InvalidRequest(f"'{at}.image_url.detail' must be auto, low or high.", f"{at}.image_url.detail")
+            image = {"url": image_refs.ref(len(images)), **({"detail": detail} if detail else {})}
+            out.append({"type": "image_url", "image_url": image})
             images.append(url)
         else:
             raise InvalidRequest(f"'{at}' must be a text or image_url content part.", at)

@@ -15,7 +15,6 @@ Under a plain WSGI server nothing would catch a ticket, so ``orchestrator_site.w
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -28,6 +27,7 @@ log = logging.getLogger(__name__)
 TICKET_HEADER = "X-Llmo-Relay"
 _TICKET_HEADER_RAW = TICKET_HEADER.lower().encode()
 HEARTBEAT_S = 15.0
+CLEANUP_S = 1.0
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -150,8 +150,11 @@ async def until_disconnect(receive: Receive, work: Awaitable[Any]) -> tuple[bool
         for pending in (task, gone):
             if not pending.done():
                 pending.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await pending
+                _, stuck = await asyncio.wait({pending}, timeout=CLEANUP_S)
+                if stuck:  # never hold the answer (or the cancel of a client's job) on a cleanup
+                    log.warning("relay task did not stop within %.1f s of its cancel", CLEANUP_S)
+                elif not pending.cancelled() and pending.exception() is not None:
+                    log.warning("relay task failed", exc_info=pending.exception())
     if task in done:
         return False, task.result()
     return True, None

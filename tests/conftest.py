@@ -161,7 +161,10 @@ def gunicorn_server(transactional_db) -> Iterator:
             "--log-level",
             "warning",
         ]
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=process_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        log_path = Path(settings.VAR_DIR) / f"web-{port}-{time.monotonic_ns()}.log"
+        with open(log_path, "w") as out:  # a file, not a pipe nobody reads (a full pipe would stall the server)
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=process_env(), stdout=out, stderr=subprocess.STDOUT)
+        proc.log_path = log_path  # type: ignore[attr-defined]
         procs.append(proc)
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
@@ -171,7 +174,7 @@ def gunicorn_server(transactional_db) -> Iterator:
                     return base
             except OSError:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"gunicorn exited: {proc.stdout.read().decode()}") from None
+                    raise RuntimeError(f"gunicorn exited: {log_path.read_text()}") from None
                 time.sleep(0.1)
         raise RuntimeError("gunicorn did not start within 30 s")
 

@@ -67,6 +67,8 @@ async def relay_events(order: dict[str, Any], scope: Any, receive: Any, send: An
     async def pump() -> None:
         async for event_id, event in notifier.events(job_id, order.get("after") or "0-0", idle_s=relaying.HEARTBEAT_S):
             kind = event.get("type", "delta")
+            if kind == "end":  # the worker's; the relay's own end below carries the result
+                continue
             if kind == "idle":  # quiet for a while: a comment keeps proxies from closing the stream
                 await send({"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True})
             elif kind == "done":
