@@ -309,3 +309,33 @@ def test_a_plain_wsgi_server_answers_501_not_a_ticket():
     body = b"".join(WsgiTicketGuard(view)({}, lambda status, headers, exc=None: got.update(status=status)))
     assert got["status"].startswith("501") and closed == [True]
     assert "uvicorn_worker.UvicornWorker" in json.loads(body)["detail"]
+
+
+def test_models_are_those_the_callers_tenant_may_use(db):
+    from rest_framework.test import APIClient
+
+    Backend.objects.create(name="dev", kind=BackendKind.DEV, model="echo")
+    Backend.objects.create(name="big", kind=BackendKind.DEV, model="large")
+    Backend.objects.create(name="off", kind=BackendKind.DEV, model="gone", enabled=False)
+    tenant = Tenant.objects.create(name="acme", allowed_backends=["dev"])
+    _, key = ApiKey.issue(tenant, "ci")
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
+    listed = client.get("/v1/models").json()
+    assert listed["object"] == "list" and [m["id"] for m in listed["data"]] == ["auto", "dev", "echo"]
+    assert client.get("/v1/models/large").status_code == 404
+    everyone = Tenant.objects.create(name="open")
+    _, open_key = ApiKey.issue(everyone, "ci")
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {open_key}")
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["auto", "big", "dev", "echo", "large"]
+
+
+def test_no_eligible_backend_is_503_in_openais_shape_and_leaves_nothing(api, policy, dev_backend):
+    dev_backend.enabled = False
+    dev_backend.save()
+    body = {"model": "auto", "messages": [{"role": "user", "content": "x"}]}
+    r = api.post("/v1/chat/completions", body, format="json")
+    assert r.status_code == 503, r.content
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert r.json()["error"]["type"] == "service_unavailable_error"
+    assert not Job.objects.exists()

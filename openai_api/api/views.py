@@ -26,6 +26,7 @@ from orchestrator_site import relaying
 from orchestrator_site.redis import redis_client
 from routing import registry
 from tenants.identity import tenant_of
+from tenants.models import Tenant
 from workers.backends import params as token_params
 
 
@@ -40,11 +41,11 @@ def _snapshot() -> registry.Snapshot:
     return registry.snapshot(registry.ensure_token(redis_client().get(registry.VERSION_KEY)))
 
 
-def served_models(snap: registry.Snapshot) -> list[str]:
-    """``auto``, then every enabled backend's name and model, each once, sorted."""
+def served_models(snap: registry.Snapshot, tenant: Tenant | None = None) -> list[str]:
+    """``auto``, then every enabled backend's name and model the caller may use, each once, sorted."""
     names: set[str] = set()
     for backend in snap.backends.values():
-        if backend.enabled:
+        if backend.enabled and (tenant is None or tenant.allows_backend(backend.name)):
             names.add(backend.name)
             if backend.model:
                 names.add(backend.model)
@@ -111,13 +112,15 @@ def _model_object(name: str) -> dict[str, Any]:
 class Models(OpenAIView):
     @extend_schema(request=None, responses=None, summary="OpenAI model list: auto, and enabled backends and models")
     def get(self, request: Request) -> Response:
-        return Response({"object": "list", "data": [_model_object(n) for n in served_models(_snapshot())]})
+        return Response(
+            {"object": "list", "data": [_model_object(n) for n in served_models(_snapshot(), tenant_of(request))]}
+        )
 
 
 class ModelDetail(OpenAIView):
     @extend_schema(request=None, responses=None, summary="One model of the list")
     def get(self, request: Request, model: str) -> Response:
-        if model not in served_models(_snapshot()):
+        if model not in served_models(_snapshot(), tenant_of(request)):
             raise NotFound(
                 f"The model '{model}' does not exist or you do not have access to it.", code="model_not_found"
             )
