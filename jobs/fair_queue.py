@@ -262,10 +262,13 @@ def push(
     pipeline: Pipeline | None = None,
 ) -> None:
     """Put ``job_id`` in ``tenant``'s sub-queue of ``queue`` (again: a no-op but for the bell)."""
-    _script("push", _PUSH)(
-        args=[PREFIX, queue, tenant, job_id, score, "" if weight is None else str(weight), BELL_CAP],
-        client=pipeline if pipeline is not None else redis_client(),
-    )
+    args = [PREFIX, queue, tenant, job_id, score, "" if weight is None else str(weight), BELL_CAP]
+    if pipeline is not None:
+        # As status_mirror.write: a Script in a pipeline costs a SCRIPT EXISTS round trip each
+        # time the pipeline runs (a submit's after-commit one among them); EVAL carries the body.
+        pipeline.eval(_PUSH, 0, *args)
+        return
+    _script("push", _PUSH)(args=args, client=redis_client())
 
 
 def take(queues: Sequence[str], n: int = 1, *, client: Redis | None = None) -> list[Taken]:

@@ -160,3 +160,24 @@ def test_a_tenants_new_weight_governs_its_next_dispatch() -> None:
     tenant.weight = 5
     tenant.save()
     assert fq.redis_client().hget(fq.PREFIX + "weights", str(tenant.pk)) == b"5"
+
+
+def test_a_submission_costs_two_redis_round_trips(user, policy, monkeypatch, django_capture_on_commit_callbacks):
+    """The first (admission, idempotency claim) and the after-commit one; no SCRIPT EXISTS in between."""
+    from redis.connection import Connection
+
+    from jobs import services
+
+    with django_capture_on_commit_callbacks(execute=True):  # scripts loaded once
+        services.submit({"prompt": "warm"}, user=user, body={}, idempotency_key="k0")
+    sent = []
+    original = Connection.send_packed_command
+
+    def counted(self, command, check_health=True):
+        sent.append(command)
+        return original(self, command, check_health)
+
+    monkeypatch.setattr(Connection, "send_packed_command", counted)
+    with django_capture_on_commit_callbacks(execute=True):
+        services.submit({"prompt": "x"}, user=user, body={}, idempotency_key="k1")
+    assert len(sent) == 2, sent
