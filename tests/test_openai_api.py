@@ -250,7 +250,7 @@ def sse(lines: Iterator[str]) -> Iterator[dict]:
             event[name] = value
 
 
-def test_job_stream_resumes_from_last_event_id_and_ends_with_the_result(stack):
+def test_job_stream_resumes_from_last_event_id_and_ends_with_the_result(stack, django_user_model):
     headers = stack["headers"]
     job = httpx.post(f"{stack['base']}/jobs", json={"prompt": "a b c d e f", "stream": True}, headers=headers).json()
     url = f"{stack['base']}/jobs/{job['id']}/stream"
@@ -267,8 +267,12 @@ def test_job_stream_resumes_from_last_event_id_and_ends_with_the_result(stack):
     assert json.loads(end["data"])["output"] == "a b c d e f"
     bad = httpx.get(url, headers={**headers, "Last-Event-ID": "nonsense"})
     assert bad.status_code == 400 and "Last-Event-ID" in bad.json()
-    other = httpx.get(f"{stack['base']}/jobs/00000000-0000-0000-0000-000000000000/stream", headers=headers)
-    assert other.status_code == 404
+    missing = httpx.get(f"{stack['base']}/jobs/00000000-0000-0000-0000-000000000000/stream", headers=headers)
+    assert missing.status_code == 404
+    stranger = Token.objects.create(user=django_user_model.objects.create_user("stranger", password="pw-12345"))
+    for path in ("stream", "result?wait=1"):
+        theirs = httpx.get(f"{stack['base']}/jobs/{job['id']}/{path}", headers={"Authorization": f"Token {stranger}"})
+        assert theirs.status_code == 404, path
 
 
 def test_result_wait_answers_at_the_end_or_202_after_the_wait(stack):
