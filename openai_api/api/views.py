@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from django.conf import settings
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
 from rest_framework.exceptions import NotFound
@@ -22,6 +23,7 @@ from jobs import services
 from jobs.api.serializers import Base64ImageField
 from jobs.api.views import IDEMPOTENCY_HEADER, MAX_IDEMPOTENCY_KEY
 from openai_api import errors, translate
+from openai_api.api import schema
 from orchestrator_site import relaying
 from orchestrator_site.redis import redis_client
 from routing import registry
@@ -67,7 +69,12 @@ def _resolve_model(job: dict[str, Any], model: str) -> None:
 
 
 class ChatCompletions(OpenAIView):
-    @extend_schema(request=None, responses=None, summary="OpenAI Chat Completions (streamed or not)")
+    @extend_schema(
+        request=OpenApiTypes.OBJECT,
+        responses=schema.COMPLETION_RESPONSES,
+        summary="OpenAI Chat Completions (streamed or not)",
+        description="See docs/openai.md. Errors in OpenAI's shape.",
+    )
     def post(self, request: Request) -> Any:
         key = request.headers.get(IDEMPOTENCY_HEADER)
         if key is not None and not (0 < len(key.strip()) <= MAX_IDEMPOTENCY_KEY):
@@ -110,7 +117,12 @@ def _model_object(name: str) -> dict[str, Any]:
 
 
 class Models(OpenAIView):
-    @extend_schema(request=None, responses=None, summary="OpenAI model list: auto, and enabled backends and models")
+    @extend_schema(
+        request=None,
+        responses={200: schema.ModelList, **schema.errors(401, 403, 503)},
+        summary="OpenAI model list: auto, and the enabled backends and models the caller may use",
+        operation_id="v1_models_list",
+    )
     def get(self, request: Request) -> Response:
         return Response(
             {"object": "list", "data": [_model_object(n) for n in served_models(_snapshot(), tenant_of(request))]}
@@ -118,10 +130,20 @@ class Models(OpenAIView):
 
 
 class ModelDetail(OpenAIView):
-    @extend_schema(request=None, responses=None, summary="One model of the list")
+    @extend_schema(
+        request=None, responses={200: schema.Model, **schema.errors(401, 403, 404, 503)}, summary="One model"
+    )
     def get(self, request: Request, model: str) -> Response:
         if model not in served_models(_snapshot(), tenant_of(request)):
             raise NotFound(
                 f"The model '{model}' does not exist or you do not have access to it.", code="model_not_found"
             )
         return Response(_model_object(model))
+
+
+@extend_schema(exclude=True)
+class UnknownEndpoint(OpenAIView):
+    """A path under /v1 that is not one of ours answers as OpenAI does, whatever the method."""
+
+    def http_method_not_allowed(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        raise NotFound(f"Unknown request URL: {request.method} {request.path}.", code="unknown_url")
