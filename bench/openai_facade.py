@@ -38,6 +38,7 @@ import platform
 import shutil
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,6 +52,7 @@ from bench.p1_submit import (  # noqa: E402  (the same set-up as P1)
     REDIS_DB,
     BenchError,
     _sigterm,
+    cpu_seconds,
     flush_bench_db,
     free_port,
     manage,
@@ -59,6 +61,7 @@ from bench.p1_submit import (  # noqa: E402  (the same set-up as P1)
     start_gunicorn,
     stop_gunicorn,
     wait_ready,
+    worker_pids,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -228,6 +231,11 @@ async def load(target: tuple[str, str, str], n: int, concurrency: int, stream: b
     return results
 
 
+def cpu_now(procs: dict[str, list[int] | None]) -> dict[str, float | None]:
+    """CPU seconds so far of each group of processes (None: this process)."""
+    return {name: time.process_time() if pids is None else cpu_seconds(pids) for name, pids in procs.items()}
+
+
 def pct(values: list[float], q: float) -> float:
     """The ``q`` quantile (0-100), nearest rank."""
     ordered = sorted(values)
@@ -330,6 +338,9 @@ def report(args: argparse.Namespace, summary: dict, per_round: list[dict], where
         f"added TTFT p50:  {a['ttft_p50_ms']:7.1f} ms  (goal <= {GOALS_MS['added_ttft_p50']:g})  "
         f"{verdict[ok['added_ttft_p50']]}   (TTFT p99 added {a['ttft_p99_ms']:.1f} ms)"
     )
+    print("CPU ms per completion (median of rounds):")
+    for phase, by in summary["cpu_ms_per_completion"].items():
+        print(f"  {phase:<16}" + "".join(f"{name} {ms:6.2f}   " for name, ms in by.items()))
     if summary["wrong_answers"]:
         print(f"WRONG ANSWERS: {len(summary['wrong_answers'])} (FAIL); first ones:")
         for w in summary["wrong_answers"][:5]:
@@ -378,12 +389,22 @@ def main() -> int:
 
         samples: dict[tuple[str, str], list[dict]] = {}
         per_round = []
+        # CPU time per completion of each process (ms): says which one the time goes to when it is busy.
+        procs = {"web": worker_pids(server.pid), "worker": [worker.pid], "fake": [fake.pid], "client": None}
+        cpu: dict[tuple[str, str], dict[str, list[float]]] = {}
         for i in range(args.rounds):
             order = list(targets) if i % 2 == 0 else list(reversed(targets))
             this: dict[tuple[str, str], list[dict]] = {}
             for kind, stream in (("plain", False), ("stream", True)):
                 for target in order:
+                    before = cpu_now(procs)
                     rs = asyncio.run(load(targets[target], args.requests, args.concurrency, stream))
+                    after = cpu_now(procs)
+                    for name in procs:
+                        if before[name] is not None and after[name] is not None:
+                            cpu.setdefault((kind, target), {}).setdefault(name, []).append(
+                                (after[name] - before[name]) * 1e3 / len(rs)
+                            )
                     this[(kind, target)] = rs
                     samples.setdefault((kind, target), []).extend(rs)
                     ms = [r["ms"] for r in rs]
@@ -400,6 +421,10 @@ def main() -> int:
         if server.poll() is not None or worker.poll() is not None:
             raise BenchError("gunicorn or the worker died during the run")
         summary = summarize(samples)
+        summary["cpu_ms_per_completion"] = {
+            f"{kind} {target}": {name: statistics.median(v) for name, v in by.items()}
+            for (kind, target), by in cpu.items()
+        }
         where = phases(tmp / "bench.sqlite3", samples[("plain", "facade")])
         report(args, summary, per_round, where, load_avg)
         for name in ("gunicorn.log", "worker.log"):
