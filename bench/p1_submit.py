@@ -2,19 +2,24 @@
 """P1: ``POST /jobs`` throughput and latency against a bare Django view, in one run.
 
     .venv/bin/python bench/p1_submit.py [--duration 10] [--connections 8] [--workers 2] [--tenant-limits]
-                                          [--json out.json]
+                                          [--server asgi|sync|both] [--redis-db 14] [--json out.json]
 
 What it does, all in a temporary directory that is removed at the end:
 
 * settings are production-like (``DEBUG=0``, ``SECRET_KEY``, ``ALLOWED_HOSTS``), SQLite at
-  ``<tmp>/bench.sqlite3``, Redis db 14 (flushed before and after; no other db is touched),
+  ``<tmp>/bench.sqlite3``, Redis db 14 or ``--redis-db`` (flushed before and after; no other db is touched),
   ``ROOT_URLCONF=bench.urls`` (the real site plus ``/bench/bare-submit``);
 * ``migrate`` + ``bootstrap_demo --json`` give the ``dev`` backend, an active policy and an API token;
-* ``gunicorn -w N`` (sync workers) serves on a free local port;
+* ``gunicorn -w N`` serves on a free local port: ``--server asgi`` (the default) as production runs it,
+  uvicorn workers and ``orchestrator_site.asgi``; ``--server sync`` the way it ran before the web tier
+  went ASGI, sync workers and ``orchestrator_site.wsgi``; ``--server both`` starts one of each and
+  alternates them round by round, so the two stacks are compared under the same load on the machine;
 * ``wrk --latency`` with ``bench/p1_post.lua`` loads each endpoint: a short warm-up each, then
   baseline and API alternately (``--rounds`` times each); the report uses the medians.
 
-Goal (P1): API throughput >= 0.7x the baseline's and API p99 <= 3x the baseline's.
+Goal (P1): API throughput >= 0.7x the baseline's and API p99 <= 3x the baseline's, each server's API
+against the baseline served by the same server. With ``--server both`` the exit status is the ASGI
+stack's (the one production runs).
 
 ``--tenant-limits`` adds a third endpoint run in every round: ``POST /jobs`` by a user of a tenant
 with every counted limit set (``rpm_limit``, ``tokens_per_day``, ``budget_usd``, ``max_queued``; far
@@ -47,7 +52,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LUA = ROOT / "bench" / "p1_post.lua"
-REDIS_DB = 14  # the only Redis database this script ever writes to or flushes
+REDIS_DB = 14  # unless --redis-db: the only Redis database this script ever writes to or flushes
+SERVERS = ("asgi", "sync")
 API_PATH = "/jobs"
 BARE_PATH = "/bench/bare-submit"
 GOAL_THROUGHPUT_RATIO = 0.7
@@ -85,6 +91,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--json", dest="json_path", help="also write the results as JSON to this path")
     p.add_argument("--redis-host", default="127.0.0.1")
     p.add_argument("--redis-port", type=int, default=6379)
+    p.add_argument("--redis-db", type=int, default=REDIS_DB, help=f"flushed before and after (default {REDIS_DB})")
+    p.add_argument(
+        "--server",
+        choices=(*SERVERS, "both"),
+        default="asgi",
+        help="asgi: uvicorn workers (production); sync: sync workers and WSGI (before); both: alternate",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, database)")
     p.add_argument(
         "--tenant-limits",
@@ -104,7 +117,11 @@ def parse_args() -> argparse.Namespace:
 
 
 def redis_url(args: argparse.Namespace) -> str:
-    return f"redis://{args.redis_host}:{args.redis_port}/{REDIS_DB}"
+    return f"redis://{args.redis_host}:{args.redis_port}/{db_of(args)}"
+
+
+def db_of(args: argparse.Namespace) -> int:
+    return getattr(args, "redis_db", REDIS_DB)  # other benches reuse these helpers without the option
 
 
 def redis_conn(args: argparse.Namespace):
@@ -115,7 +132,7 @@ def redis_conn(args: argparse.Namespace):
             f"the redis package is not importable by {sys.executable}; run with the project venv "
             "(.venv/bin/python bench/p1_submit.py, or `make bench-p1`)"
         ) from None
-    conn = redis.Redis(host=args.redis_host, port=args.redis_port, db=REDIS_DB, socket_connect_timeout=2)
+    conn = redis.Redis(host=args.redis_host, port=args.redis_port, db=db_of(args), socket_connect_timeout=2)
     try:
         conn.ping()
     except redis.RedisError as exc:
@@ -124,7 +141,7 @@ def redis_conn(args: argparse.Namespace):
 
 
 def flush_bench_db(conn) -> None:
-    assert conn.connection_pool.connection_kwargs["db"] == REDIS_DB
+    assert conn.connection_pool.connection_kwargs["db"] != 0  # never the default db
     conn.flushdb()
 
 
@@ -252,7 +269,14 @@ def limited_user(env: dict) -> str:
     return manage(env, "shell", "-c", LIMITED_TENANT).strip().splitlines()[-1]
 
 
-def start_gunicorn(args: argparse.Namespace, env: dict, port: int, log_path: Path) -> subprocess.Popen:
+def start_gunicorn(
+    args: argparse.Namespace, env: dict, port: int, log_path: Path, server: str = "sync"
+) -> subprocess.Popen:
+    """``gunicorn -w args.workers``: ``server`` "sync" (sync workers, WSGI) or "asgi" (uvicorn workers, ASGI)."""
+    worker_class, app = {
+        "sync": ("sync", "orchestrator_site.wsgi:application"),
+        "asgi": ("uvicorn_worker.UvicornWorker", "orchestrator_site.asgi:application"),
+    }[server]
     cmd = [
         sys.executable,
         "-m",
@@ -260,14 +284,14 @@ def start_gunicorn(args: argparse.Namespace, env: dict, port: int, log_path: Pat
         "-w",
         str(args.workers),
         "-k",
-        "sync",
+        worker_class,
         "-b",
         f"127.0.0.1:{port}",
         "--chdir",
         str(ROOT),
         "--log-level",
         "warning",
-        "orchestrator_site.wsgi:application",
+        app,
     ]
     log = open(log_path, "wb")  # noqa: SIM115 (closed by the caller via proc.bench_log)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -409,11 +433,14 @@ def summarize(runs: list[dict]) -> dict:
     }
 
 
-def print_report(args: argparse.Namespace, runs: list[dict], summary: dict, db_counts: dict, load: float) -> None:
+def print_report(
+    args: argparse.Namespace, runs: list[dict], summary: dict, db_counts: dict, load: float, server: str = "sync"
+) -> None:
     label = {"bare": "baseline", "api": "POST /jobs", LIMITED: "  with limits"}
     print()
+    kind = "uvicorn workers, ASGI" if server == "asgi" else "sync workers, WSGI"
     print(
-        f"P1: gunicorn -w {args.workers} (sync), wrk -t{args.threads} -c{args.connections} "
+        f"P1: gunicorn -w {args.workers} ({kind}), wrk -t{args.threads} -c{args.connections} "
         f"-d{args.duration}s, {args.rounds} rounds each, alternating; {os.cpu_count()} CPUs "
         f"(load average before start {load:.2f})"
     )
@@ -474,12 +501,34 @@ def print_report(args: argparse.Namespace, runs: list[dict], summary: dict, db_c
         )
     if summary["errors"]:
         print(f"errors (non-2xx or socket): {summary['errors']}  -> FAIL (results do not measure the success path)")
+    print_rows(db_counts)
+    print(f"P1 ({server}): {'PASS' if summary['pass'] else 'FAIL'}")
+
+
+def print_rows(db_counts: dict) -> None:
     if db_counts:
         print(
             f"rows inserted: api {db_counts.get('api_rows')}, baseline {db_counts.get('bare_rows')}; "
             f"RQ queue 'normal' holds {db_counts.get('rq_normal')} jobs"
         )
-    print(f"P1: {'PASS' if summary['pass'] else 'FAIL'}")
+
+
+def print_comparison(by_server: dict[str, dict]) -> None:
+    """ASGI against sync, endpoint by endpoint (medians of each server's rounds)."""
+    a, s = by_server["asgi"]["median"], by_server["sync"]["median"]
+    print("\nASGI vs sync (medians):")
+    for mode in a:
+        cpu = (a[mode]["server_cpu_ms_per_req"], s[mode]["server_cpu_ms_per_req"])
+        cpu_text = f", server CPU {cpu[0]:.2f} vs {cpu[1]:.2f} ms/req" if None not in cpu else ""
+        print(
+            f"  {mode:<10} {a[mode]['rps']:.1f} vs {s[mode]['rps']:.1f} req/s "
+            f"(x{a[mode]['rps'] / s[mode]['rps']:.2f}), "
+            f"p99 {a[mode]['p99_ms']:.2f} vs {s[mode]['p99_ms']:.2f} ms{cpu_text}"
+        )
+    print(
+        f"  P1 ratio   asgi {by_server['asgi']['throughput_ratio']:.2f}, "
+        f"sync {by_server['sync']['throughput_ratio']:.2f}"
+    )
 
 
 def count_rows(db_path: Path, conn) -> dict:
@@ -520,9 +569,8 @@ def main() -> int:
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     tmp = Path(tempfile.mkdtemp(prefix="llmo-bench-p1-"))
-    log_path = tmp / "gunicorn.log"
     conn = None
-    server = None
+    servers: dict[str, dict] = {}  # name -> proc, base, log, workers
     try:
         conn = redis_conn(args)
         flush_bench_db(conn)
@@ -536,37 +584,56 @@ def main() -> int:
         if limited_token:
             modes.append((LIMITED, "api", limited_token))
 
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        server = start_gunicorn(args, env, port, log_path)
-        wait_ready(server, base, log_path)
         nonce = secrets.token_hex(4)
-        smoke(base, token, nonce)
-        workers = worker_pids(server.pid)
-        print(f"setup {time.monotonic() - t0:.1f}s; gunicorn on {base}, warming up...", flush=True)
+        for name in SERVERS if args.server == "both" else (args.server,):
+            port = free_port()
+            base = f"http://127.0.0.1:{port}"
+            log_path = tmp / f"gunicorn-{name}.log"
+            proc = start_gunicorn(args, env, port, log_path, server=name)
+            servers[name] = {"proc": proc, "base": base, "log": log_path}
+            wait_ready(proc, base, log_path)
+            smoke(base, token, f"{nonce}{name}")
+            servers[name]["workers"] = worker_pids(proc.pid)
+            print(f"gunicorn ({name}) on {base}", flush=True)
+        print(f"setup {time.monotonic() - t0:.1f}s; warming up...", flush=True)
 
         if args.warmup:
-            for label, mode, tok in modes:
-                run_wrk(args, base, mode, tok, args.warmup, f"{nonce}w{label}")
+            for name, srv in servers.items():
+                for label, mode, tok in modes:
+                    run_wrk(args, srv["base"], mode, tok, args.warmup, f"{nonce}w{name}{label}")
         runs = []
         for i in range(args.rounds):
-            for label, mode, tok in modes:
-                r = run_wrk(args, base, mode, tok, args.duration, f"{nonce}r{i}{label}", workers, label=label)
-                runs.append(r)
-                print(
-                    f"  {label:<10} round {i + 1}: {r['rps']:.1f} req/s, p50 {r['p50_ms']:.2f} ms, "
-                    f"p99 {r['p99_ms']:.2f} ms, server CPU {_fmt(r['server_cpu_ms_per_req'])} ms/req",
-                    flush=True,
-                )
-        if server.poll() is not None:
-            raise BenchError(f"gunicorn died during the run:\n{log_path.read_text()[-4000:]}")
+            # Both servers in every round, their order swapped each round: a slow spell hits both.
+            for name in list(servers)[:: 1 if i % 2 == 0 else -1]:
+                srv = servers[name]
+                for label, mode, tok in modes:
+                    r = run_wrk(
+                        args, srv["base"], mode, tok, args.duration, f"{nonce}r{i}{name}{label}", srv["workers"], label
+                    )
+                    r["server"] = name
+                    runs.append(r)
+                    print(
+                        f"  {name:<5}{label:<10} round {i + 1}: {r['rps']:.1f} req/s, p50 {r['p50_ms']:.2f} ms, "
+                        f"p99 {r['p99_ms']:.2f} ms, server CPU {_fmt(r['server_cpu_ms_per_req'])} ms/req",
+                        flush=True,
+                    )
+        for name, srv in servers.items():
+            if srv["proc"].poll() is not None:
+                raise BenchError(f"gunicorn ({name}) died during the run:\n{srv['log'].read_text()[-4000:]}")
 
-        summary = summarize(runs)
+        by_server = {name: summarize([r for r in runs if r["server"] == name]) for name in servers}
+        primary = "asgi" if "asgi" in servers else "sync"
+        summary = by_server[primary]
         db_counts = count_rows(tmp / "bench.sqlite3", conn)
-        print_report(args, runs, summary, db_counts, load)
-        server_log = log_path.read_text().strip()
-        if server_log:
-            print(f"\ngunicorn log (last lines):\n{server_log[-2000:]}")
+        for name in servers:
+            print_report(args, [r for r in runs if r["server"] == name], by_server[name], {}, load, server=name)
+        if len(servers) > 1:
+            print_comparison(by_server)
+        print_rows(db_counts)
+        for name, srv in servers.items():
+            server_log = srv["log"].read_text().strip()
+            if server_log:
+                print(f"\ngunicorn ({name}) log (last lines):\n{server_log[-2000:]}")
         if args.json_path:
             doc = {
                 "benchmark": "P1 POST /jobs vs bare Django view",
@@ -578,6 +645,7 @@ def main() -> int:
                     "rounds": args.rounds,
                     "warmup_s": args.warmup,
                     "tenant_limits": args.tenant_limits,
+                    "servers": list(servers),
                 },
                 "host": {
                     "cpus": os.cpu_count(),
@@ -588,6 +656,7 @@ def main() -> int:
                 "goals": {"throughput_ratio_min": GOAL_THROUGHPUT_RATIO, "p99_ratio_max": GOAL_P99_RATIO},
                 "runs": runs,
                 "rows": db_counts,
+                "by_server": by_server,
                 **summary,
             }
             Path(args.json_path).write_text(json.dumps(doc, indent=2) + "\n")
@@ -600,12 +669,13 @@ def main() -> int:
         print("\ninterrupted; cleaning up", file=sys.stderr)
         return 130
     finally:
-        stop_gunicorn(server)
+        for srv in servers.values():
+            stop_gunicorn(srv["proc"])
         if conn is not None:
             try:
                 flush_bench_db(conn)
             except Exception as exc:  # cleanup is best effort; say what was left behind
-                print(f"could not flush Redis db {REDIS_DB}: {exc}", file=sys.stderr)
+                print(f"could not flush Redis db {db_of(args)}: {exc}", file=sys.stderr)
         if args.keep:
             print(f"kept {tmp}", file=sys.stderr)
         else:

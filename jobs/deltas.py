@@ -193,6 +193,7 @@ class JobStream:
         self.due_at: float | None = None
         self.last_flush = -math.inf
         self.flushes = 0
+        self.batch = 0  # the flusher's batch that took this stream's events last
 
     def begin_attempt(self, attempt: int) -> None:
         """A call for attempt ``attempt`` starts: if output went out before it, a ``reset`` goes first."""
@@ -207,6 +208,14 @@ class JobStream:
             return
         self.sent = True
         _flusher().add(self, {"type": "delta", **delta})
+
+    def flush(self, timeout_s: float = 2.0) -> bool:
+        """Write what is pending now and wait until it is in Redis; True when done within ``timeout_s``.
+
+        Before a success is committed: readers end when the status turns terminal, so the last deltas
+        must be in the stream by then, not a flush interval later.
+        """
+        return _flusher().flush(self, timeout_s)
 
     def end(self, state: str, finish_reason: str = "", usage: dict[str, Any] | None = None, error: str = "") -> None:
         """The terminal event; the stream takes nothing more from this run."""
@@ -265,6 +274,8 @@ class _Flusher:
         self.cond = threading.Condition()
         self.dirty: dict[JobStream, None] = {}  # an ordered set
         self.writing = 0
+        self.batches = 0  # batches taken
+        self.written = 0  # batches written (or given up on), in order: one thread writes them
         self.thread: threading.Thread | None = None
 
     def add(self, stream: JobStream, event: Event, *, urgent: bool = False, reset: bool = False) -> None:
@@ -299,17 +310,20 @@ class _Flusher:
                     waits = [s.due_at - now for s in self.dirty if s.due_at is not None]
                     self.cond.wait(min(waits) if waits else None)
                 batch = []
+                self.batches += 1
+                number = self.batches
                 for s in due:
                     del self.dirty[s]
                     batch.append((s, s.pending, s.fresh))
                     s.pending, s.fresh, s.waiting, s.due_at = [], False, 0, None
-                    s.last_flush, s.flushes = now, s.flushes + 1
+                    s.last_flush, s.flushes, s.batch = now, s.flushes + 1, number
                 self.writing += 1
             try:
                 self._write(batch)
             finally:
                 with self.cond:
                     self.writing -= 1
+                    self.written = number
                     self.cond.notify_all()
 
     @staticmethod
@@ -323,6 +337,14 @@ class _Flusher:
             log.warning("deltas not published", extra={"jobs": [s.job_id for s, _, _ in batch], "error": str(exc)})
         except Exception:  # the thread must survive anything: it serves every job of the process
             log.exception("deltas not published")
+
+    def flush(self, stream: JobStream, timeout_s: float) -> bool:
+        """Make ``stream``'s pending events due now and wait until they are written."""
+        with self.cond:
+            if stream in self.dirty:
+                stream.due_at = time.monotonic()
+                self.cond.notify_all()
+            return self.cond.wait_for(lambda: stream not in self.dirty and self.written >= stream.batch, timeout_s)
 
     def drain(self, timeout_s: float) -> bool:
         """Write everything pending now; True when it was written (or given up on) within ``timeout_s``."""

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
@@ -41,10 +42,12 @@ class Notifier:
     Only the reader task touches the pub/sub connection (redis-py's is not safe for a command and a
     read at once): followers say which channels they want, the reader subscribes and unsubscribes
     between reads, then wakes the new channels' followers so that nothing published before the
-    subscription took effect is missed.
+    subscription took effect is missed. A follower of a new channel cuts the reader's read short with
+    a message on the notifier's own channel (``_nudge``); else it would wait out ``READ_S``, most of
+    a short job's time.
     """
 
-    READ_S = 0.1  # the reader's longest read: how soon a new follower's subscription takes effect
+    READ_S = 0.1  # the reader's longest read: how soon a new subscription takes effect if a nudge is lost
 
     def __init__(self, url: str) -> None:
         self.redis = aioredis.from_url(url)
@@ -52,6 +55,9 @@ class Notifier:
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._subscribed: set[str] = set()
         self._reader: asyncio.Task | None = None
+        self._control = notify_channel(f"relay-{uuid.uuid4().hex}")  # this notifier's own: wakes its reader
+        self._control_subscribed = False
+        self._nudged = False
 
     @contextlib.asynccontextmanager
     async def watch(self, job_id: str) -> AsyncIterator[asyncio.Event]:
@@ -59,9 +65,12 @@ class Notifier:
         channel = notify_channel(job_id)
         wake = asyncio.Event()
         self._waiters.setdefault(channel, set()).add(wake)
-        if self._reader is None or self._reader.done():
+        fresh = self._reader is None or self._reader.done()
+        if fresh:
             self._reader = asyncio.get_running_loop().create_task(self._read())
         try:
+            if not fresh and channel not in self._subscribed:
+                await self._nudge()
             yield wake
         finally:
             waiters = self._waiters.get(channel)
@@ -70,7 +79,21 @@ class Notifier:
                 if not waiters:
                     del self._waiters[channel]
 
+    async def _nudge(self) -> None:
+        """Wake the reader from its read so that it subscribes now (once per pending change)."""
+        if self._nudged or not self._control_subscribed:
+            return
+        self._nudged = True
+        try:
+            await _cancellable(self.redis.publish(self._control, b""))
+        except (RedisError, OSError):  # the reader's read ends within READ_S anyway
+            self._nudged = False
+
     async def _sync_subscriptions(self) -> None:
+        self._nudged = False  # changes from now on need a new nudge
+        if not self._control_subscribed:
+            await self._pubsub.subscribe(self._control)
+            self._control_subscribed = True
         wanted = set(self._waiters)
         stale, new = self._subscribed - wanted, wanted - self._subscribed
         if stale:
@@ -93,6 +116,7 @@ class Notifier:
             except (RedisError, OSError) as exc:  # the followers' periodic look still finds the end
                 log.warning("relay pub/sub failed; reconnecting", extra={"error": str(exc)})
                 self._subscribed.clear()
+                self._control_subscribed = False
                 with contextlib.suppress(RedisError, OSError):
                     await self._pubsub.reset()
                 await asyncio.sleep(0.5)

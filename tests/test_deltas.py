@@ -14,7 +14,7 @@ from routing import policies
 from routing.models import Backend, BackendKind, RoutingPolicy
 from tests.factories import make_job
 from tests.fakes.openai_server import OpenAIFake
-from workers.execution.job_run import RunContext, run_claimed
+from workers.execution.job_run import DirectWriter, RunContext, run_claimed
 
 pytestmark = pytest.mark.django_db(transaction=True)
 WORDS = "alpha beta gamma delta epsilon zeta eta theta"
@@ -122,6 +122,24 @@ def test_a_streaming_job_publishes_its_words_before_it_ends_then_an_end_event():
     }
     ids = [i for i, _ in events]
     assert ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-")))) and len(set(ids)) == len(ids)
+
+
+def test_every_delta_is_in_the_stream_before_the_success_is_committed(settings):
+    """A relay ends when the status turns terminal: deltas still buffered then would never reach it."""
+    settings.STREAM_FLUSH_S = 30  # after the first word, nothing would go out before the commit unflushed
+
+    class Seeing(DirectWriter):
+        seen: str | None = None
+
+        def run_batched(self, fn, item, *, then=None):
+            self.seen = text_of(deltas.read(item[0].pk))  # what a relay reads once the success is visible
+            return super().run_batched(fn, item, then=then)
+
+    writer = Seeing()
+    job = make_job(dev(token_ms=0), prompt=WORDS, stream=True)
+    start(job, RunContext("test-worker", writer)).join(10)
+    assert Job.objects.get(pk=job.pk).state == JobState.SUCCEEDED
+    assert writer.seen == WORDS
 
 
 def test_a_job_that_does_not_stream_publishes_nothing():

@@ -68,3 +68,36 @@ def test_events_come_as_published_then_done_with_the_status(transactional_db):
 
 def _finish(job) -> None:
     job.transition("succeeded", output="hi", finish_reason="stop")
+
+
+def test_a_new_follower_is_subscribed_without_waiting_out_the_readers_read(transactional_db):
+    """The reader blocks in a read while it follows other jobs; a new job's follower must not wait for it."""
+    from tests.factories import make_job
+
+    busy, new = make_job(state="running", stream=True), make_job(state="running", stream=True)
+
+    async def run() -> float:
+        notifier = Notifier(settings.REDIS_URL)
+        notifier.READ_S = 30.0  # longer than the test: only a nudge ends a read early
+
+        async def follow(job, got: list) -> None:
+            async for _, event in notifier.events(str(job.pk)):
+                got.append(event)
+
+        other: list = []
+        first = asyncio.ensure_future(follow(busy, other))
+        await asyncio.sleep(0.3)  # the reader now sits in a read for busy's channel
+        got: list = []
+        second = asyncio.ensure_future(follow(new, got))
+        await asyncio.sleep(0.1)
+        started = asyncio.get_running_loop().time()
+        await asyncio.to_thread(deltas.publish, new.pk, [{"type": "delta", "content": "hi"}])
+        while not got and asyncio.get_running_loop().time() - started < 5:
+            await asyncio.sleep(0.01)
+        took = asyncio.get_running_loop().time() - started
+        for task in (first, second):
+            task.cancel()
+        await asyncio.gather(first, second, return_exceptions=True)
+        return took
+
+    assert asyncio.run(run()) < 1.0  # not the 2 s periodic look

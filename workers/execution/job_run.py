@@ -403,6 +403,8 @@ class JobRun:
         # The write may come a moment later (group commit): the result's time is now. In a worker's
         # job thread this returns before the commit: the slot is free for the next job.
         fields = success_fields(result, backend, finished_at=timezone.now())
+        if stream is not None and not stream.flush():  # a relay that sees the success reads no further
+            log.warning("last deltas not written before the outcome", extra=extra)
         self.success_handed_over = True
         self.ctx.writer.run_batched(Job.mark_succeeded_many, (job, fields), then=written)
         raise _Finished
