@@ -270,7 +270,7 @@ def limited_user(env: dict) -> str:
 
 
 def start_gunicorn(
-    args: argparse.Namespace, env: dict, port: int, log_path: Path, server: str = "sync"
+    args: argparse.Namespace, env: dict, port: int, log_path: Path, server: str = "asgi"
 ) -> subprocess.Popen:
     """``gunicorn -w args.workers``: ``server`` "sync" (sync workers, WSGI) or "asgi" (uvicorn workers, ASGI)."""
     worker_class, app = {
@@ -509,7 +509,7 @@ def print_rows(db_counts: dict) -> None:
     if db_counts:
         print(
             f"rows inserted: api {db_counts.get('api_rows')}, baseline {db_counts.get('bare_rows')}; "
-            f"RQ queue 'normal' holds {db_counts.get('rq_normal')} jobs"
+            f"queue 'normal' holds {db_counts.get('rq_normal')} jobs"
         )
 
 
@@ -544,7 +544,9 @@ def count_rows(db_path: Path, conn) -> dict:
         out["api_rows"], out["bare_rows"] = api or 0, bare or 0
     except sqlite3.Error as exc:
         out["error"] = str(exc)
-    out["rq_normal"] = conn.llen("rq:queue:normal")
+    from jobs.fair_queue import depths  # the fair queue holds the jobs; RQ's own list stays empty
+
+    out["rq_normal"] = depths(["normal"], client=conn)["normal"]
     return out
 
 

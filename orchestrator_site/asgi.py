@@ -1,8 +1,8 @@
 """The web tier as one ASGI application (``gunicorn -k uvicorn_worker.UvicornWorker``).
 
 Django runs as its WSGI self in a thread pool (``a2wsgi``): measured on ``POST /jobs``, that costs
-less CPU per request than Django's own ASGI handler, which adapts every request through asgiref's
-thread-sensitive machinery (docs/performance.md, "The ASGI server"). Requests that wait on a job
+less than half the CPU per request of Django's own ASGI handler, which adapts every request through
+asgiref's thread-sensitive machinery (docs/performance.md, "The OpenAI-compatible API"). Requests that wait on a job
 leave Django with a relay ticket and wait on the event loop instead (``orchestrator_site.relaying``),
 so thousands of open streams hold coroutines, not threads. ``WEB_THREADS`` bounds the threads.
 """

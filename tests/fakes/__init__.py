@@ -124,6 +124,7 @@ class FakeHandler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
+    request_queue_size = 128  # socketserver's default backlog of 5 resets parallel clients' connects
     fake: FakeServer
 
     def __init__(self, fake: FakeServer) -> None:
