@@ -151,7 +151,7 @@ def test_a_server_that_ignores_stream_is_read_as_one_answer(fake, monkeypatch):
     monkeypatch.setattr(
         OpenAIFake,
         "_stream",
-        lambda self, h, head, words, reason, usage, body: h.send_json(
+        lambda self, h, head, words, reason, usage, body, calls: h.send_json(
             200,
             {
                 **head,

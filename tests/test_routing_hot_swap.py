@@ -34,6 +34,9 @@ def test_activation_governs_the_next_decision_in_all_four_web_processes(gunicorn
     headers = {"Authorization": f"Token {Token.objects.create(user=staff).key}"}
     base = gunicorn_server(workers=WORKERS)
 
+    # A connection per request: uvicorn keeps connections alive, and reused ones would stay with the
+    # processes that accepted them first, so one process might never see a request.
+    headers["Connection"] = "close"
     with httpx.Client(base_url=base, headers=headers, timeout=30) as http, ThreadPoolExecutor(16) as pool:
 
         def burst(n: int = 16) -> list[dict]:
