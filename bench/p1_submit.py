@@ -544,6 +544,7 @@ def count_rows(db_path: Path, conn) -> dict:
         out["api_rows"], out["bare_rows"] = api or 0, bare or 0
     except sqlite3.Error as exc:
         out["error"] = str(exc)
+    sys.path.insert(0, str(ROOT))  # run as a script: the project is not on the path
     from jobs.fair_queue import depths  # the fair queue holds the jobs; RQ's own list stays empty
 
     out["rq_normal"] = depths(["normal"], client=conn)["normal"]
