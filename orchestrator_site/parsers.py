@@ -5,6 +5,8 @@ DRF's ``JSONParser`` hands the body to ``json.load``: about a thousand nested br
 SQLite's JSON columns refuse at insert time (an ``IntegrityError`` after the idempotency key was
 claimed). This parser counts the nesting with a flat scan first, so no recursion happens on a
 hostile body, then parses with hooks that turn every non-finite number into a 400 naming where it was.
+Strings (keys too) holding ``\u0000`` or an unpaired surrogate escape are refused the same way:
+PostgreSQL's text and jsonb cannot store them (a 500 at insert time).
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ DEFAULT_MAX_DEPTH = 32
 # One token of interest: a string (maybe a key, when a colon follows) or a bracket or comma. The string
 # pattern is the unrolled loop, so a long base64 image is matched in one pass without backtracking.
 _TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"(\s*:)?|[\[\]{},]', re.DOTALL)
+# The only ways a NUL or a lone surrogate gets into parsed JSON: their escapes (a cheap pre-check).
+_UNSTORABLE_ESCAPE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
 class JSONBodyError(ParseError):
@@ -102,6 +107,25 @@ def _find_non_finite(value: Any, path: list[str | int]) -> tuple[list[str | int]
     return None
 
 
+def _find_unstorable(value: Any, path: list[str | int]) -> list[str | int] | None:
+    """The path of the first string (or key) with a NUL or an unpaired surrogate (bounded recursion)."""
+    if isinstance(value, str):
+        return path if _UNSTORABLE.search(value) else None
+    if isinstance(value, dict):
+        for key, child in value.items():
+            if _UNSTORABLE.search(key):
+                return [*path, key]
+            found = _find_unstorable(child, [*path, key])
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, child in enumerate(value):
+            found = _find_unstorable(child, [*path, index])
+            if found is not None:
+                return found
+    return None
+
+
 def loads(text: str, *, limit: int | None = None) -> Any:
     """``json.loads`` for request bodies: depth-checked first, non-finite numbers refused by path."""
     check_depth(text, max_depth() if limit is None else limit)
@@ -124,6 +148,13 @@ def loads(text: str, *, limit: int | None = None) -> Any:
         raise JSONBodyError(
             f"{format_path(path)}: {literal} is not a finite number; JSON numbers must be finite.", path
         )
+    if _UNSTORABLE_ESCAPE.search(text):
+        path = _find_unstorable(data, [])
+        if path is not None:  # named with the characters escaped: the answer must be valid UTF-8 itself
+            path = [_UNSTORABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", p) if isinstance(p, str) else p for p in path]
+            raise JSONBodyError(
+                f"{format_path(path)}: a NUL character (\\u0000) or an unpaired surrogate cannot be stored.", path
+            )
     return data
 
 
