@@ -35,7 +35,6 @@ import asyncio
 import json
 import os
 import platform
-import shutil
 import signal
 import sqlite3
 import statistics
@@ -52,6 +51,7 @@ from bench.p1_submit import (  # noqa: E402  (the same set-up as P1)
     REDIS_DB,
     BenchError,
     _sigterm,
+    clean_up,
     cpu_seconds,
     flush_bench_db,
     free_port,
@@ -453,15 +453,7 @@ def main() -> int:
         stop_gunicorn(server)
         stop_worker(worker)
         stop_fake(fake)
-        if conn is not None:
-            try:
-                flush_bench_db(conn)
-            except Exception as exc:
-                print(f"could not flush Redis: {exc}", file=sys.stderr)
-        if args.keep:
-            print(f"kept {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        clean_up(conn, tmp, args.keep)
 
 
 if __name__ == "__main__":

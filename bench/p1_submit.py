@@ -145,6 +145,21 @@ def flush_bench_db(conn) -> None:
     conn.flushdb()
 
 
+def clean_up(conn, tmp: Path, keep: bool) -> None:
+    """A bench's last step: its Redis db flushed (best effort, saying what was left) and its directory
+    removed unless ``keep``."""
+    if conn is not None:
+        try:
+            flush_bench_db(conn)
+        except Exception as exc:  # cleanup is best effort; say what was left behind
+            db = conn.connection_pool.connection_kwargs.get("db")
+            print(f"could not flush Redis db {db}: {exc}", file=sys.stderr)
+    if keep:
+        print(f"kept {tmp}", file=sys.stderr)
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 # --- wrk -------------------------------------------------------------------------------------
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
@@ -674,15 +689,7 @@ def main() -> int:
     finally:
         for srv in servers.values():
             stop_gunicorn(srv["proc"])
-        if conn is not None:
-            try:
-                flush_bench_db(conn)
-            except Exception as exc:  # cleanup is best effort; say what was left behind
-                print(f"could not flush Redis db {db_of(args)}: {exc}", file=sys.stderr)
-        if args.keep:
-            print(f"kept {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        clean_up(conn, tmp, args.keep)
 
 
 if __name__ == "__main__":

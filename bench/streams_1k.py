@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from bench.p1_submit import (  # noqa: E402  (the same set-up as P1)
     REDIS_DB,
     BenchError,
     _sigterm,
+    clean_up,
     flush_bench_db,
     free_port,
     http,
@@ -301,15 +301,7 @@ def main() -> int:
             client.wait()
         stop_gunicorn(server)
         stop_worker(worker)
-        if conn is not None:
-            try:
-                flush_bench_db(conn)
-            except Exception as exc:
-                print(f"could not flush Redis: {exc}", file=sys.stderr)
-        if args.keep:
-            print(f"kept {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        clean_up(conn, tmp, args.keep)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from rest_framework import serializers
 
 from orchestrator_site.serializer_fields import ModelCleanMixin, StrictCharField
 from tenants.models import ApiKey, Membership, Tenant
-from tenants.services import unknown_backends
+from tenants.services import AUDITED_FIELDS, unknown_backends
 
 INT_MAX = 2**31 - 1
 BIGINT_MAX = 2**63 - 1
@@ -22,23 +22,7 @@ class TenantSerializer(ModelCleanMixin, serializers.ModelSerializer):
 
     class Meta:
         model = Tenant
-        fields = [
-            "id",
-            "name",
-            "description",
-            "enabled",
-            "rpm_limit",
-            "tokens_per_day",
-            "budget_usd",
-            "budget_period",
-            "max_priority",
-            "allowed_backends",
-            "weight",
-            "max_queued",
-            "queue_timeout_s",
-            "created_at",
-            "updated_at",
-        ]
+        fields = ["id", *AUDITED_FIELDS, "created_at", "updated_at"]  # every editable field is audited
         read_only_fields = ["id", "created_at", "updated_at"]
         extra_kwargs = {
             "rpm_limit": {"max_value": INT_MAX},

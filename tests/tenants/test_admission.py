@@ -23,13 +23,6 @@ from tests.factories import make_job
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_memberships():
-    identity.forget()
-    yield
-    identity.forget()
-
-
 @pytest.fixture
 def tenant(user) -> Tenant:
     t = Tenant.objects.create(name="acme")

@@ -24,13 +24,6 @@ pytestmark = pytest.mark.django_db(transaction=True)
 RESULT = {"output": "ok", "finish_reason": "stop", "latency_ms": 3}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_memberships():
-    identity.forget()
-    yield
-    identity.forget()
-
-
 @pytest.fixture
 def tenant(user) -> Tenant:
     t = Tenant.objects.create(name="acme", tokens_per_day=10_000, budget_usd=Decimal("100"), budget_period="month")
