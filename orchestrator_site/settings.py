@@ -99,6 +99,7 @@ if not DATABASE_URL:
 DATABASES = {"default": dj_database_url.parse(DATABASE_URL)}
 _db = DATABASES["default"]
 if _db["ENGINE"] == "django.db.backends.sqlite3":
+    _db["ENGINE"] = "orchestrator_site.sqlite"  # a process's threads take turns to write (see its docstring)
     _db["CONN_MAX_AGE"] = None
     _db["OPTIONS"] = {
         "timeout": env_int("SQLITE_BUSY_TIMEOUT_S", 30, minimum=1),
@@ -173,6 +174,10 @@ MAX_QUEUE_TIMEOUT_S = env_int("MAX_QUEUE_TIMEOUT_S", 24 * 3600, minimum=1)
 # Threads per web process that run Django under the ASGI server (orchestrator_site/asgi.py); requests
 # that wait on a job (streams, ?wait=) do not hold one. Each thread may hold a database connection.
 WEB_THREADS = env_int("WEB_THREADS", 16, minimum=1, maximum=512)
+# The largest request body the ASGI web tier reads (bytes; 413 beyond): it spools a body past 1 MiB to a
+# temporary file before Django sees it, so this bounds the disk a request can use. Django's own limits
+# (MAX_REQUEST_BYTES for non-file bodies) apply inside it.
+REQUEST_BODY_MAX_BYTES = env_int("REQUEST_BODY_MAX_BYTES", 256 * 1024 * 1024, minimum=1024)
 # How long GET /jobs/<id>/result?wait= may wait (seconds).
 RESULT_WAIT_MAX_S = env_int("RESULT_WAIT_MAX_S", 60, minimum=1, maximum=3600)
 REQUEST_JSON_MAX_DEPTH = env_int("REQUEST_JSON_MAX_DEPTH", 32, minimum=2, maximum=256)  # deeper bodies get a 400

@@ -95,7 +95,7 @@ def policy(db, dev_backend) -> RoutingPolicy:
 def database_url() -> str:
     """The URL of the test database as it exists now (call inside a transactional test)."""
     s = connection.settings_dict
-    if s["ENGINE"].endswith("sqlite3"):
+    if connection.vendor == "sqlite":
         return f"sqlite:///{s['NAME']}"
     auth = quote(s["USER"] or "")
     if s.get("PASSWORD"):

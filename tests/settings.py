@@ -24,7 +24,7 @@ from orchestrator_site.settings import *  # noqa: E402,F403
 from orchestrator_site.settings import DATABASES, VAR_DIR  # noqa: E402
 
 # A file, not :memory:, so worker and web processes started by tests share it.
-if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+if "sqlite" in DATABASES["default"]["ENGINE"]:
     DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test.sqlite3")}
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast user creation
