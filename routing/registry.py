@@ -69,6 +69,11 @@ def ensure_token(token: bytes | str | None) -> str:
     return token.decode() if isinstance(token, bytes) else token
 
 
+def last() -> Snapshot | None:
+    """The snapshot this process loaded last, without asking Redis whether it is still current."""
+    return _snapshot
+
+
 def snapshot(token: str) -> Snapshot:
     """The registry as of ``token``; reloads from the database when the token changed."""
     global _snapshot

@@ -58,14 +58,18 @@ def _resolve_model(job: dict[str, Any], model: str) -> None:
     """A backend name pins that backend; a model name lets routing choose among its backends."""
     if model == translate.AUTO:
         return
-    snap = _snapshot()
-    backend = snap.backends.get(model)
-    if backend is not None and backend.enabled:
-        job.pop("model", None)
-        job["backend"] = model
-        return
-    if not any(b.enabled and b.model == model for b in snap.backends.values()):
-        raise NotFound(f"The model '{model}' does not exist or you do not have access to it.", code="model_not_found")
+    # The process's last snapshot answers without a round trip; the submit routes on the current one
+    # (and refuses a backend disabled since). Only a name it does not know costs a fresh read.
+    for snap in (registry.last(), None):
+        snap = snap or _snapshot()
+        backend = snap.backends.get(model)
+        if backend is not None and backend.enabled:
+            job.pop("model", None)
+            job["backend"] = model
+            return
+        if any(b.enabled and b.model == model for b in snap.backends.values()):
+            return
+    raise NotFound(f"The model '{model}' does not exist or you do not have access to it.", code="model_not_found")
 
 
 class ChatCompletions(OpenAIView):
