@@ -151,6 +151,11 @@ class FileDetail(OpenAIView):
 
 
 class FileContent(OpenAIView):
+    def perform_content_negotiation(self, request: Request, force: bool = False) -> Any:
+        # The SDK asks for application/binary; the bytes are sent as they are whatever is asked,
+        # and an error is JSON.
+        return super().perform_content_negotiation(request, force=True)
+
     @extend_schema(request=None, responses=schema.CONTENT, summary="A file's contents", operation_id="v1_files_content")
     def get(self, request: Request, file_id: str) -> Any:
         file = _file(request, file_id)
