@@ -11,18 +11,18 @@ from openai_api.api.schema import errors
 
 class FileObject(serializers.Serializer):
     id = serializers.CharField()
-    object = serializers.ChoiceField(choices=["file"])
+    object = serializers.CharField(help_text="Always \'file\'.")
     bytes = serializers.IntegerField()
     created_at = serializers.IntegerField()
     filename = serializers.CharField()
-    purpose = serializers.ChoiceField(choices=["batch", "batch_output"])
+    purpose = serializers.CharField(help_text="batch (uploaded) or batch_output (written by a batch).")
     status = serializers.ChoiceField(choices=["uploaded", "processed", "error"])
     expires_at = serializers.IntegerField(allow_null=True)
     status_details = serializers.CharField(allow_null=True)
 
 
 class FileList(serializers.Serializer):
-    object = serializers.ChoiceField(choices=["list"])
+    object = serializers.CharField(help_text="Always \'list\'.")
     data = FileObject(many=True)
     first_id = serializers.CharField(allow_null=True)
     last_id = serializers.CharField(allow_null=True)
@@ -31,13 +31,13 @@ class FileList(serializers.Serializer):
 
 class FileDeleted(serializers.Serializer):
     id = serializers.CharField()
-    object = serializers.ChoiceField(choices=["file"])
+    object = serializers.CharField(help_text="Always \'file\'.")
     deleted = serializers.BooleanField()
 
 
 class FileUpload(serializers.Serializer):
     file = serializers.FileField(help_text="A JSONL file: one request per line.")
-    purpose = serializers.ChoiceField(choices=["batch"])
+    purpose = serializers.CharField(help_text="Must be 'batch' (any other is a 400).")
 
 
 class BatchError(serializers.Serializer):
@@ -76,7 +76,7 @@ class BatchUsage(serializers.Serializer):
 
 class BatchObject(serializers.Serializer):
     id = serializers.CharField()
-    object = serializers.ChoiceField(choices=["batch"])
+    object = serializers.CharField(help_text="Always \'batch\'.")
     endpoint = serializers.CharField()
     errors = BatchErrors(allow_null=True)
     input_file_id = serializers.CharField()
@@ -98,11 +98,11 @@ class BatchObject(serializers.Serializer):
     request_counts = RequestCounts()
     usage = BatchUsage()
     metadata = serializers.DictField(child=serializers.CharField(), allow_null=True)
-    priority = serializers.ChoiceField(choices=["high", "normal", "low"], help_text="Ours: the lines' priority.")
+    priority = serializers.CharField(help_text="Ours: the lines' priority (high, normal or low).")
 
 
 class BatchList(serializers.Serializer):
-    object = serializers.ChoiceField(choices=["list"])
+    object = serializers.CharField(help_text="Always \'list\'.")
     data = BatchObject(many=True)
     first_id = serializers.CharField(allow_null=True)
     last_id = serializers.CharField(allow_null=True)
@@ -111,13 +111,12 @@ class BatchList(serializers.Serializer):
 
 class BatchCreate(serializers.Serializer):
     input_file_id = serializers.CharField()
-    endpoint = serializers.ChoiceField(choices=["/v1/chat/completions"])
-    completion_window = serializers.ChoiceField(choices=["24h"])
+    endpoint = serializers.CharField(help_text="Must be /v1/chat/completions.")
+    completion_window = serializers.CharField(help_text="Must be 24h (BATCH_COMPLETION_WINDOW_S says what that is).")
     metadata = serializers.DictField(child=serializers.CharField(max_length=512), required=False, allow_null=True)
-    priority = serializers.ChoiceField(
-        choices=["high", "normal", "low"],
+    priority = serializers.CharField(
         required=False,
-        help_text="Ours (OpenAI has none): the lines' priority, within the tenant's max_priority; default low.",
+        help_text="Ours (OpenAI has none): high, normal or low, within the tenant's max_priority; default low.",
     )
 
 
