@@ -11,7 +11,7 @@ from openai_api.api.schema import errors
 
 class FileObject(serializers.Serializer):
     id = serializers.CharField()
-    object = serializers.CharField(help_text="Always \'file\'.")
+    object = serializers.CharField(help_text="Always 'file'.")
     bytes = serializers.IntegerField()
     created_at = serializers.IntegerField()
     filename = serializers.CharField()
@@ -22,7 +22,7 @@ class FileObject(serializers.Serializer):
 
 
 class FileList(serializers.Serializer):
-    object = serializers.CharField(help_text="Always \'list\'.")
+    object = serializers.CharField(help_text="Always 'list'.")
     data = FileObject(many=True)
     first_id = serializers.CharField(allow_null=True)
     last_id = serializers.CharField(allow_null=True)
@@ -31,7 +31,7 @@ class FileList(serializers.Serializer):
 
 class FileDeleted(serializers.Serializer):
     id = serializers.CharField()
-    object = serializers.CharField(help_text="Always \'file\'.")
+    object = serializers.CharField(help_text="Always 'file'.")
     deleted = serializers.BooleanField()
 
 
@@ -76,7 +76,7 @@ class BatchUsage(serializers.Serializer):
 
 class BatchObject(serializers.Serializer):
     id = serializers.CharField()
-    object = serializers.CharField(help_text="Always \'batch\'.")
+    object = serializers.CharField(help_text="Always 'batch'.")
     endpoint = serializers.CharField()
     errors = BatchErrors(allow_null=True)
     input_file_id = serializers.CharField()
@@ -102,7 +102,7 @@ class BatchObject(serializers.Serializer):
 
 
 class BatchList(serializers.Serializer):
-    object = serializers.CharField(help_text="Always \'list\'.")
+    object = serializers.CharField(help_text="Always 'list'.")
     data = BatchObject(many=True)
     first_id = serializers.CharField(allow_null=True)
     last_id = serializers.CharField(allow_null=True)
