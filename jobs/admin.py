@@ -65,7 +65,7 @@ class JobAdmin(RefuseForbiddenActionsMixin, admin.ModelAdmin):
     actions = ["cancel_jobs", "retry_jobs"]
     inlines = [JobAttemptInline]
     fieldsets = [
-        (None, {"fields": ["id", "state", "priority", "created_by", "tenant", "error"]}),
+        (None, {"fields": ["id", "state", "priority", "created_by", "tenant", "batch", "custom_id", "error"]}),
         (
             "Request",
             {

@@ -146,6 +146,11 @@ class Job(models.Model):
     tenant_name = models.CharField(max_length=64, blank=True)
     # Tokens admission reserved against the tenant's tokens_per_day (None: none); settled when the job ends.
     reserved_tokens = models.PositiveIntegerField(null=True, blank=True)
+    # A line of an OpenAI batch (the batches app): its batch and the line's custom_id.
+    batch = models.ForeignKey(
+        "batches.Batch", null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs", editable=False
+    )
+    custom_id = models.CharField(max_length=512, blank=True, editable=False)
     # Not started by then, the job ends `expired` (None: it may wait for ever).
     queue_timeout_s = models.PositiveIntegerField(null=True, blank=True)
     expires_at = models.DateTimeField(null=True, blank=True)
@@ -206,6 +211,10 @@ class Job(models.Model):
                 fields=["created_by", "idempotency_key"],
                 condition=Q(idempotency_key__isnull=False),
                 name="unique_idempotency_key_per_user",
+            ),
+            # One job per custom_id in a batch; its index serves every "lines of this batch" query.
+            models.UniqueConstraint(
+                fields=["batch", "custom_id"], condition=Q(batch__isnull=False), name="unique_custom_id_per_batch"
             ),
         ]
 
@@ -669,6 +678,21 @@ class Job(models.Model):
         if expired:
             transaction.on_commit(lambda: _leave_queues(expired))
         return expired
+
+    @classmethod
+    def cancel_queued(cls, rows: Sequence[Job]) -> list[Job]:
+        """queued -> canceled for many waiting jobs at once (a batch's cancel); returns those moved.
+
+        Fenced per row like ``transition_many``: a job that started meanwhile is left to run. The
+        moved jobs leave their queues.
+        """
+        now = timezone.now()
+        queued = [job for job in rows if job.state == JobState.QUEUED]
+        won = cls.transition_many(JobState.CANCELED, [(job, {"finished_at": now}) for job in queued])
+        moved = [job for job, ok in zip(queued, won, strict=True) if ok]
+        if moved:
+            transaction.on_commit(lambda: _leave_queues(moved))
+        return moved
 
     def _close_attempt(
         self, outcome: str, *, error: str = "", traceback: str = "", latency_ms: int | None = None

@@ -137,6 +137,28 @@ def submit(
     return Submission(job, doc, created=True)
 
 
+def build(
+    data: dict[str, Any], *, user, decision: Decision, backend: Backend, tenant: Tenant | None, job_id: uuid.UUID
+) -> Job:
+    """A new ``queued`` job for a checked and routed request, not saved: for creators of many jobs at
+    once (a batch's lines: one ``bulk_create``, then ``enqueue_created`` after commit)."""
+    job = _build(job_id, data, user, decision, backend, None, "")
+    _for_tenant(job, data, tenant, None)
+    return job
+
+
+def enqueue_created(jobs: Sequence[Job], pipe: Any) -> None:
+    """Queue the pushes of committed ``jobs`` on ``pipe`` (the caller executes it: one round trip).
+
+    No status mirror is written: a status read finds the row and mirrors it then, and a job that
+    moves is mirrored by its move, so thousands of waiting jobs cost Redis nothing but their place.
+    """
+    meta = tracing.inject()
+    for job in jobs:
+        queueing.enqueue(job, pipeline=pipe, meta=meta)
+        metrics.record_submission(pipe, priority=job.priority, policy=job.policy_name, backend=job.backend_name)
+
+
 def _for_tenant(job: Job, data: dict[str, Any], tenant: Tenant | None, ticket: admission.Ticket | None) -> None:
     """The job's tenant (cached on the instance: the enqueue reads its weight), reservation and queue timeout."""
     queue_timeout_s = data.get("queue_timeout_s") or (tenant.queue_timeout_s if tenant is not None else None)

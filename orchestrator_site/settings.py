@@ -52,6 +52,7 @@ INSTALLED_APPS = [
     "audit",
     "tenants",
     "openai_api",
+    "batches",
 ]
 
 MIDDLEWARE = [
@@ -188,6 +189,17 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = env_int(
     minimum=1024,
 )
 
+# --- Files and batches (batches app; docs/batches.md) ---------------------------
+FILES_MAX_BYTES = env_int("FILES_MAX_BYTES", 200 * 1024 * 1024, minimum=1024)  # one upload; larger: 413
+BATCH_MAX_REQUESTS = env_int("BATCH_MAX_REQUESTS", 50_000, minimum=1)  # lines in one batch input file
+# What completion_window "24h" means here: tests shorten it. Past it, unfinished lines expire.
+BATCH_COMPLETION_WINDOW_S = env_int("BATCH_COMPLETION_WINDOW_S", 24 * 3600, minimum=1)
+BATCH_CHUNK = env_int("BATCH_CHUNK", 500, minimum=1, maximum=10_000)  # jobs created per transaction
+BATCH_DEFAULT_PRIORITY = env_str("BATCH_DEFAULT_PRIORITY", "low")
+if BATCH_DEFAULT_PRIORITY not in JOB_QUEUES:
+    raise ImproperlyConfigured(f"BATCH_DEFAULT_PRIORITY={BATCH_DEFAULT_PRIORITY!r} is not one of {JOB_QUEUES}")
+BATCH_ERRORS_MAX = env_int("BATCH_ERRORS_MAX", 100, minimum=1)  # line errors listed for a refused file
+
 # --- Routing ----------------------------------------------------------------
 # How long a web process reuses the live backend figures it read (milliseconds; 0 = every decision).
 ROUTING_STATS_MAX_AGE_S = env_int("ROUTING_STATS_MAX_AGE_MS", 250, minimum=0, maximum=60_000) / 1000
@@ -268,8 +280,17 @@ USE_I18N = True
 USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = Path(env_str("STATIC_ROOT", str(BASE_DIR / "staticfiles")))
+# Uploaded batch input files and the output/error files batches write (batches app). FileSystemStorage
+# under FILES_ROOT by default; FILES_STORAGE names any storage class (e.g. django-storages'
+# storages.backends.s3.S3Storage, configured by its own AWS_* settings; then FILES_ROOT is unused).
+FILES_ROOT = Path(env_str("FILES_ROOT", str(VAR_DIR / "files")))
+FILES_STORAGE = env_str("FILES_STORAGE", "django.core.files.storage.FileSystemStorage")
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "files": {
+        "BACKEND": FILES_STORAGE,
+        "OPTIONS": {"location": str(FILES_ROOT)} if FILES_STORAGE.endswith("FileSystemStorage") else {},
+    },
     "staticfiles": {
         "BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"
         if not DEBUG

@@ -41,6 +41,7 @@ urlpatterns = [
     path("", include("jobs.api.urls")),
     path("", include("routing.api.urls")),
     path("", include("tenants.api.urls")),
+    path("", include("batches.api.urls")),  # before openai_api's catch-all for unknown /v1 paths
     path("", include("openai_api.api.urls")),
 ]
 

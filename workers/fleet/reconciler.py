@@ -23,6 +23,7 @@ from datetime import timedelta
 from django.conf import settings
 from django.utils import timezone
 
+from batches.recovery import reconcile_batches
 from jobs import fair_queue, queueing, retention
 from jobs.models import Job, JobState
 from orchestrator_site.redis import key, redis_client
@@ -148,5 +149,6 @@ def reconcile(min_age_s: float = 5.0) -> tuple[int, int, int]:
     expire_overdue()
     pushed = requeue_lost_jobs(min_age_s=min_age_s)
     requeued, failed = requeue_orphaned_running()
+    reconcile_batches()  # a batch whose task died or whose last count was lost moves on
     retention.purge_if_due()  # throttled fleet-wide by its own lock
     return pushed, requeued, failed

@@ -1,0 +1,83 @@
+"""A batch whose last count was lost is finalized by the reconciler; the admin shows and serves it."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+from django.core.files.base import ContentFile
+from django.test import Client
+from django.utils import timezone
+
+from batches import finalizing, hooks, recovery, tasks
+from batches.models import Batch, BatchStatus, File, FilePurpose, files_storage
+from jobs import fair_queue
+from jobs.models import Job, JobState
+
+
+def a_batch(user, n: int, **fields) -> Batch:
+    blob = files_storage().save("in.jsonl", ContentFile(b"{}\n"))
+    file = File.objects.create(purpose=FilePurpose.BATCH, filename="in.jsonl", bytes=3, blob=blob, created_by=user)
+    now = timezone.now()
+    batch = Batch.objects.create(
+        input_file=file, created_by=user, expires_at=now + timedelta(hours=1), total=n, lines_created=n, **fields
+    )
+    Job.objects.bulk_create(
+        Job(batch=batch, custom_id=f"r{i}", state=JobState.SUCCEEDED, output=f"out {i}", timeout_s=60, created_by=user)
+        for i in range(n)
+    )
+    return batch
+
+
+def test_a_batch_whose_lines_ended_uncounted_is_finalized_by_the_reconciler(
+    db, user, redis_db, django_capture_on_commit_callbacks
+):
+    batch = a_batch(user, 3, status=BatchStatus.IN_PROGRESS)
+    Batch.objects.filter(pk=batch.pk).update(updated_at=timezone.now() - timedelta(minutes=5))
+    ended = []
+    hooks.on_batch_ended(ended.append)
+    try:
+        assert recovery.reconcile_batches() == 1
+        assert f"batch-finalize-{batch.pk}".encode() in redis_db.zrange(
+            f"{fair_queue.PREFIX}q:high:t:{tasks.FAIR_KEY}", 0, -1
+        )
+        with django_capture_on_commit_callbacks(execute=True):
+            finalizing.finalize(batch.pk)
+            finalizing.finalize(batch.pk)  # idempotent: a second run changes nothing
+    finally:
+        hooks._ended.remove(ended.append)
+    batch.refresh_from_db()
+    assert batch.status == BatchStatus.COMPLETED and (batch.completed, batch.failed) == (3, 0)
+    assert batch.error_file_id is None and File.objects.filter(purpose=FilePurpose.BATCH_OUTPUT).count() == 1
+    lines = [json.loads(x) for x in files_storage().open(batch.output_file.blob).read().splitlines()]
+    assert [x["custom_id"] for x in lines] == ["r0", "r1", "r2"]
+    assert lines[1]["response"]["body"]["choices"][0]["message"]["content"] == "out 1"
+    assert [b.pk for b in ended] == [batch.pk]  # the final move's hook ran once
+    assert recovery.reconcile_batches() == 0
+
+
+def test_a_fresh_or_running_batch_is_left_alone(db, user):
+    a_batch(user, 2, status=BatchStatus.IN_PROGRESS)  # just written
+    running = a_batch(user, 1, status=BatchStatus.IN_PROGRESS)
+    Job.objects.filter(batch=running).update(state=JobState.QUEUED)
+    Batch.objects.filter(pk=running.pk).update(updated_at=timezone.now() - timedelta(minutes=5))
+    assert recovery.reconcile_batches() == 0
+
+
+def test_the_admin_lists_batches_and_serves_files_only_to_staff(admin_client, user, db):
+    batch = a_batch(user, 2, status=BatchStatus.IN_PROGRESS)
+    page = admin_client.get("/admin/batches/batch/")
+    assert page.status_code == 200 and batch.pk in page.content.decode() and "<progress" in page.content.decode()
+    url = f"/admin/batches/file/{batch.input_file_id}/download/"
+    assert admin_client.get(url).status_code == 200
+    other = Client()
+    other.force_login(user)  # not staff
+    assert other.get(url).status_code in (302, 403)
+    response = admin_client.post(
+        "/admin/batches/batch/",
+        {"action": "cancel_batches", "select_across": "0", "index": "0", "_selected_action": [batch.pk]},
+        follow=True,
+    )
+    assert response.status_code == 200
+    batch.refresh_from_db()
+    assert batch.status == BatchStatus.CANCELLING
