@@ -123,3 +123,14 @@ def test_fields_named_like_secrets_are_redacted():
     doc = format_one(api_key=SECRET, authorization=f"Bearer {SECRET}", openai_api_key=SECRET, password=SECRET)
     assert SECRET not in json.dumps(doc)
     assert doc["api_key"] == doc["authorization"] == doc["openai_api_key"] == doc["password"] == REDACTED
+
+
+@pytest.mark.django_db(transaction=True)
+def test_worker_log_level_reaches_rqs_own_lines():
+    quiet = run_worker_burst(LOG_LEVEL="WARNING")
+    chatty = run_worker_burst(LOG_LEVEL="INFO")
+    info_from_rq = [
+        line for line in json_lines(quiet.stdout) if line["logger"].startswith("rq.") and line["level"] == "INFO"
+    ]
+    assert info_from_rq == []  # rqworker's default verbosity no longer sets rq.worker back to INFO
+    assert any(line["logger"].startswith("rq.") for line in json_lines(chatty.stdout))

@@ -226,6 +226,10 @@ class BaseWorker(SimpleWorker):
     def work(self, *args: Any, **kwargs: Any) -> bool:
         """Beat a liveness key while working, so the jobs of a killed worker are recovered in seconds."""
         tune_gc(int(settings.WORKER_GC_GEN0))
+        if kwargs.get("logging_level") in (None, "INFO"):
+            # django-rq's rqworker passes INFO unless -v 0 (WARNING) or -v 2 (DEBUG) was given, and RQ
+            # sets it on rq.worker: without this, LOG_LEVEL would not reach the worker's own log lines.
+            kwargs["logging_level"] = settings.LOG_LEVEL
         beat = Heartbeat(self.name, on_beat=self.on_beat)
         beat.start()
         try:
