@@ -24,6 +24,7 @@ class Client:
     where repeating the request cannot do anything twice; a 429 is retried after its ``Retry-After`` while
     those waits add up to at most ``rate_limit_wait`` seconds (0: raise :class:`~llmo.errors.RateLimited`
     at once). ``timeout`` is per HTTP request; long polls and streams add their own wait to it.
+    ``long_poll=False`` makes :meth:`wait` poll (sleeping ``Retry-After``) instead of long-polling.
     """
 
     def __init__(
@@ -34,6 +35,7 @@ class Client:
         timeout: float = 30.0,
         max_retries: int = 3,
         rate_limit_wait: float = 0.0,
+        long_poll: bool = True,
         limits: httpx.Limits | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
@@ -45,7 +47,7 @@ class Client:
             limits=limits or httpx.Limits(max_connections=100, max_keepalive_connections=20),
             transport=transport,
         )
-        self._long_poll = True  # until the server shows it cannot (a WSGI server)
+        self._long_poll = long_poll  # until the server shows it cannot (a WSGI server)
 
     # --- plumbing ---------------------------------------------------------------------------
     def close(self) -> None:
@@ -217,7 +219,8 @@ class Client:
         path, last, drops = f"/jobs/{segment(job_id)}/stream", after, 0
         timeout = httpx.Timeout(self.settings.timeout, read=max(self.settings.timeout, _core.STREAM_READ_TIMEOUT_S))
         while True:
-            headers = {"Accept": "text/event-stream", **({"Last-Event-ID": last} if last else {})}
+            # No "Accept: text/event-stream": DRF's content negotiation answers that with a 406.
+            headers = {"Last-Event-ID": last} if last else {}
             response = self._request("GET", path, idempotent=True, headers=headers, timeout=timeout, stream=True)
             decoder = _core.SSEDecoder()
             try:

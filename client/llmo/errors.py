@@ -167,9 +167,10 @@ def error_from_response(status: int, headers: Mapping[str, str], content: bytes,
             fields[str(err["param"])] = [message]
     elif isinstance(body, dict):
         for name, value in body.items():
-            if name in ("detail", "limit", "retry_after", "code", "rejected", "state"):
-                continue
-            fields[name] = _messages(value)
+            # DRF names each bad field with a list (or, nested, an object) of messages; the rest are
+            # facts about the refusal (``limit``, ``retry_after``, a 409's ``state``, a 503's ``rejected``).
+            if isinstance(value, list | dict) and name not in ("detail", "rejected"):
+                fields[name] = _messages(value)
         detail = body.get("detail")
         message = " ".join(_messages(detail)) if detail is not None else ""
         if not message and fields:
