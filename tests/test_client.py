@@ -27,7 +27,7 @@ def stack(gunicorn_server, worker_process, user) -> dict:
 
 
 def client(stack: dict, **kwargs) -> llmo.Client:
-    return llmo.Client(stack["base"], token=stack["token"], timeout=10, **kwargs)
+    return llmo.Client(stack["base"], token=stack["token"], timeout=30, **kwargs)
 
 
 def test_submit_wait_result_get_round_trip_with_typed_documents(stack):
