@@ -9,6 +9,7 @@ VENV ?= .venv
 
 venv:
 	@PYTHON=$(PYTHON) VENV=$(VENV) bash tools/venv.sh requirements.txt
+	@PYTHON=$(PYTHON) VENV=$(VENV) bash tools/venv.sh requirements-client.txt
 
 venv-dev:
 	@PYTHON=$(PYTHON) VENV=$(VENV) bash tools/venv.sh requirements-dev.txt

@@ -1,17 +1,17 @@
 """Drive the API at a fixed rate and mix for N seconds; plot latency over time and its histogram.
 
 Open loop: a job is submitted every 1/rate seconds whatever the server's speed (a closed loop
-would slow down with the server and hide its queueing). Each job is then polled until it reaches
-a final state, so the plotted latency is what a client sees end to end: HTTP submit, queue wait,
-worker, backend. Bounded in count and time: it stops after ``--duration`` (+ ``--drain`` for the
-last jobs to finish).
+would slow down with the server and hide its queueing). Each job is then waited for with the
+client's ``wait`` (a long poll, answered when the job ends; ``--poll-ms`` polls instead), so the
+plotted latency is what a client sees end to end: HTTP submit, queue wait, worker, backend.
+Bounded in count and time: it stops after ``--duration`` (+ ``--drain`` for the last jobs to finish).
 
     python tools/loadgen.py --base-url http://127.0.0.1:8000 --token "$TOKEN" \\
         --rate 20 --duration 60 --mix high=0.1,normal=0.7,low=0.2 --out docs/img
 
-Needs matplotlib (requirements-loadgen.txt). Writes ``latency_over_time.png``,
-``latency_histogram.png`` under ``--out`` (and every sample to ``--csv`` when given) and prints a
-JSON summary.
+Needs the client (client/) and matplotlib: ``pip install -r requirements-loadgen.txt``. Writes
+``latency_over_time.png``, ``latency_histogram.png`` under ``--out`` (and every sample to ``--csv``
+when given) and prints a JSON summary.
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-
-TERMINAL = {"succeeded", "failed", "canceled"}
+import llmo
 
 
 @dataclass
@@ -61,10 +60,12 @@ def percentile(values: list[float], q: float) -> float:
 class LoadGen:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.client = httpx.Client(
-            base_url=args.base_url,
-            headers={"Authorization": f"Token {args.token}"} if args.token else {},
+        # No retries: a refused or lost request is a sample of its own, not hidden by a second try.
+        self.client = llmo.Client(
+            args.base_url,
+            args.token or None,
             timeout=args.timeout,
+            max_retries=0,
             limits=httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency),
         )
         self.samples: list[Sample] = []
@@ -72,31 +73,32 @@ class LoadGen:
         self.rng = random.Random(args.seed)
 
     def one(self, sample: Sample, t0: float, deadline: float) -> None:
-        body = {"prompt": f"loadgen {sample.priority} {self.rng.random():.6f}", "priority": sample.priority}
-        if self.args.backend:
-            body["backend"] = self.args.backend
         start = time.monotonic()
         try:
-            r = self.client.post("/jobs", json=body)
-        except httpx.HTTPError:
+            job = self.client.submit(
+                f"loadgen {sample.priority} {self.rng.random():.6f}",
+                priority=sample.priority,
+                backend=self.args.backend or None,
+            )
+        except llmo.ApiError as exc:
+            sample.status = exc.status
+            return
+        except llmo.LlmoError:
             sample.status = -1
             return
-        sample.status = r.status_code
+        sample.status = 200 if job.replayed else 202
         sample.submit_ms = (time.monotonic() - start) * 1000
-        if r.status_code not in (200, 201, 202):
+        poll = self.args.poll_ms / 1000 if self.args.poll_ms else None
+        try:
+            result = self.client.wait(job.id, timeout=max(0.0, deadline - time.monotonic()), poll_interval=poll)
+        except llmo.WaitTimeout:
+            sample.state = "timeout"
             return
-        job_id = r.json()["id"]
-        while time.monotonic() < deadline:
-            try:
-                doc = self.client.get(f"/jobs/{job_id}").json()
-            except httpx.HTTPError:
-                doc = {}
-            if doc.get("state") in TERMINAL:
-                sample.state = doc["state"]
-                sample.e2e_ms = (time.monotonic() - start) * 1000
-                return
-            time.sleep(self.args.poll_ms / 1000)
-        sample.state = "timeout"
+        except llmo.LlmoError:
+            sample.state = "error"
+            return
+        sample.state = result.state
+        sample.e2e_ms = (time.monotonic() - start) * 1000
 
     def run(self) -> list[Sample]:
         mix = self.args.mix
@@ -205,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--mix", type=parse_mix, default=parse_mix("high=0.1,normal=0.7,low=0.2"))
     p.add_argument("--backend", default="", help="pin every job to this backend")
     p.add_argument("--concurrency", type=int, default=64, help="client threads (in-flight jobs being polled)")
-    p.add_argument("--poll-ms", type=float, default=20.0)
+    p.add_argument("--poll-ms", type=float, default=0.0, help="poll every N ms instead of long-polling (0: long poll)")
     p.add_argument("--timeout", type=float, default=10.0, help="HTTP timeout per request (s)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("docs/img"))

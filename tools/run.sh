@@ -4,7 +4,7 @@
 #   1. Redis at $REDIS_URL: use the one that answers, or start a private one (tools/ensure_redis.sh).
 #   2. migrate, collectstatic, bootstrap_demo (a `dev` backend, an active policy, an admin + token).
 #   3. gunicorn on $HOST:$PORT (default 127.0.0.1:8000) and one RQ worker; wait for /readyz.
-#   4. Submit a demo job, print its result, then a summary (URLs, credentials, curl example).
+#   4. Submit a demo job with `llmo` (client/), print its result, then a summary (URLs, credentials, examples).
 #   5. Keep running until Ctrl-C / SIGTERM; then stop what it started, in order, and wait for it.
 #      If gunicorn or the worker dies on its own, show the end of its log and exit non-zero.
 #
@@ -219,39 +219,10 @@ echo "    ready"
 # --- 4. Demo job ------------------------------------------------------------------------
 echo "==> submitting a demo job"
 DEMO_OK=1
-"$PY" - "$LOCAL_URL" "$API_TOKEN" <<'PY' || DEMO_OK=""
-import json
-import sys
-import time
-
-import httpx
-
-base, token = sys.argv[1], sys.argv[2]
-headers = {"Authorization": f"Token {token}"}
-with httpx.Client(base_url=base, headers=headers, timeout=10) as client:
-    resp = client.post(
-        "/jobs",
-        json={"prompt": "Hello from LLM Orchestrator"},
-        headers={"Idempotency-Key": f"demo-{time.time_ns()}"},
-    )
-    if resp.status_code not in (200, 202):
-        print(f"!! POST /jobs answered {resp.status_code}: {resp.text}", file=sys.stderr)
-        sys.exit(1)
-    job_id = resp.json()["id"]
-    print(f"    job {job_id} accepted ({resp.status_code}); waiting for its result")
-    deadline = time.monotonic() + 15
-    while True:
-        resp = client.get(f"/jobs/{job_id}/result")
-        if resp.status_code == 200:
-            break
-        if resp.status_code != 202 or time.monotonic() > deadline:
-            print(f"!! GET /jobs/{job_id}/result answered {resp.status_code}: {resp.text}", file=sys.stderr)
-            sys.exit(1)
-        time.sleep(0.25)
-result = resp.json()
-print("    " + json.dumps(result, indent=2).replace("\n", "\n    "))
-sys.exit(0 if result.get("state") == "succeeded" else 1)
-PY
+# The client's own command (client/, installed by `make run`): it submits, long-polls for the result,
+# prints the result document, and exits non-zero unless the job succeeded.
+"$VENV/bin/llmo" --url "$LOCAL_URL" --token "$API_TOKEN" --json \
+  submit "Hello from LLM Orchestrator" --wait --wait-timeout 15 2>&1 | sed 's/^/    /' || DEMO_OK=""
 if [ -z "$DEMO_OK" ]; then
   echo "!! The demo job did not succeed (see above, and $WORKER_LOG); the server keeps running." >&2
 fi
@@ -281,6 +252,11 @@ cat <<EOF
         -d '{"prompt": "Hello from LLM Orchestrator"}' \\
         | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
       curl -s -H 'Authorization: Token $API_TOKEN' $BASE_URL/jobs/\$id/result
+
+    Or with the client (docs/client.md):
+
+      export LLMO_URL=$BASE_URL LLMO_TOKEN=$API_TOKEN
+      $VENV/bin/llmo submit "Hello from LLM Orchestrator" --priority high --wait
 
     Press Ctrl-C to stop.
 

@@ -25,7 +25,9 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -m pip --version >/dev/nu
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
 fi
 stamp="$VENV/.installed-$(basename "$req" .txt)"
-digest=$(cat "$req" requirements.txt | sha256sum | cut -d' ' -f1)
+# The client's pyproject.toml too: it is installed editable (-e ./client), so only a change of its
+# dependencies or its `llmo` command needs pip again.
+digest=$(cat "$req" requirements.txt client/pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ]; then
   echo "==> installing $req into $VENV"
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$req"
