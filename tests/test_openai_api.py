@@ -266,6 +266,11 @@ def test_job_stream_resumes_from_last_event_id_and_ends_with_the_result(stack, d
     (end,) = [e for e in rest if e["event"] == "end"]
     assert rest[-1] is end
     assert json.loads(end["data"])["output"] == "a b c d e f"
+    as_event_source = httpx.get(url, headers={**headers, "Accept": "text/event-stream"}, timeout=30)
+    assert as_event_source.status_code == 200  # EventSource's Accept header, not a 406
+    assert as_event_source.headers["content-type"].startswith("text/event-stream")
+    (replayed_end,) = [e for e in sse(iter(as_event_source.text.splitlines())) if e.get("event") == "end"]
+    assert json.loads(replayed_end["data"])["output"] == "a b c d e f"
     bad = httpx.get(url, headers={**headers, "Last-Event-ID": "nonsense"})
     assert bad.status_code == 400 and "Last-Event-ID" in bad.json()
     missing = httpx.get(f"{stack['base']}/jobs/00000000-0000-0000-0000-000000000000/stream", headers=headers)

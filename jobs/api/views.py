@@ -186,6 +186,10 @@ class JobResult(APIView):
 
 
 class JobStream(APIView):
+    def perform_content_negotiation(self, request: Request, force: bool = False) -> Any:
+        # EventSource sends "Accept: text/event-stream": the relay answers in it, and errors in JSON.
+        return super().perform_content_negotiation(request, force=True)
+
     @extend_schema(
         parameters=[
             OpenApiParameter("Last-Event-ID", str, OpenApiParameter.HEADER, required=False),

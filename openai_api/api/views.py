@@ -38,6 +38,10 @@ class OpenAIView(APIView):
     def get_exception_handler(self):  # noqa: ANN201 (DRF's hook)
         return errors.exception_handler
 
+    def perform_content_negotiation(self, request: Request, force: bool = False) -> Any:
+        # A streamed completion may be asked for with "Accept: text/event-stream": the relay answers in it.
+        return super().perform_content_negotiation(request, force=True)
+
 
 def _snapshot() -> registry.Snapshot:
     return registry.snapshot(registry.ensure_token(redis_client().get(registry.VERSION_KEY)))
