@@ -236,7 +236,7 @@ REST_FRAMEWORK = {
         "rest_framework.renderers.BrowsableAPIRenderer",
     ],
     "DEFAULT_PARSER_CLASSES": ["orchestrator_site.parsers.BoundedJSONParser"],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "orchestrator_site.schema.AutoSchema",
     "EXCEPTION_HANDLER": "orchestrator_site.api.exception_handler",
 }
 SPECTACULAR_SETTINGS = {
@@ -246,7 +246,6 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
-        "orchestrator_site.api.document_errors",
     ],
 }
 

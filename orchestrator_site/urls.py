@@ -1,5 +1,6 @@
 from django.contrib import admin
 from django.urls import include, path, re_path
+from drf_spectacular.utils import extend_schema
 from drf_spectacular.views import SpectacularAPIView
 from rest_framework.decorators import api_view, permission_classes
 from rest_framework.permissions import AllowAny
@@ -10,6 +11,10 @@ from orchestrator_site.health import healthz, readyz
 from orchestrator_site.metrics import metrics_view
 
 
+@extend_schema(
+    responses={200: {"type": "object", "additionalProperties": {"type": "string", "format": "uri"}}},
+    summary="The main addresses",
+)
 @api_view(["GET"])
 @permission_classes([AllowAny])
 def api_root(request: Request) -> Response:
