@@ -31,6 +31,9 @@ GENERIC_ERRORS = {
     503: "The database or Redis is unavailable (or, for a job, every eligible backend): retry after Retry-After.",
 }
 
+# The error mapper sends it with every 429 and 503: when to try again.
+RETRY_AFTER = {"schema": {"type": "integer"}, "description": "Seconds to wait before trying again."}
+
 
 class ErrorSerializer(serializers.Serializer):
     """Every error answer of the API outside `/v1` (`orchestrator_site.api.exception_handler`).
@@ -107,4 +110,6 @@ class AutoSchema(openapi.AutoSchema):
         for code, response in responses.items():
             if code >= "400" and "content" not in response:
                 response["content"] = content
+            if code in ("429", "503"):
+                response.setdefault("headers", {}).setdefault("Retry-After", RETRY_AFTER)
         return operation
