@@ -52,7 +52,7 @@ class ErrorSerializer(serializers.Serializer):
     rejected = serializers.DictField(
         child=serializers.CharField(), required=False, help_text="503 no eligible backend: why, per backend."
     )
-    state = serializers.CharField(required=False, help_text="409 cancel: the state the job is already in.")
+    state = serializers.CharField(required=False)  # documented in ErrorSchema: it may also be a field's messages
 
 
 class ErrorSchema(OpenApiSerializerExtension):
@@ -62,6 +62,11 @@ class ErrorSchema(OpenApiSerializerExtension):
 
     def map_serializer(self, auto_schema: Any, direction: Any) -> dict[str, Any]:
         schema = auto_schema._map_serializer(self.target, direction, bypass_extensions=True)
+        schema["properties"]["state"] = {
+            "description": "409 of a cancel: the state the job is already in; 400 of a list: the `state` filter's "
+            "messages.",
+            "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
+        }
         schema["additionalProperties"] = {
             "description": "A bad field (or header): its messages, or for a nested field its nested errors.",
             "oneOf": [{"type": "array", "items": {}}, {"type": "object"}],
