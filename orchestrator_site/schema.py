@@ -27,7 +27,7 @@ GENERIC_ERRORS = {
     404: "No such object, or not yours.",
     406: "The Accept header names no type this operation answers.",
     413: "The request body is larger than MAX_REQUEST_BYTES.",
-    415: "The request body's Content-Type is not one this operation reads (JSON).",
+    415: "The request body's Content-Type is not one this operation reads.",
     503: "The database or Redis is unavailable (or, for a job, every eligible backend): retry after Retry-After.",
 }
 
