@@ -1,7 +1,9 @@
-"""String fields that take only JSON strings.
+"""String fields that take only JSON strings, and bodies that take only their own fields.
 
 DRF's ``CharField`` (and its slug and URL kinds) turn a JSON number or boolean into a string, so
 ``{"name": 5}`` would pass where the schema says string. Every API serializer uses these instead.
+DRF also drops a key that is no field, so a typo (``"rpm_limt"``) would pass silently:
+:class:`RefuseUnknownFields` makes it a 400 (and the schema says so, ``orchestrator_site.schema``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,20 @@ STRICT_STRING_MAPPING: dict[type[models.Field], type[serializers.Field]] = {
     models.SlugField: StrictSlugField,
     models.URLField: StrictURLField,
 }
+
+
+class RefuseUnknownFields:
+    """For a serializer of a JSON object: a key that is none of its fields is a 400 naming it.
+
+    Read-only fields are fields: sent, they are ignored as DRF does, so the body of a GET can be PUT back.
+    """
+
+    def to_internal_value(self, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(self.fields))  # type: ignore[attr-defined]
+            if unknown:
+                raise serializers.ValidationError({name: ["Unknown field."] for name in unknown})
+        return super().to_internal_value(data)  # type: ignore[misc]
 
 
 class ModelCleanMixin:

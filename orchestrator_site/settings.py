@@ -43,6 +43,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "rest_framework.authtoken",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI and Redoc as static files (/api/docs, /api/redoc): no CDN
     "django_rq",
     "axes",
     "routing",
@@ -253,7 +254,7 @@ REST_FRAMEWORK = {
         "rest_framework.renderers.BrowsableAPIRenderer",
     ],
     "DEFAULT_PARSER_CLASSES": ["orchestrator_site.parsers.BoundedJSONParser"],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "orchestrator_site.schema.AutoSchema",
     "EXCEPTION_HANDLER": "orchestrator_site.api.exception_handler",
 }
 SPECTACULAR_SETTINGS = {
@@ -261,9 +262,13 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Submit LLM/VLM inference jobs, poll their state and fetch results.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    # No validator badge: Swagger UI would fetch it from validator.swagger.io.
+    "SWAGGER_UI_SETTINGS": {"deepLinking": True, "validatorUrl": None},
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
-        "orchestrator_site.api.document_errors",
     ],
 }
 

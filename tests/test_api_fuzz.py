@@ -30,11 +30,18 @@ pytestmark = pytest.mark.django_db(transaction=True)
 SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
 EXAMPLES = os.environ.get("FUZZ_EXAMPLES", "12")
 SEED = os.environ.get("FUZZ_SEED", "20261204")
-# Every check schemathesis has runs, but:
+# Every check schemathesis has runs; the conformance checks are named so that no default can turn them
+# off: an answer whose status, body, content type or headers the schema does not document fails the run.
+# All but:
 # - positive_data_acceptance: the server enforces rules JSON Schema cannot state (an image must be a
 #   real PNG/JPEG/… in base64, names are unique, an openai backend needs a base URL), so schema-valid
 #   bodies are legitimately refused with a 400 that names the field.
 CONFIG = """
+checks.status_code_conformance.enabled = true
+checks.response_schema_conformance.enabled = true
+checks.content_type_conformance.enabled = true
+checks.response_headers_conformance.enabled = true
+checks.negative_data_rejection.enabled = true
 checks.positive_data_acceptance.enabled = false
 """
 

@@ -154,3 +154,16 @@ def test_the_dockerfile_collects_without_debug():
     # Collected with DEBUG on, the plain storage writes no manifest and every DEBUG=0 page is a 500.
     command = collectstatic_command()
     assert "DEBUG=0" in command.split() and "DEBUG=1" not in command
+
+
+def test_the_api_docs_load_their_collected_files_with_debug_off(production_site):
+    # Swagger UI and Redoc come from drf-spectacular-sidecar's files, collected and hashed like the admin's.
+    with httpx.Client(base_url=production_site, timeout=10) as client:
+        for page in ("/api/docs", "/api/redoc"):
+            r = client.get(page)
+            assert r.status_code == 200 and "script-src 'self'" in r.headers["content-security-policy"], page
+            files = re.findall(r'(?:src|href)="(/static/drf_spectacular_sidecar/[^"]+)"', r.text)
+            assert files and all(re.search(r"\.[0-9a-f]{12}\.", f) for f in files), files
+            for path in files:
+                assert client.get(path).status_code == 200, path
+        assert client.get("/api/docs?script=").headers["content-type"].startswith("application/javascript")

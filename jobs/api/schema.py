@@ -58,17 +58,11 @@ class JobPendingSerializer(JobSerializer):
         read_only_fields = fields
 
 
-class CancelConflictSerializer(serializers.Serializer):
-    """``POST /jobs/<id>/cancel`` on a job that has already ended (409)."""
-
-    detail = serializers.CharField()
-    state = serializers.CharField()
-
-
 class JobCreateSchema(OpenApiSerializerExtension):
     """The submission body: closed (unknown fields are a 400) and exactly one of prompt and messages."""
 
     target_class = "jobs.api.serializers.JobCreateSerializer"
+    priority = 1  # before orchestrator_site.schema.ClosedBodySchema, which only closes it
 
     def map_serializer(self, auto_schema, direction) -> dict[str, Any]:
         schema = auto_schema._map_serializer(self.target, direction, bypass_extensions=True)

@@ -8,11 +8,12 @@ import json
 from typing import Any
 
 from django.conf import settings
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from jobs.images import image_kind
 from jobs.models import Job, Priority
-from orchestrator_site.serializer_fields import StrictCharField
+from orchestrator_site.serializer_fields import RefuseUnknownFields, StrictCharField
 from workers.backends import params as token_params
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -22,6 +23,9 @@ def _limits() -> dict[str, int]:
     return settings.JOB_LIMITS
 
 
+@extend_schema_field(
+    {"type": "string", "description": "A PNG, JPEG, GIF, WebP, BMP or TIFF image in base64, or a data: URL of one."}
+)
 class Base64ImageField(serializers.Field):
     """A base64 image (optionally a ``data:image/...;base64,`` URL); stored as plain base64."""
 
@@ -79,7 +83,7 @@ class MessageSerializer(serializers.Serializer):
         return super().to_internal_value(data)
 
 
-class JobCreateSerializer(serializers.Serializer):
+class JobCreateSerializer(RefuseUnknownFields, serializers.Serializer):
     """The body of ``POST /jobs``. Unknown fields are rejected so typos do not pass silently."""
 
     messages = MessageSerializer(many=True, required=False, allow_empty=False)
@@ -114,9 +118,6 @@ class JobCreateSerializer(serializers.Serializer):
     def to_internal_value(self, data: Any) -> dict:
         if not isinstance(data, dict):
             raise serializers.ValidationError({"non_field_errors": ["Expected a JSON object."]})
-        unknown = set(data) - set(self.fields)
-        if unknown:
-            raise serializers.ValidationError({name: ["Unknown field."] for name in sorted(unknown)})
         return super().to_internal_value(data)
 
     def validate_messages(self, messages: list[dict]) -> list[dict]:

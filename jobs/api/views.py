@@ -17,7 +17,6 @@ from rest_framework.views import APIView
 from jobs import queue_position, services, status_mirror
 from jobs.api import stream
 from jobs.api.schema import (
-    CancelConflictSerializer,
     JobDetailSerializer,
     JobPendingSerializer,
     JobResultSerializer,
@@ -209,7 +208,10 @@ class JobStream(APIView):
 class JobCancel(APIView):
     @extend_schema(
         request=None,
-        responses={200: JobStatusSerializer, 409: CancelConflictSerializer},
+        responses={
+            200: JobStatusSerializer,
+            409: OpenApiResponse(description="The job has already ended: `state` names its state."),
+        },
         summary="Cancel a queued or running job",
     )
     def post(self, request: Request, job_id: str) -> Response:

@@ -11,7 +11,6 @@ import time
 from typing import Any
 
 from django.conf import settings
-from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
 from rest_framework.exceptions import NotFound
@@ -33,7 +32,9 @@ from workers.backends import params as token_params
 
 
 class OpenAIView(APIView):
-    """Errors in OpenAI's shape (``openai_api.errors``)."""
+    """Errors in OpenAI's shape (``openai_api.errors``), and so documented (``orchestrator_site.schema``)."""
+
+    error_serializer = schema.OpenAIError
 
     def get_exception_handler(self):  # noqa: ANN201 (DRF's hook)
         return errors.exception_handler
@@ -78,7 +79,7 @@ def _resolve_model(job: dict[str, Any], model: str) -> None:
 
 class ChatCompletions(OpenAIView):
     @extend_schema(
-        request=OpenApiTypes.OBJECT,
+        request=schema.ChatCompletionRequest,
         responses=schema.COMPLETION_RESPONSES,
         summary="OpenAI Chat Completions (streamed or not)",
         description="See docs/openai.md. Errors in OpenAI's shape.",
@@ -127,7 +128,7 @@ def _model_object(name: str) -> dict[str, Any]:
 class Models(OpenAIView):
     @extend_schema(
         request=None,
-        responses={200: schema.ModelList, **schema.errors(401, 403, 503)},
+        responses=schema.ModelList,
         summary="OpenAI model list: auto, and the enabled backends and models the caller may use",
         operation_id="v1_models_list",
     )
@@ -138,9 +139,7 @@ class Models(OpenAIView):
 
 
 class ModelDetail(OpenAIView):
-    @extend_schema(
-        request=None, responses={200: schema.Model, **schema.errors(401, 403, 404, 503)}, summary="One model"
-    )
+    @extend_schema(request=None, responses=schema.Model, summary="One model")
     def get(self, request: Request, model: str) -> Response:
         if model not in served_models(_snapshot(), tenant_of(request)):
             raise NotFound(

@@ -4,12 +4,12 @@ from typing import Any
 
 from rest_framework import serializers
 
-from orchestrator_site.serializer_fields import ModelCleanMixin, StrictCharField
+from orchestrator_site.serializer_fields import ModelCleanMixin, RefuseUnknownFields, StrictCharField
 from routing.models import Backend, RoutingPolicy
 from routing.strategies import strategy_choices
 
 
-class BackendSerializer(ModelCleanMixin, serializers.ModelSerializer):
+class BackendSerializer(RefuseUnknownFields, ModelCleanMixin, serializers.ModelSerializer):
     api_key = StrictCharField(
         write_only=True, required=False, allow_blank=True, max_length=500, style={"input_type": "password"}
     )
@@ -55,7 +55,7 @@ class BackendSummarySerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class RoutingPolicySerializer(ModelCleanMixin, serializers.ModelSerializer):
+class RoutingPolicySerializer(RefuseUnknownFields, ModelCleanMixin, serializers.ModelSerializer):
     strategy = serializers.ChoiceField(choices=[])
 
     class Meta:

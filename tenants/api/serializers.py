@@ -4,7 +4,7 @@ from typing import Any
 
 from rest_framework import serializers
 
-from orchestrator_site.serializer_fields import ModelCleanMixin, StrictCharField
+from orchestrator_site.serializer_fields import ModelCleanMixin, RefuseUnknownFields, StrictCharField
 from tenants.models import ApiKey, Membership, Tenant
 from tenants.services import AUDITED_FIELDS, unknown_backends
 
@@ -12,7 +12,7 @@ INT_MAX = 2**31 - 1
 BIGINT_MAX = 2**63 - 1
 
 
-class TenantSerializer(ModelCleanMixin, serializers.ModelSerializer):
+class TenantSerializer(RefuseUnknownFields, ModelCleanMixin, serializers.ModelSerializer):
     allowed_backends = serializers.ListField(
         child=StrictCharField(max_length=100),
         required=False,
@@ -49,7 +49,7 @@ class MemberSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class AddMemberSerializer(serializers.Serializer):
+class AddMemberSerializer(RefuseUnknownFields, serializers.Serializer):
     username = StrictCharField(max_length=150)
     move = serializers.BooleanField(
         default=False, help_text="Move the user from the tenant they belong to (else 409 when they belong to one)."
@@ -70,7 +70,7 @@ class ApiKeySerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class NewApiKeySerializer(serializers.ModelSerializer):
+class NewApiKeySerializer(RefuseUnknownFields, serializers.ModelSerializer):
     """A key just issued: the only answer that carries ``key``."""
 
     name = StrictCharField(max_length=100)
