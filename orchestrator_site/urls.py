@@ -20,6 +20,7 @@ def api_root(request: Request) -> Response:
             "backends": request.build_absolute_uri("/backends"),
             "policies": request.build_absolute_uri("/policies"),
             "tenants": request.build_absolute_uri("/tenants"),
+            "webhooks": request.build_absolute_uri("/webhooks"),
             "schema": request.build_absolute_uri("/api/schema"),
             "admin": request.build_absolute_uri("/admin/"),
             "health": request.build_absolute_uri("/healthz"),
@@ -42,6 +43,7 @@ urlpatterns = [
     path("", include("routing.api.urls")),
     path("", include("tenants.api.urls")),
     path("", include("openai_api.api.urls")),
+    path("", include("webhooks.api.urls")),
 ]
 
 # A path no view matches answers JSON like the API's own 404s (the admin keeps its HTML page).
