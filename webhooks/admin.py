@@ -18,6 +18,7 @@ from webhooks.models import EventType, WebhookAttempt, WebhookDelivery, WebhookE
 
 
 class EndpointForm(forms.ModelForm):
+    url = forms.URLField(max_length=2000, assume_scheme="https")
     events = forms.MultipleChoiceField(choices=EventType.choices, widget=forms.CheckboxSelectMultiple)
 
     class Meta:
