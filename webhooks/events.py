@@ -97,7 +97,8 @@ def publish_many(events: Sequence[Event]) -> int:
         scope |= Q(tenant_id__in=tenant_ids)
     if owner_ids:
         scope |= Q(owner_id__in=owner_ids, tenant__isnull=True)
-    endpoints = list(WebhookEndpoint.objects.filter(scope, enabled=True).only("id", "owner_id", "tenant_id", "events", "enabled"))
+    fields = ("id", "owner_id", "tenant_id", "events", "enabled")
+    endpoints = list(WebhookEndpoint.objects.filter(scope, enabled=True).only(*fields))
     now = timezone.now()
     give_up_at = now + timedelta(seconds=settings.WEBHOOK_RETRY_WINDOW_S)
     rows = [
