@@ -153,20 +153,24 @@ class WebhookDelivery(models.Model):
 
     # --- the state machine ------------------------------------------------------------------------
     @classmethod
-    def claim_due(cls, limit: int, lease: timedelta) -> tuple[str, list[WebhookDelivery]]:
-        """Take up to ``limit`` due deliveries for one sender; returns (its claim token, the rows).
+    def claim_due(
+        cls, limit: int, lease: timedelta, *, due_by: datetime | None = None
+    ) -> tuple[str, list[WebhookDelivery]]:
+        """Take up to ``limit`` deliveries due now (or by ``due_by``) for one sender; returns (its claim
+        token, the rows).
 
         Two statements: one UPDATE moves each due row's ``next_attempt_at`` a lease ahead and stamps
         the token (a row another sender took meanwhile is no longer due, so it is not taken twice),
         one SELECT reads what this token holds, with the endpoints.
         """
         now = timezone.now()
-        due = cls.objects.filter(state=DeliveryState.PENDING, next_attempt_at__lte=now)
+        due_by = min(due_by or now, now)
+        due = cls.objects.filter(state=DeliveryState.PENDING, next_attempt_at__lte=due_by)
         ids = list(due.order_by("next_attempt_at").values_list("pk", flat=True)[:limit])
         if not ids:
             return "", []
         token = uuid.uuid4().hex
-        cls.objects.filter(pk__in=ids, state=DeliveryState.PENDING, next_attempt_at__lte=now).update(
+        cls.objects.filter(pk__in=ids, state=DeliveryState.PENDING, next_attempt_at__lte=due_by).update(
             next_attempt_at=now + lease, claim=token
         )
         rows = list(cls.objects.select_related("endpoint").filter(pk__in=ids, claim=token).order_by("next_attempt_at"))

@@ -91,10 +91,11 @@ def _count(answer: transport.Answer) -> None:
 
 def send_due(limit: int = 1000, *, worker: str = "") -> int:
     """Send every delivery due now, one after another (``manage.py send_webhooks --burst``, tests);
-    returns how many attempts were made."""
+    returns how many attempts were made. A retry that comes due meanwhile waits for the next call."""
     sent = 0
+    started = timezone.now()
     while sent < limit:
-        token, rows = WebhookDelivery.claim_due(min(50, limit - sent), lease())
+        token, rows = WebhookDelivery.claim_due(min(50, limit - sent), lease(), due_by=started)
         if not rows:
             break
         for delivery in rows:
@@ -134,7 +135,9 @@ class Sender:
             thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stop claiming; sends in progress finish (each is bounded by its own deadline)."""
+        """Stop claiming; sends in progress finish (each is bounded by its own deadline). The
+        dispatcher is not waited for (it may be blocked on the bell for a moment): whatever it claims
+        after this is never sent here, and comes due again when its lease passes."""
         if not self._all:
             return
         self._stop.set()
@@ -142,8 +145,10 @@ class Sender:
             self._work.put(None)
         wait = 2 * float(settings.WEBHOOK_TIMEOUT_S) + 1 if timeout is None else timeout
         until = time.monotonic() + wait
-        for thread in self._all:
+        dispatcher, *senders = self._all
+        for thread in senders:
             thread.join(timeout=max(0.0, until - time.monotonic()))
+        dispatcher.join(timeout=min(0.1, max(0.0, until - time.monotonic())))
 
     def _dispatch(self) -> None:
         poll = float(settings.WEBHOOK_POLL_S)
