@@ -104,6 +104,11 @@ COST = CounterDef(
     "Cost of finished jobs in the backends' price unit (cost_*_per_1k), by the job's tenant ('-': none).",
     ("backend", "tenant"),
 )
+WEBHOOK_ATTEMPTS = CounterDef(
+    "webhook_attempts_total",
+    "Webhook delivery attempts by outcome (succeeded, http_error, timeout, connection_error, refused).",
+    ("outcome",),
+)
 NO_TENANT = "-"
 COUNTERS = (
     JOBS_CREATED,
@@ -114,6 +119,7 @@ COUNTERS = (
     BACKEND_ERRORS,
     TOKENS,
     COST,
+    WEBHOOK_ATTEMPTS,
 )
 
 JOB_LATENCY = HistogramDef(
@@ -126,7 +132,10 @@ EXECUTION = HistogramDef(
 BACKEND_CALL = HistogramDef(
     "backend_call_seconds", "Duration of one backend call (one attempt), by outcome.", ("backend", "outcome")
 )
-HISTOGRAMS = (JOB_LATENCY, QUEUE_WAIT, EXECUTION, BACKEND_CALL)
+WEBHOOK_ATTEMPT_SECONDS = HistogramDef(
+    "webhook_attempt_seconds", "Duration of one webhook delivery attempt, by outcome.", ("outcome",)
+)
+HISTOGRAMS = (JOB_LATENCY, QUEUE_WAIT, EXECUTION, BACKEND_CALL, WEBHOOK_ATTEMPT_SECONDS)
 
 # Families the collector computes at scrape time (names listed for the dashboard check).
 GAUGES = (

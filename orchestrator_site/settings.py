@@ -54,6 +54,7 @@ INSTALLED_APPS = [
     "tenants",
     "openai_api",
     "batches",
+    "webhooks",
 ]
 
 MIDDLEWARE = [
@@ -238,6 +239,27 @@ STREAM_MAX_EVENTS = env_int("STREAM_MAX_EVENTS", 10_000, minimum=10)  # entries 
 STREAM_TTL_S = env_int("STREAM_TTL_S", 3600, minimum=1)  # the stream expires this long after its last write
 STREAM_FLUSH_S = env_int("STREAM_FLUSH_MS", 20, minimum=0, maximum=10_000) / 1000  # a job's writes at most this often
 STREAM_FLUSH_EVENTS = env_int("STREAM_FLUSH_EVENTS", 64, minimum=1)  # ...unless this many deltas wait
+
+# --- Webhooks (webhooks/, docs/webhooks.md) -------------------------------------
+# Endpoint URLs on loopback and private (RFC 1918, ULA, CGNAT...) addresses are refused unless this is
+# on (development and tests); link-local and cloud-metadata addresses are refused always.
+WEBHOOK_ALLOW_PRIVATE = env_bool("WEBHOOK_ALLOW_PRIVATE", False)
+# One delivery attempt: connect, send and each read are bounded by this, and the whole attempt by twice it.
+WEBHOOK_TIMEOUT_S = env_int("WEBHOOK_TIMEOUT_MS", 15_000, minimum=100, maximum=120_000) / 1000
+# A failing delivery is retried with exponential backoff (base, doubling, capped, ±25% jitter) until
+# this long after its event; then it ends `failed`.
+WEBHOOK_RETRY_WINDOW_S = env_int("WEBHOOK_RETRY_WINDOW_S", 24 * 3600, minimum=1)
+WEBHOOK_RETRY_BASE_S = env_int("WEBHOOK_RETRY_BASE_MS", 5_000, minimum=1) / 1000
+WEBHOOK_RETRY_MAX_S = env_int("WEBHOOK_RETRY_MAX_MS", 2 * 3600 * 1000, minimum=1) / 1000
+# Deliveries one worker process sends at once, in threads beside its jobs (0: this worker sends none).
+WEBHOOK_SENDER_THREADS = env_int("WEBHOOK_SENDER_THREADS", 4, minimum=0, maximum=64)
+# How often an idle sender looks for retries that came due (a new event wakes one at once).
+WEBHOOK_POLL_S = env_int("WEBHOOK_POLL_MS", 2_000, minimum=20, maximum=60_000) / 1000
+# Bytes of a receiver's answer read (and the first 500 kept on the attempt); the rest is never read.
+WEBHOOK_RESPONSE_MAX_BYTES = env_int("WEBHOOK_RESPONSE_MAX_BYTES", 4096, minimum=0, maximum=1_048_576)
+# How long a process trusts its list of who has endpoints (a job's end checks it): a new endpoint
+# receives the events of jobs that end from this long after it was created, in every process.
+WEBHOOK_ENDPOINTS_CACHE_S = env_int("WEBHOOK_ENDPOINTS_CACHE_MS", 1_000, minimum=0, maximum=60_000) / 1000
 
 # --- API --------------------------------------------------------------------
 # How long each process remembers an API token (orchestrator_site/auth.py); 0: read it every request.

@@ -26,6 +26,7 @@ def api_root(request: Request) -> Response:
             "backends": request.build_absolute_uri("/backends"),
             "policies": request.build_absolute_uri("/policies"),
             "tenants": request.build_absolute_uri("/tenants"),
+            "webhooks": request.build_absolute_uri("/webhooks"),
             "schema": request.build_absolute_uri("/api/schema"),
             "docs": request.build_absolute_uri("/api/docs"),
             "redoc": request.build_absolute_uri("/api/redoc"),
@@ -53,6 +54,7 @@ urlpatterns = [
     path("", include("tenants.api.urls")),
     path("", include("batches.api.urls")),  # before openai_api's catch-all for unknown /v1 paths
     path("", include("openai_api.api.urls")),
+    path("", include("webhooks.api.urls")),
 ]
 
 # A path no view matches answers JSON like the API's own 404s (the admin keeps its HTML page).

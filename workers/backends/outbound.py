@@ -12,6 +12,9 @@
 - :func:`transport_summary`: a connection failure described without quoting what the server sent.
 - :func:`header_problem`: an API key that cannot travel in an HTTP header is refused before sending,
   so the HTTP library never gets to quote it back in its error.
+- :func:`non_public`: why an address is not on the public internet (loopback, private, CGNAT,
+  unspecified, multicast, reserved...): URLs that customers give us (webhooks) may reach only those
+  that are, where a backend URL may sit on the LAN.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ METADATA_ADDRESSES = frozenset({ipaddress.ip_address("fd00:ec2::254")})
 MIN_FRAGMENT = 6
 
 
-def _literal_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def literal_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """The address ``host`` names literally, in any form the resolver accepts (``2852039166``, ``0xa9fea9fe``)."""
     host = host.strip("[]").split("%", 1)[0].rstrip(".")
     try:
@@ -61,13 +64,57 @@ def url_problem(url: str) -> str | None:
         return "Credentials in the URL are not allowed: put them in the API key."
     if host.rstrip(".").lower() in METADATA_HOSTS:
         return f"{host} is a cloud metadata service: not allowed as a backend."
-    ip = _literal_ip(host)
+    ip = literal_ip(host)
     if ip is None:
         return None
     mapped = getattr(ip, "ipv4_mapped", None) or getattr(ip, "sixtofour", None)
     for address in (ip, mapped):
         if address is not None and (address.is_link_local or address in METADATA_ADDRESSES):
             return f"{host} is a link-local or metadata address: not allowed as a backend."
+    return None
+
+
+# Address blocks that ``ipaddress`` does not flag as private but that no public server lives in.
+CGNAT = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT (RFC 6598): "shared", not global
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # well-known NAT64 prefix: embeds an IPv4 address
+
+
+def _embedded_v4(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one carries (mapped ``::ffff:a.b.c.d``, 6to4, NAT64), if any."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return None
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip in NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
+def non_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why ``ip`` is not a public internet address (``"loopback"``, ``"private"``...), or None when it is.
+
+    An IPv6 address that embeds an IPv4 one (mapped, 6to4, NAT64) is judged by that one too, so
+    ``::ffff:127.0.0.1`` is loopback.
+    """
+    for address in (_embedded_v4(ip), ip):  # the embedded one first: it names the real kind
+        if address is None:
+            continue
+        if address in METADATA_ADDRESSES:
+            return "cloud metadata"
+        for kind, test in (
+            ("unspecified", address.is_unspecified),
+            ("loopback", address.is_loopback),
+            ("link-local", address.is_link_local),
+            ("multicast", address.is_multicast),
+            ("carrier-grade NAT", isinstance(address, ipaddress.IPv4Address) and address in CGNAT),
+            ("private", address.is_private),
+            ("reserved", address.is_reserved),
+            ("not globally routable", not address.is_global),
+        ):
+            if test:
+                return kind
     return None
 
 

@@ -22,6 +22,8 @@ workers.runtime.gpu.GpuWorker``). The base does what does not depend on how jobs
   queued``, the attempt closed as ``interrupted``). A second signal re-queues at once.
 - **Liveness and status**: a heartbeat thread (``workers.fleet.heartbeat``) beats the liveness key,
   renews this process's backend slots and publishes the status the admin shows.
+- **Webhooks**: ``WEBHOOK_SENDER_THREADS`` threads send the deliveries that are due
+  (``webhooks.sender``), beside the jobs and never in their way; at the end they finish what they send.
 - **RQ's own Redis writes, trimmed**: its worker key once a second, its state only when it changes.
 """
 
@@ -52,6 +54,7 @@ from jobs.models import Job
 from orchestrator_site import tracing
 from routing import capacity
 from routing.models import Backend
+from webhooks.sender import Sender
 from workers.execution.run_figures import record_expired, record_run
 from workers.fleet import status
 from workers.fleet.heartbeat import Heartbeat
@@ -232,9 +235,12 @@ class BaseWorker(SimpleWorker):
             kwargs["logging_level"] = settings.LOG_LEVEL
         beat = Heartbeat(self.name, on_beat=self.on_beat)
         beat.start()
+        webhooks = Sender(self.name)
+        webhooks.start()
         try:
             return super().work(*args, **kwargs)
         finally:
+            webhooks.stop()
             beat.stop()
             self.write_behind.flush(self.connection)
             self.publish_status(gone=True)
