@@ -127,3 +127,38 @@ def test_publish_inside_a_transaction_that_rolls_back_leaves_nothing(user):
         assert events.publish("batch.failed", {"id": "b"}, owner_id=user.pk, tenant_id=None) == 1
         raise RuntimeError("the batch's outcome did not commit")
     assert not WebhookDelivery.objects.exists()
+
+
+def new_batch(user, tenant=None):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from batches.models import Batch, File, FilePurpose
+
+    file = File.objects.create(purpose=FilePurpose.BATCH, filename="in.jsonl", bytes=3, blob="x", created_by=user)
+    return Batch.objects.create(
+        input_file=file, created_by=user, tenant=tenant, expires_at=timezone.now() + timedelta(hours=1)
+    )
+
+
+@pytest.mark.parametrize("final", ["completed", "failed", "expired", "cancelled"])
+def test_a_batch_reaching_a_final_status_owes_batch_status_with_the_batch_object(user, final):
+    from batches.models import BatchStatus
+
+    services.create(owner=user, url=URL, events=[f"batch.{final}", *ALL_JOB_EVENTS], source="shell")
+    batch = new_batch(user)
+    path = {"completed": ["in_progress", "finalizing"], "failed": [], "expired": ["in_progress", "finalizing"]}
+    for step in [*path.get(final, ["in_progress", "cancelling"]), final]:
+        assert batch.transition(BatchStatus(step)), step
+    (delivery,) = WebhookDelivery.objects.all()
+    body = json.loads(delivery.payload)
+    assert delivery.event_type == body["type"] == f"batch.{final}"
+    assert body["data"]["id"] == batch.pk and body["data"]["object"] == "batch" and body["data"]["status"] == final
+
+
+def test_a_batch_line_ending_owes_no_job_event(user):
+    services.create(owner=user, url=URL, events=ALL_JOB_EVENTS, source="shell")
+    line = new_job(user, batch=new_batch(user), custom_id="r1")
+    assert line.cancel()
+    assert not WebhookDelivery.objects.exists()  # its batch says it, once, for all its lines

@@ -167,7 +167,8 @@ def jobs_ended(jobs: Sequence[Any]) -> None:
     interested = [
         job
         for job in jobs
-        if (event_type := JOB_EVENTS.get(str(job.state))) is not None
+        if job.batch_id is None  # a batch's lines are told of once, by its batch.* event, not 50,000 times
+        and (event_type := JOB_EVENTS.get(str(job.state))) is not None
         and subscribers.wants(event_type, job.created_by_id, job.tenant_id)
     ]
     if not interested:
@@ -175,3 +176,10 @@ def jobs_ended(jobs: Sequence[Any]) -> None:
     events = [event for job in interested if (event := job_event(job)) is not None]
     with transaction.atomic():
         publish_many(events)
+
+
+def batch_ended(batch: Any) -> None:
+    """``batches.hooks.on_batch_ended``: ``batch.<status>`` with OpenAI's Batch object as its data."""
+    event_type = f"batch.{batch.status}"
+    if event_type in EVENT_TYPES:
+        publish(event_type, batch.as_openai(), owner_id=batch.created_by_id, tenant_id=batch.tenant_id)
