@@ -257,7 +257,8 @@ class Fleet:
                 client = redis.Redis(self.hosts[name].address, SENTINEL_PORT, socket_timeout=1)
                 found = client.sentinel_get_master_addr_by_name(SERVICE)
                 if found:
-                    return found[0]
+                    address = found[0]
+                    return address.decode() if isinstance(address, bytes) else address
             except redis.RedisError:
                 continue
         raise RuntimeError("no Sentinel knows the primary")

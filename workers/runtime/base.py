@@ -190,6 +190,10 @@ class BaseWorker(SimpleWorker):
     death_penalty_class = NoDeathPenalty
     # RQ refreshes its worker key about four times per job; once a second does.
     HEARTBEAT_EVERY_S = 1.0
+    # After a lost Redis connection RQ waits 1, 2, 4... up to 60 s between tries; a Sentinel failover
+    # ends in seconds, so a worker that doubled its wait through it would sit idle long after. One try
+    # every 2 s at most costs a down Redis nothing.
+    max_connection_wait_time = 2.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["serializer"] = JSONSerializer
