@@ -141,20 +141,8 @@ class Network:
                 pass
 
     def tear_down(self) -> None:
+        """``kill -9`` everything (a graceful stop would only cost time here), then remove the hosts."""
         for host in self.hosts.values():
-            for proc in host.procs:
-                if proc.poll() is None:
-                    try:
-                        os.killpg(proc.pid, signal.SIGTERM)
-                    except ProcessLookupError:
-                        pass
-        deadline = time.monotonic() + 10
-        for host in self.hosts.values():
-            for proc in host.procs:
-                try:
-                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    pass
             self.kill_host(host)
         clean_stale()
 
