@@ -6,6 +6,7 @@ The module shares one fleet (start-up is most of its cost); each test leaves it 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import time
@@ -17,6 +18,7 @@ import redis
 
 from jobs import fair_queue
 from jobs.models import Job, JobAttempt
+from orchestrator_site.redis import async_client
 from tests.fleet import rig
 from tests.fleet.client import DB, Client, Stream, verdict, wait_terminal
 from tests.fleet.conftest import WORKER_ENV, wait_workers
@@ -221,3 +223,21 @@ def test_worker_host_cut_off_its_leases_expire_and_its_late_results_are_refused(
     ids = [client.submit(f"after cut {i}") for i in range(12)]
     wait_terminal(ids, timeout=60)
     assert time.monotonic() - plugged < 90
+
+
+def test_the_asyncio_client_finds_the_primary_through_the_sentinels(fleet):
+    """The ASGI relay's client (``async_client``) reads the same Sentinel URL; after the failover above,
+    the primary it finds is the promoted replica."""
+
+    async def round_trip() -> tuple[bytes | None, str]:
+        client = async_client(fleet.redis_url)
+        try:
+            await client.set("llmo:fleet:probe", "ok", ex=60)
+            info = await client.info("server")
+            return await client.get("llmo:fleet:probe"), str(info.get("tcp_port"))
+        finally:
+            await client.aclose()
+
+    value, port = asyncio.run(round_trip())
+    assert (value, port) == (b"ok", str(rig.REDIS_PORT))
+    assert fleet.redis().get("llmo:fleet:probe") == b"ok"  # written on the primary the Sentinels name
