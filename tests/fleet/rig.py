@@ -41,6 +41,10 @@ def missing_requirements() -> str | None:
     for tool in ("ip", "redis-server", "socat"):
         if shutil.which(tool) is None:
             return f"needs {tool} on PATH"
+    probe = sh("ip", "netns", "add", f"{PREFIX}probe", check=False)
+    if probe.returncode != 0:  # root without CAP_NET_ADMIN / CAP_SYS_ADMIN (an unprivileged container)
+        return f"cannot make network namespaces here: {probe.stderr.strip()}"
+    sh("ip", "netns", "del", f"{PREFIX}probe", check=False)
     return None
 
 

@@ -218,7 +218,7 @@ def test_worker_host_cut_off_its_leases_expire_and_its_late_results_are_refused(
     assert v.rerun >= len(in_hand) > 0
     assert not late.exists(), "the cut host's late results were refused (the fence on the job's version)"
     assert not by_cut_host.filter(job_id__in=in_hand).exists()
-    assert host.procs[-1].poll() is None, "the cut host's worker lives on"
+    assert host.procs[-1].poll() is None, f"the cut host's worker lives on:\n{fleet.logs(name)}"
     # Back on the network, every host takes work again.
     ids = [client.submit(f"after cut {i}") for i in range(12)]
     wait_terminal(ids, timeout=60)
