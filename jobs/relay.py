@@ -23,12 +23,12 @@ from typing import Any, TypeVar
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 
 from jobs import deltas
 from jobs.models import TERMINAL_STATES, Job
 from jobs.status_mirror import cache_key, notify_channel
+from orchestrator_site.redis import async_client
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class Notifier:
     READ_S = 0.1  # the reader's longest read: how soon a new subscription takes effect if a nudge is lost
 
     def __init__(self, url: str) -> None:
-        self.redis = aioredis.from_url(url)
+        self.redis = async_client(url)
         self._pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._subscribed: set[str] = set()

@@ -6,10 +6,15 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from django.conf import settings
 from django_redis import get_redis_connection
 from redis import Redis
+from redis import asyncio as aioredis
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.commands.core import Script
 from redis.exceptions import NoScriptError
+
+from orchestrator_site.redis_url import is_sentinel, parse_sentinel, sentinel_kwargs
 
 KEY_PREFIX = "llmo"
 
@@ -17,6 +22,24 @@ KEY_PREFIX = "llmo"
 @functools.cache
 def redis_client() -> Redis:
     return get_redis_connection("default")
+
+
+def async_client(url: str | None = None) -> aioredis.Redis:
+    """A new ``redis.asyncio`` client for ``url`` (default ``REDIS_URL``), Sentinel-aware as the sync one."""
+    url = url or settings.REDIS_URL
+    if not is_sentinel(url):
+        return aioredis.from_url(url)
+    target = parse_sentinel(url)
+    options = settings.CACHES["default"]["OPTIONS"]
+    connect_s, socket_s = options["SOCKET_CONNECT_TIMEOUT"], options["SOCKET_TIMEOUT"]
+    sentinel = AsyncSentinel(
+        list(target.sentinels),
+        sentinel_kwargs=sentinel_kwargs(target, connect_s, socket_s),
+        socket_connect_timeout=connect_s,
+        username=target.username,
+        password=target.password,
+    )
+    return sentinel.master_for(target.service, db=target.db)
 
 
 def key(*parts: object) -> str:

@@ -16,6 +16,7 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
 from orchestrator_site.env import env_bool, env_int, env_list, env_secret, env_str
+from orchestrator_site.redis_url import cache_config
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("VAR_DIR", str(BASE_DIR / "var")))
@@ -115,20 +116,13 @@ else:
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis: cache, status mirror, idempotency keys and RQ queues share one pool ---
+# REDIS_URL: one server (redis://host:6379/0) or a Sentinel-watched primary
+# (redis+sentinel://host:26379,host2:26379/mymaster/0): orchestrator_site/redis_url.py.
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
-CACHES = {
-    "default": {
-        "BACKEND": "django_redis.cache.RedisCache",
-        "LOCATION": REDIS_URL,
-        "KEY_PREFIX": "llmo",
-        "OPTIONS": {
-            "CLIENT_CLASS": "django_redis.client.DefaultClient",
-            "SOCKET_CONNECT_TIMEOUT": 2,
-            "SOCKET_TIMEOUT": env_int("REDIS_SOCKET_TIMEOUT_S", 5, minimum=1),
-            "CONNECTION_POOL_KWARGS": {"health_check_interval": 30},
-        },
-    }
-}
+_redis_cache = cache_config(
+    REDIS_URL, connect_timeout_s=2, socket_timeout_s=env_int("REDIS_SOCKET_TIMEOUT_S", 5, minimum=1)
+)
+CACHES = {"default": {"BACKEND": "django_redis.cache.RedisCache", "KEY_PREFIX": "llmo", **_redis_cache}}
 
 JOB_QUEUES = ("high", "normal", "low")  # dequeue order: high before normal before low
 # Fair share (jobs/fair_queue.py): a job waiting longer than this behind higher-priority work is served next.

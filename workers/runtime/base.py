@@ -29,11 +29,13 @@ workers.runtime.gpu.GpuWorker``). The base does what does not depend on how jobs
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -41,6 +43,8 @@ from typing import Any
 from django.conf import settings
 from django.db import close_old_connections
 from django.utils import timezone
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq.exceptions import DequeueTimeout, StopRequested
 from rq.executions import Execution
 from rq.job import Job as RQJob
@@ -193,6 +197,10 @@ class BaseWorker(SimpleWorker):
     death_penalty_class = NoDeathPenalty
     # RQ refreshes its worker key about four times per job; once a second does.
     HEARTBEAT_EVERY_S = 1.0
+    # After a lost Redis connection RQ waits 1, 2, 4... up to 60 s between tries; a Sentinel failover
+    # ends in seconds, so a worker that doubled its wait through it would sit idle long after. One try
+    # every 2 s at most costs a down Redis nothing.
+    max_connection_wait_time = 2.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["serializer"] = JSONSerializer
@@ -362,7 +370,22 @@ class BaseWorker(SimpleWorker):
         if timeout is None and pipeline is None and now - self._beat_at < self.HEARTBEAT_EVERY_S:
             return
         self._beat_at = now
-        super().heartbeat(timeout, pipeline)
+        if pipeline is not None:
+            super().heartbeat(timeout, pipeline)
+            return
+        with redis_unreachable_waited_out(self.name, self.max_connection_wait_time):
+            super().heartbeat(timeout, pipeline)
+
+    # RQ's loop quits on a Redis timeout (or any error) raised outside its dequeue: a network cut or a
+    # failover longer than the socket timeout would end the worker, jobs in hand. Its few Redis calls
+    # there are waited out instead; the dequeue already retries on its own.
+    def check_for_suspension(self, burst: bool) -> None:
+        with redis_unreachable_waited_out(self.name, self.max_connection_wait_time):
+            super().check_for_suspension(burst)
+
+    def run_maintenance_tasks(self) -> None:
+        with redis_unreachable_waited_out(self.name, self.max_connection_wait_time):
+            super().run_maintenance_tasks()
 
     def set_state(self, state: str, pipeline: Any = None) -> None:
         """Write the state only when it changes (RQ writes it twice per job)."""
@@ -410,6 +433,16 @@ class BaseWorker(SimpleWorker):
             )
         except Exception as exc:  # the admin's view must never stop a worker
             log.warning("worker status not published", extra={"worker": self.name, "error": str(exc)})
+
+
+@contextlib.contextmanager
+def redis_unreachable_waited_out(worker: str, wait_s: float) -> Iterator[None]:
+    """Log a lost or timed-out Redis connection and wait ``wait_s`` instead of raising it."""
+    try:
+        yield
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        log.warning("redis unreachable; waiting", extra={"worker": worker, "error": str(exc)})
+        time.sleep(wait_s)
 
 
 def tune_gc(gen0: int) -> None:
