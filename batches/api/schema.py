@@ -112,8 +112,8 @@ class BatchList(serializers.Serializer):
 
 
 class BatchCreate(RefuseUnknownFields, serializers.Serializer):
-    """The body of ``POST /v1/batches`` (the view checks it with this, then ``services.create_batch``
-    checks the values with OpenAI's messages): any other field is a 400 naming it."""
+    """The body of ``POST /v1/batches`` as ``services.create_batch`` checks it (with OpenAI's messages): any
+    other field is a 400 naming it (``Unrecognized request argument supplied``)."""
 
     input_file_id = StrictCharField()
     endpoint = StrictCharField(help_text="Must be /v1/chat/completions.")
