@@ -3,7 +3,8 @@
 The schema validates with no warning (``manage.py spectacular --validate --fail-on-warn``). Then every
 operation it lists is called in each way any request can fail: no credentials, a bad token, a disabled
 tenant's key, an Accept it cannot answer, an object that does not exist, an unknown body field,
-malformed JSON, a body that is not JSON, a body too large, Redis down, the database down. Each answer
+malformed JSON, a body that is not JSON, a body too large (for a multipart upload: an unknown or missing
+form field, no boundary, a field, a file or a Content-Length too large), Redis down, the database down. Each answer
 must be a status the schema documents for that operation, with a body its schema for that status
 accepts, and the status the failure calls for. Nothing is faked: the answers come from the real
 views, the real error mapper and, for the outages, a process whose Redis or database is not there.
