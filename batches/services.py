@@ -109,7 +109,10 @@ def create_batch(data: Any, *, user: Any, tenant: Tenant | None) -> Batch:
     with transaction.atomic():
         batch.save(force_insert=True)
         batch_id = batch.pk
-        transaction.on_commit(lambda: tasks.enqueue("start", batch_id))
+        # The row is the batch: once committed it is answered, even if Redis is down for the push (logged;
+        # the reconciler starts a batch left validating, batches.recovery). A 503 would make the caller
+        # create it again.
+        transaction.on_commit(lambda: tasks.enqueue("start", batch_id), robust=True)
     return batch
 
 

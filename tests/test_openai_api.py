@@ -352,7 +352,7 @@ def test_no_eligible_backend_is_503_in_openais_shape_and_leaves_nothing(api, pol
 
 
 def test_unknown_v1_paths_and_odd_model_names_answer_openais_404(api):
-    for method, path in (("post", "/v1/embeddings"), ("get", "/v1/files"), ("get", "/v1/models/a\nb")):
+    for method, path in (("post", "/v1/embeddings"), ("get", "/v1/fine_tuning/jobs"), ("get", "/v1/models/a\nb")):
         r = getattr(api, method)(path, {}, format="json")
         assert r.status_code == 404, (path, r.content)
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}

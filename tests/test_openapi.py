@@ -3,7 +3,8 @@
 The schema validates with no warning (``manage.py spectacular --validate --fail-on-warn``). Then every
 operation it lists is called in each way any request can fail: no credentials, a bad token, a disabled
 tenant's key, an Accept it cannot answer, an object that does not exist, an unknown body field,
-malformed JSON, a body that is not JSON, a body too large, Redis down, the database down. Each answer
+malformed JSON, a body that is not JSON, a body too large (for a multipart upload: an unknown or missing
+form field, no boundary, a field, a file or a Content-Length too large), Redis down, the database down. Each answer
 must be a status the schema documents for that operation, with a body its schema for that status
 accepts, and the status the failure calls for. Nothing is faked: the answers come from the real
 views, the real error mapper and, for the outages, a process whose Redis or database is not there.
@@ -16,15 +17,19 @@ import json
 import subprocess
 import sys
 import uuid
+from datetime import timedelta
 from typing import Any
 
 import jsonschema
 import pytest
+from django.core.files.base import ContentFile
 from django.core.management import call_command
 from django.test import Client
+from django.utils import timezone
 from drf_spectacular.generators import SchemaGenerator
 from rest_framework.authtoken.models import Token
 
+from batches.models import Batch, File, FilePurpose, files_storage
 from jobs.models import Job
 from orchestrator_site import auth
 from orchestrator_site.relaying import TICKET_HEADER
@@ -34,11 +39,22 @@ from tests.conftest import ROOT, process_env
 from tests.factories import make_job
 
 MISSING = "999999999"  # an id no object has (and, for a job, not even a UUID)
-# A body each submitting operation accepts: the outage and limit probes need one that gets that far.
+WORLD_FILE = "file-000000000000000000000001"  # the world's batch input file (a body names it)
+# A body each creating operation accepts: the outage and limit probes need one that gets that far.
 VALID_BODIES = {
     "/jobs/": {"prompt": "hi"},
     "/v1/chat/completions/": {"model": "auto", "messages": [{"role": "user", "content": "hi"}]},
+    "/v1/batches/": {
+        "input_file_id": WORLD_FILE,
+        "endpoint": "/v1/chat/completions",
+        "completion_window": "24h",
+        "metadata": {"k": "v"},
+        "priority": "low",
+    },
 }
+# The operations that submit jobs under a tenant's limits at once (a batch's lines are admitted by
+# its worker, apart from max_queued: docs/batches.md).
+LIMITED = ("/jobs/", "/v1/chat/completions/")
 
 
 @pytest.fixture(autouse=True)
@@ -67,6 +83,10 @@ def operations(schema: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
 
 def has_json_body(op: dict[str, Any]) -> bool:
     return "application/json" in op.get("requestBody", {}).get("content", {})
+
+
+def has_multipart_body(op: dict[str, Any]) -> bool:
+    return "multipart/form-data" in op.get("requestBody", {}).get("content", {})
 
 
 def needs_auth(op: dict[str, Any]) -> bool:
@@ -112,6 +132,14 @@ def world(db, staff, policy, dev_backend) -> dict[str, str]:
     key, _ = ApiKey.issue(tenant, "ci")
     Membership.objects.create(tenant=tenant, user=staff)
     job = make_job(dev_backend, created_by=staff)
+    line = b'{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {}}\n'
+    blob = files_storage().save(f"{WORLD_FILE}.jsonl", ContentFile(line))
+    file = File.objects.create(
+        id=WORLD_FILE, purpose=FilePurpose.BATCH, filename="in.jsonl", bytes=len(line), blob=blob, created_by=staff
+    )
+    batch = Batch.objects.create(
+        input_file=file, created_by=staff, expires_at=timezone.now() + timedelta(hours=24), total=1
+    )
     return {
         "/backends/": str(dev_backend.pk),
         "/policies/": str(policy.pk),
@@ -120,6 +148,8 @@ def world(db, staff, policy, dev_backend) -> dict[str, str]:
         "member": staff.username,
         "job_id": str(job.pk),
         "model": "dev",
+        "file_id": file.pk,
+        "batch_id": batch.pk,
     }
 
 
@@ -161,15 +191,13 @@ def test_the_schema_validates_with_no_warning(tmp_path):
     assert (tmp_path / "schema.yml").stat().st_size > 10_000
 
 
-def test_every_json_request_body_is_documented_closed(schema):
+def test_every_request_body_is_documented_closed(schema):
     open_bodies = []
     for method, path, op in operations(schema):
-        if has_json_body(op):
-            body = _json_schema(
-                op["requestBody"]["content"]["application/json"]["schema"], schema["components"]["schemas"]
-            )
+        for media_type, content in op.get("requestBody", {}).get("content", {}).items():
+            body = _json_schema(content["schema"], schema["components"]["schemas"])
             if body.get("additionalProperties") is not False:
-                open_bodies.append(f"{method.upper()} {path}")
+                open_bodies.append(f"{method.upper()} {path} ({media_type})")
     assert not open_bodies, f"request bodies not documented as refusing unknown fields: {open_bodies}"
 
 
@@ -239,12 +267,55 @@ def test_bad_bodies_are_documented_400_415_and_413(schema, world, staff, setting
         assert r.status_code == 413, (path, r.content)
 
 
+def upload(client: Client, url: str, content: bytes = b'{"custom_id": "a"}\n', **fields: Any) -> Any:
+    """A multipart upload as the SDK sends one: a file and the form's other fields."""
+    return client.post(url, {"file": ContentFile(content, name="in.jsonl"), **fields})
+
+
+def test_bad_uploads_are_documented_400_415_and_413(schema, world, staff, settings):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 4096
+    settings.FILES_MAX_BYTES = 2048
+    client = client_with(f"Token {Token.objects.create(user=staff).key}")
+    uploads = [(m, p) for m, p, op in operations(schema) if has_multipart_body(op)]
+    assert uploads, "no operation takes a multipart body"
+    for method, path in uploads:
+        url = fill(path, world)
+        r = upload(client, url, purpose="batch")
+        check_documented(schema, method, path, r, "a valid upload")
+        assert r.status_code == 200, (path, r.content)
+        r = upload(client, url, purpose="batch", zz_unknown_field="1")
+        check_documented(schema, method, path, r, "an unknown form field")
+        assert r.status_code == 400 and names(r.json(), "zz_unknown_field"), (path, r.content)
+        r = upload(client, url)
+        check_documented(schema, method, path, r, "a missing form field")
+        assert r.status_code == 400 and names(r.json(), "purpose"), (path, r.content)
+        r = client.post(url, {"purpose": "batch"})
+        check_documented(schema, method, path, r, "no file")
+        assert r.status_code == 400 and names(r.json(), "file"), (path, r.content)
+        r = call(client, method, url, b"--nope\r\ngarbage", content_type="multipart/form-data")
+        check_documented(schema, method, path, r, "multipart without a boundary")
+        assert r.status_code == 400, (path, r.content)
+        for content_type in ("text/plain", "application/json"):
+            r = call(client, method, url, '{"purpose": "batch"}', content_type=content_type)
+            check_documented(schema, method, path, r, f"a {content_type} body")
+            assert r.status_code == 415, (path, content_type, r.content)
+        r = upload(client, url, purpose="batch" + "x" * 8192)
+        check_documented(schema, method, path, r, "a form field over MAX_REQUEST_BYTES")
+        assert r.status_code == 413, (path, r.content)
+        r = upload(client, url, b"x" * 4096, purpose="batch")
+        check_documented(schema, method, path, r, "a file over FILES_MAX_BYTES")
+        assert r.status_code == 413, (path, r.content)
+        r = upload(client, url, b"x" * (128 * 1024), purpose="batch")
+        check_documented(schema, method, path, r, "a body over FILES_MAX_BYTES by its Content-Length")
+        assert r.status_code == 413, (path, r.content)
+
+
 def test_a_tenant_over_its_limit_is_a_documented_429_with_retry_after(schema, world, policy, django_user_model):
     tenant = Tenant.objects.create(name="capped", max_queued=0)
     _, key = ApiKey.issue(tenant, "ci")
     client = client_with(f"Bearer {key}")
-    for path, body in VALID_BODIES.items():
-        r = call(client, "post", path, body)
+    for path in LIMITED:
+        r = call(client, "post", path, VALID_BODIES[path])
         check_documented(schema, "post", path, r, "max_queued reached")
         assert r.status_code == 429 and int(r["Retry-After"]) >= 1, (path, r.content)
     assert not Job.objects.filter(tenant=tenant).exists()
@@ -255,6 +326,7 @@ PROBE = """
 import django, json, sys
 django.setup()
 from django.test import Client
+from django.utils import timezone
 calls, token = json.loads(sys.argv[1]), sys.argv[2]
 c = Client(HTTP_AUTHORIZATION=f"Token {token}")
 out = []
@@ -263,7 +335,8 @@ for method, path, body in calls:
         r = getattr(c, method)(path)
     else:
         r = getattr(c, method)(path, data=json.dumps(body), content_type="application/json")
-    out.append([r.status_code, dict(r.headers), r.content.decode()])
+    content = b"".join(r.streaming_content) if r.streaming else r.content  # a file's bytes are streamed
+    out.append([r.status_code, dict(r.headers), content.decode()])
 print(json.dumps(out))
 """
 
@@ -319,6 +392,11 @@ def test_an_outage_answers_only_documented_statuses_and_bodies(schema, world, st
             assert answer.get("Retry-After"), (method, path)
             unavailable.add(f"{method.upper()} {path}")
     assert {"POST /jobs/", "POST /v1/chat/completions/"} <= unavailable, unavailable
+    if down == "Redis":
+        # A batch is its row: committed, it is answered (the reconciler starts it), not a 503 a retry duplicates.
+        (created,) = [a for m, p, a in answers if (m, p) == ("post", "/v1/batches/")]
+        assert created.status_code == 200, created.content
+        assert Batch.objects.filter(pk=json.loads(created.content)["id"], status="validating").exists()
     if down == "the database":
         assert len(unavailable) == len(answers), sorted({f"{m.upper()} {p}" for m, p, _ in answers} - unavailable)
 

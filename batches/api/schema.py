@@ -6,7 +6,7 @@ from __future__ import annotations
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse
 from rest_framework import serializers
 
-from openai_api.api.schema import errors
+from orchestrator_site.serializer_fields import RefuseUnknownFields, StrictCharField
 
 
 class FileObject(serializers.Serializer):
@@ -35,7 +35,9 @@ class FileDeleted(serializers.Serializer):
     deleted = serializers.BooleanField()
 
 
-class FileUpload(serializers.Serializer):
+class FileUpload(RefuseUnknownFields, serializers.Serializer):
+    """The form of ``POST /v1/files`` (checked by the view: any other field is a 400 naming it)."""
+
     file = serializers.FileField(help_text="A JSONL file: one request per line.")
     purpose = serializers.CharField(help_text="Must be 'batch' (any other is a 400).")
 
@@ -109,12 +111,17 @@ class BatchList(serializers.Serializer):
     has_more = serializers.BooleanField()
 
 
-class BatchCreate(serializers.Serializer):
-    input_file_id = serializers.CharField()
-    endpoint = serializers.CharField(help_text="Must be /v1/chat/completions.")
-    completion_window = serializers.CharField(help_text="Must be 24h (BATCH_COMPLETION_WINDOW_S says what that is).")
-    metadata = serializers.DictField(child=serializers.CharField(max_length=512), required=False, allow_null=True)
-    priority = serializers.CharField(
+class BatchCreate(RefuseUnknownFields, serializers.Serializer):
+    """The body of ``POST /v1/batches`` as ``services.create_batch`` checks it (with OpenAI's messages): any
+    other field is a 400 naming it (``Unrecognized request argument supplied``)."""
+
+    input_file_id = StrictCharField()
+    endpoint = StrictCharField(help_text="Must be /v1/chat/completions.")
+    completion_window = StrictCharField(help_text="Must be 24h (BATCH_COMPLETION_WINDOW_S says what that is).")
+    metadata = serializers.DictField(
+        child=StrictCharField(max_length=512, allow_blank=True), required=False, allow_null=True
+    )
+    priority = StrictCharField(
         required=False,
         help_text="Ours (OpenAI has none): high, normal or low, within the tenant's max_priority; default low.",
     )
@@ -129,7 +136,4 @@ FILE_LIST_PARAMETERS = [
     OpenApiParameter("order", str, enum=["asc", "desc"], description="By created_at; default desc."),
     OpenApiParameter("purpose", str, description="Only files of this purpose."),
 ]
-CONTENT = {
-    (200, "application/octet-stream"): OpenApiResponse(str, description="The file's bytes (JSONL)."),
-    **{(code, "application/json"): r for code, r in errors(401, 403, 404, 503).items()},
-}
+CONTENT = {(200, "application/octet-stream"): OpenApiResponse(str, description="The file's bytes (JSONL).")}

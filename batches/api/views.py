@@ -20,7 +20,6 @@ from rest_framework.response import Response
 from batches import cancelling, finalizing, progress, services
 from batches.api import schema
 from batches.models import Batch, File, files_storage
-from openai_api.api.schema import errors
 from openai_api.api.views import OpenAIView
 from openai_api.translate import InvalidRequest
 from tenants.identity import tenant_of
@@ -88,7 +87,13 @@ class Files(OpenAIView):
 
     @extend_schema(
         request={"multipart/form-data": schema.FileUpload},
-        responses={200: schema.FileObject, **errors(400, 401, 403, 413, 415, 503)},
+        responses={
+            200: schema.FileObject,
+            413: OpenApiResponse(
+                description="The file is larger than FILES_MAX_BYTES (code `file_too_large`), or the form's other"
+                " fields than MAX_REQUEST_BYTES."
+            ),
+        },
         summary="Upload a batch input file (JSONL; purpose=batch)",
         description="See docs/batches.md. The file is streamed to storage; its lines are checked when a batch uses it.",
         operation_id="v1_files_create",
@@ -98,18 +103,19 @@ class Files(OpenAIView):
         limit = settings.FILES_MAX_BYTES
         if length.isdigit() and int(length) > limit + MULTIPART_OVERHEAD:
             raise FileTooLarge(f"The file is larger than the limit of {limit} bytes (FILES_MAX_BYTES).")
-        upload = request.FILES.get("file")
-        if upload is None:
-            raise InvalidRequest("'file' is required: a multipart file field.", "file")
+        form = schema.FileUpload(data=request.data)
+        form.is_valid(raise_exception=True)  # an unknown field, or no file or purpose, is a 400 naming it
+        upload = form.validated_data["file"]
         if upload.size > limit:
             raise FileTooLarge(f"The file is {upload.size} bytes; the limit is {limit} bytes (FILES_MAX_BYTES).")
-        file = services.create_file(upload, request.data.get("purpose"), user=request.user, tenant=tenant_of(request))
+        purpose = form.validated_data["purpose"]
+        file = services.create_file(upload, purpose, user=request.user, tenant=tenant_of(request))
         return Response(file.as_openai())
 
     @extend_schema(
         request=None,
         parameters=schema.FILE_LIST_PARAMETERS,
-        responses={200: schema.FileList, **errors(400, 401, 403, 503)},
+        responses=schema.FileList,
         summary="The caller's files, newest first",
         operation_id="v1_files_list",
     )
@@ -128,7 +134,7 @@ class Files(OpenAIView):
 class FileDetail(OpenAIView):
     @extend_schema(
         request=None,
-        responses={200: schema.FileObject, **errors(401, 403, 404, 503)},
+        responses=schema.FileObject,
         summary="One file",
         operation_id="v1_files_retrieve",
     )
@@ -137,7 +143,10 @@ class FileDetail(OpenAIView):
 
     @extend_schema(
         request=None,
-        responses={200: schema.FileDeleted, **errors(401, 403, 404, 409, 503)},
+        responses={
+            200: schema.FileDeleted,
+            409: OpenApiResponse(description="A batch still reads the file (its input, validating or in progress)."),
+        },
         summary="Delete a file (409 while a batch still reads it)",
         operation_id="v1_files_destroy",
     )
@@ -151,10 +160,8 @@ class FileDetail(OpenAIView):
 
 
 class FileContent(OpenAIView):
-    def perform_content_negotiation(self, request: Request, force: bool = False) -> Any:
-        # The SDK asks for application/binary; the bytes are sent as they are whatever is asked,
-        # and an error is JSON.
-        return super().perform_content_negotiation(request, force=True)
+    # The SDK asks for application/binary; the bytes are sent as they are, and an error is JSON.
+    also_answers = ("application/binary", "application/octet-stream", "application/jsonl", "text/plain")
 
     @extend_schema(request=None, responses=schema.CONTENT, summary="A file's contents", operation_id="v1_files_content")
     def get(self, request: Request, file_id: str) -> Any:
@@ -169,7 +176,7 @@ class FileContent(OpenAIView):
 class Batches(OpenAIView):
     @extend_schema(
         request=schema.BatchCreate,
-        responses={200: schema.BatchObject, **errors(400, 401, 403, 413, 415, 503)},
+        responses=schema.BatchObject,
         summary="Create a batch from an uploaded file",
         description="See docs/batches.md. Answers at once (validating); a worker checks the file and creates the jobs.",
         operation_id="v1_batches_create",
@@ -181,7 +188,7 @@ class Batches(OpenAIView):
     @extend_schema(
         request=None,
         parameters=schema.PAGE_PARAMETERS,
-        responses={200: schema.BatchList, **errors(400, 401, 403, 503)},
+        responses=schema.BatchList,
         summary="The caller's batches, newest first",
         operation_id="v1_batches_list",
     )
@@ -193,7 +200,7 @@ class Batches(OpenAIView):
 class BatchDetail(OpenAIView):
     @extend_schema(
         request=None,
-        responses={200: schema.BatchObject, **errors(401, 403, 404, 503)},
+        responses=schema.BatchObject,
         summary="One batch, with its live request counts",
         operation_id="v1_batches_retrieve",
     )
@@ -206,8 +213,12 @@ class BatchCancel(OpenAIView):
     @extend_schema(
         request=None,
         responses={
-            200: OpenApiResponse(schema.BatchObject, description="The batch, cancelling (or already ended)."),
-            **errors(401, 403, 404, 409, 503),
+            200: OpenApiResponse(
+                schema.BatchObject, description="The batch, cancelling (or already cancelling or cancelled)."
+            ),
+            409: OpenApiResponse(
+                description="The batch already ended (completed, failed or expired): code `batch_not_cancellable`."
+            ),
         },
         summary="Cancel a batch: queued lines are cancelled, running ones finish, then the partial files",
         operation_id="v1_batches_cancel",

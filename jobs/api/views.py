@@ -30,6 +30,7 @@ from jobs.api.serializers import (
 )
 from jobs.models import Job, JobState, Priority
 from orchestrator_site import relaying
+from orchestrator_site.negotiation import AlsoAnswers
 from tenants.identity import tenant_of
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -184,10 +185,8 @@ class JobResult(APIView):
         return stream.result_ticket_or_response(doc, stream.wait_seconds(request))
 
 
-class JobStream(APIView):
-    def perform_content_negotiation(self, request: Request, force: bool = False) -> Any:
-        # EventSource sends "Accept: text/event-stream": the relay answers in it, and errors in JSON.
-        return super().perform_content_negotiation(request, force=True)
+class JobStream(AlsoAnswers, APIView):
+    also_answers = ("text/event-stream",)  # EventSource's Accept: the relay answers in it, errors in JSON
 
     @extend_schema(
         parameters=[

@@ -24,6 +24,7 @@ from jobs.api.views import IDEMPOTENCY_HEADER, MAX_IDEMPOTENCY_KEY
 from openai_api import errors, translate
 from openai_api.api import schema
 from orchestrator_site import relaying
+from orchestrator_site.negotiation import AlsoAnswers
 from orchestrator_site.redis import redis_client
 from routing import registry
 from tenants.identity import tenant_of
@@ -31,17 +32,14 @@ from tenants.models import Tenant
 from workers.backends import params as token_params
 
 
-class OpenAIView(APIView):
+class OpenAIView(AlsoAnswers, APIView):
     """Errors in OpenAI's shape (``openai_api.errors``), and so documented (``orchestrator_site.schema``)."""
 
     error_serializer = schema.OpenAIError
+    also_answers = ("text/event-stream",)  # a streamed completion asked for so: the relay answers in it
 
     def get_exception_handler(self):  # noqa: ANN201 (DRF's hook)
         return errors.exception_handler
-
-    def perform_content_negotiation(self, request: Request, force: bool = False) -> Any:
-        # A streamed completion may be asked for with "Accept: text/event-stream": the relay answers in it.
-        return super().perform_content_negotiation(request, force=True)
 
 
 def _snapshot() -> registry.Snapshot:
