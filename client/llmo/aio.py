@@ -223,8 +223,7 @@ class AsyncClient:
         path, last, drops = f"/jobs/{segment(job_id)}/stream", after, 0
         timeout = httpx.Timeout(self.settings.timeout, read=max(self.settings.timeout, _core.STREAM_READ_TIMEOUT_S))
         while True:
-            # No "Accept: text/event-stream": DRF's content negotiation answers that with a 406.
-            headers = {"Last-Event-ID": last} if last else {}
+            headers = {"Accept": "text/event-stream", **({"Last-Event-ID": last} if last else {})}
             response = await self._request("GET", path, idempotent=True, headers=headers, timeout=timeout, stream=True)
             decoder = _core.SSEDecoder()
             try:
