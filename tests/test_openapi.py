@@ -37,6 +37,7 @@ from tenants import identity
 from tenants.models import ApiKey, Membership, Tenant
 from tests.conftest import ROOT, process_env
 from tests.factories import make_job
+from webhooks import services as webhook_services
 
 MISSING = "999999999"  # an id no object has (and, for a job, not even a UUID)
 WORLD_FILE = "file-000000000000000000000001"  # the world's batch input file (a body names it)
@@ -140,7 +141,9 @@ def world(db, staff, policy, dev_backend) -> dict[str, str]:
     batch = Batch.objects.create(
         input_file=file, created_by=staff, expires_at=timezone.now() + timedelta(hours=24), total=1
     )
+    hook = webhook_services.create(owner=staff, url="https://93.184.215.14/h", events=["job.failed"], source="shell")
     return {
+        "webhook_id": str(hook.pk),
         "/backends/": str(dev_backend.pk),
         "/policies/": str(policy.pk),
         "/tenants/": str(tenant.pk),

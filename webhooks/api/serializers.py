@@ -5,18 +5,16 @@ The secret is in one answer only, the one to ``POST /webhooks`` (``NewWebhookEnd
 
 from __future__ import annotations
 
-from typing import Any
-
 from rest_framework import serializers
 
-from orchestrator_site.serializer_fields import StrictCharField
+from orchestrator_site.serializer_fields import RefuseUnknownFields, StrictCharField
 from webhooks import destination
 from webhooks.models import EventType, WebhookEndpoint, events_problem
 
 URL_MAX = 2000
 
 
-class WebhookEndpointCreateSerializer(serializers.Serializer):
+class WebhookEndpointCreateSerializer(RefuseUnknownFields, serializers.Serializer):
     """The body of ``POST /webhooks``. Unknown fields are refused (400 naming them)."""
 
     url = StrictCharField(
@@ -30,14 +28,6 @@ class WebhookEndpointCreateSerializer(serializers.Serializer):
     )
     description = StrictCharField(max_length=200, required=False, allow_blank=True, default="")
     enabled = serializers.BooleanField(required=False, default=True)
-
-    def to_internal_value(self, data: Any) -> dict[str, Any]:
-        if not isinstance(data, dict):
-            raise serializers.ValidationError({"non_field_errors": ["Expected a JSON object."]})
-        unknown = set(data) - set(self.fields)
-        if unknown:
-            raise serializers.ValidationError({name: ["Unknown field."] for name in sorted(unknown)})
-        return super().to_internal_value(data)
 
     def validate_url(self, url: str) -> str:
         url = url.strip()
