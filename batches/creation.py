@@ -5,16 +5,18 @@ size). The first checks every line (``batches.jsonl``) and the tenant's counted 
 fails the whole batch with the line numbers (``errors.data``), and no job exists. The batch then
 goes ``in_progress`` and the second pass creates the jobs ``BATCH_CHUNK`` at a time: one
 ``bulk_create`` per chunk in a short transaction (which also counts ``lines_created`` on the batch
-row, only while it is ``in_progress``: a cancel stops the creation at the next chunk), then one
-Redis pipeline pushing the chunk on the fair queue at the batch's priority. A task that died
-part-way is started again by the reconciler and skips the lines whose job exists.
+row, only while it is ``in_progress``: a cancel stops the creation at the next chunk). The lines are
+created *held* (no ``enqueued_at``); after the commit, as many as the batch's window has room for
+are pushed on the fair queue at the batch's priority in one Redis pipeline, and the rest follow as
+earlier lines end (``batches.window``). A task that died part-way is started again by the
+reconciler and skips the lines whose job exists.
 
 Tenant limits for batch lines (docs/batches.md): ``max_priority`` and ``allowed_backends`` apply
 as to any request; ``rpm_limit`` does not (a batch is one request, not 50,000); ``tokens_per_day``
 and ``budget_usd`` are checked once for the whole file (over either, the batch fails with
 ``token_limit_exceeded`` / ``budget_exceeded``) and every line reserves its tokens as a job does;
-``max_queued`` and ``QUEUE_MAX_DEPTH`` do not refuse lines: they wait in the queue, behind
-interactive traffic at higher priorities and in the tenant's fair share at their own.
+``max_queued`` and ``QUEUE_MAX_DEPTH`` neither refuse lines nor count them: they wait, held or in
+the window, behind interactive traffic at higher priorities and in the tenant's fair share at their own.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from django.db.models import F
 from django.utils import timezone
 from redis.exceptions import RedisError
 
-from batches import jsonl, progress
+from batches import jsonl, progress, window
 from batches.models import Batch, BatchStatus, File, files_storage
 from jobs import services
 from jobs.models import Job, JobState
@@ -206,6 +208,7 @@ def _create_chunk(batch: Batch, lines: list[jsonl.Line | jsonl.LineError], snap:
             data, user=user, decision=decision, backend=snap.backends[decision.backend], tenant=tenant, job_id=job_id
         )
         job.batch_id, job.custom_id = batch.pk, line.custom_id
+        job.enqueued_at = None  # held until the window pushes it
         job.queue_timeout_s, job.expires_at = window_s, batch.expires_at
         if tenant is not None and tenant.tokens_per_day is not None:
             job.reserved_tokens = admission.reservation(data)
@@ -244,17 +247,14 @@ def _failed_line(batch: Batch, custom_id: str, reason: str, now) -> Job:
 
 
 def _push(batch: Batch, queued: list[Job], failed: int) -> None:
-    pipe = redis_client().pipeline()
-    services.enqueue_created(queued, pipe)
     reserved = sum(job.reserved_tokens or 0 for job in queued)
     if reserved and batch.tenant is not None:
         # as admission reserves one job's: only a counter that exists (a missing one is rebuilt from the rows)
-        pipe.eval(admission.ADJUST, 0, admission.tokens_key(batch.tenant.pk, timezone.now()), reserved)
-    try:
-        pipe.execute()
-    except RedisError as exc:  # the rows are queued: the reconciler pushes them once Redis answers
-        log.error("batch lines not pushed; left for the reconciler", extra={"batch_id": batch.pk, "error": str(exc)})
-        Job.objects.filter(pk__in=[j.pk for j in queued]).update(enqueued_at=None)
+        try:
+            redis_client().eval(admission.ADJUST, 0, admission.tokens_key(batch.tenant.pk, timezone.now()), reserved)
+        except RedisError as exc:  # the counter is rebuilt from the rows when it is next missed
+            log.warning("batch tokens not reserved", extra={"batch_id": batch.pk, "error": str(exc)})
+    window.refill(batch.pk)  # the rows are held: what the window has no room for waits for earlier lines
     if failed:
         progress.add(batch.pk, 0, failed)
 

@@ -7,6 +7,10 @@ call that brings ``completed + failed`` to ``total`` enqueues the finalizer. The
 display progress and trigger finalizing: the finalizer reads the outcomes from the rows, so a lost
 hash (Redis flushed) or a count twice costs nothing but time; the reconciler finalizes a batch
 whose lines all ended without a trigger (``batches.recovery``), and ``counts`` falls back to the rows.
+
+The hash also holds the batch's window (``batches.window``): ``window``, its lines pushed and not
+ended, which every end lowers, and ``drained``, set once no line is held any more. The end that
+leaves ``window.refill_step()`` of room pushes that many held lines.
 """
 
 from __future__ import annotations
@@ -19,30 +23,37 @@ from typing import Any
 from django.db.models import Count, Q
 from redis.exceptions import RedisError
 
-from batches import tasks
+from batches import tasks, window
 from jobs.models import JobState
-from orchestrator_site.redis import key, redis_client
+from orchestrator_site.redis import redis_client
 
 log = logging.getLogger(__name__)
 
-# KEYS: the hash. ARGV: completed, failed. Adds only to a hash that exists. Returns {done, total} or {}.
+# KEYS: the hash. ARGV: completed, failed. Adds only to a hash that exists; the lines' room in the window
+# goes back (never below zero). Returns {done, total, window, drained} or {}.
 COUNT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
 local c = redis.call('HINCRBY', KEYS[1], 'completed', ARGV[1])
 local f = redis.call('HINCRBY', KEYS[1], 'failed', ARGV[2])
-return {c + f, tonumber(redis.call('HGET', KEYS[1], 'total') or '-1')}
+local w = redis.call('HINCRBY', KEYS[1], 'window', -(tonumber(ARGV[1]) + tonumber(ARGV[2])))
+if w < 0 then
+  redis.call('HSET', KEYS[1], 'window', 0)
+  w = 0
+end
+local total = tonumber(redis.call('HGET', KEYS[1], 'total') or '-1')
+return {c + f, total, w, tonumber(redis.call('HGET', KEYS[1], 'drained') or '0')}
 """
 
 
 def counts_key(batch_id: str) -> str:
-    return key("batch", batch_id)
+    return window.hash_key(batch_id)
 
 
 def start(batch_id: str, total: int, ttl_s: int) -> None:
     """The batch is ``in_progress`` with ``total`` lines: its counts start at zero."""
     pipe = redis_client().pipeline()
     pipe.delete(counts_key(batch_id))
-    pipe.hset(counts_key(batch_id), mapping={"total": total, "completed": 0, "failed": 0})
+    pipe.hset(counts_key(batch_id), mapping={"total": total, "completed": 0, "failed": 0, "window": 0, "drained": 0})
     pipe.expire(counts_key(batch_id), ttl_s)
     pipe.execute()
 
@@ -60,6 +71,20 @@ def set_total(batch_id: str, total: int) -> bool:
 def add(batch_id: str, completed: int, failed: int) -> None:
     """Count outcomes that ended without a job move (lines created already failed); finalize when done."""
     _count({batch_id: [completed, failed]})
+
+
+def rebuild(batch: Any, ttl_s: int) -> None:
+    """A lost hash (Redis flushed) written again from the rows; the window is recounted after it."""
+    client = redis_client()
+    if client.exists(counts_key(batch.pk)):
+        return
+    counts = counts_from_rows(batch)
+    pipe = client.pipeline()
+    pipe.hsetnx(counts_key(batch.pk), "total", batch.total)
+    pipe.hsetnx(counts_key(batch.pk), "completed", counts["completed"])
+    pipe.hsetnx(counts_key(batch.pk), "failed", counts["failed"])
+    pipe.expire(counts_key(batch.pk), ttl_s)
+    pipe.execute()
 
 
 def count_ended(jobs: Sequence[Any]) -> None:
@@ -81,9 +106,15 @@ def _count(per_batch: dict[str, list[int]]) -> None:
     except RedisError as exc:  # the reconciler finalizes from the rows
         log.warning("batch counts not updated", extra={"batches": len(per_batch), "error": str(exc)})
         return
+    step, size = window.refill_step(), window.size()
     for batch_id, reply in zip(per_batch, replies, strict=True):
         if reply and int(reply[1]) >= 0 and int(reply[0]) >= int(reply[1]):
             tasks.enqueue("finalize", batch_id)
+        elif reply and not int(reply[3]) and int(reply[2]) <= size - step:
+            try:
+                window.refill(batch_id)  # room in the window, and lines held: push the next ones
+            except Exception as exc:  # the reconciler's resync pushes them
+                log.error("batch window not refilled", extra={"batch_id": batch_id, "error": repr(exc)})
 
 
 def counts_from_rows(batch: Any) -> dict[str, int]:

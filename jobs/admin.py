@@ -126,6 +126,10 @@ class JobAdmin(RefuseForbiddenActionsMixin, admin.ModelAdmin):
         if obj.state != JobState.QUEUED or not obj.queue:
             return "—"
         place = queue_position.place(obj.queue, obj.tenant_id, obj.rq_job_id or str(obj.pk))
+        if place.position is None and obj.batch_id is not None and obj.enqueued_at is None:
+            held = queue_position.held_place(str(obj.pk))
+            if held.position is not None:
+                return f"{held.position} (held by its batch's window until earlier lines end)"
         if place.position is None:
             return "not on its queue (the reconciler will push it again)"
         eta = f", starts in about {place.eta_s:g} s" if place.eta_s is not None else ", no drain rate measured yet"

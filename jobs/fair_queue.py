@@ -21,6 +21,9 @@ The keys of queue ``Q`` (prefix ``llmo:fq:``):
 - ``q:Q:heads`` sorted set: tenant -> enqueue time of its oldest job (aging, queue position).
 - ``q:Q:pass`` hash: tenant -> pass when it stopped waiting; ``q:Q:vt``: the pass last served.
 - ``q:Q:n``: jobs waiting at ``Q``; ``tenant:<tenant>:queued``: jobs a tenant has waiting anywhere.
+- ``q:Q:batch`` set: the waiting jobs that are batch lines (pushed with ``batch=True``), counted
+  apart in ``q:Q:bn`` and ``tenant:<tenant>:batched``, so admission can leave them out of
+  ``max_queued`` and ``QUEUE_MAX_DEPTH`` (a batch's backlog never refuses interactive traffic).
 - ``bell:Q``: a short list a push rings and an idle worker blocks on (BLPOP), so it wakes at once.
 - ``drain:Q:<10 s bucket>``: jobs taken, for the drain rate behind ETAs and ``Retry-After``.
 - ``weights`` hash: tenant -> fair-share weight (refreshed by every push and by a tenant's save).
@@ -70,13 +73,19 @@ local function refresh_head(q, t)
   redis.call('ZREM', qkey(q, 'heads'), t)
   return false
 end
-local function forget(q, t)
+local function forget(q, t, job)
   redis.call('DECR', qkey(q, 'n'))
   redis.call('DECR', P .. 'tenant:' .. t .. ':queued')
+  if redis.call('SREM', qkey(q, 'batch'), job) == 1 then
+    redis.call('DECR', qkey(q, 'bn'))
+    redis.call('DECR', P .. 'tenant:' .. t .. ':batched')
+    return '1'
+  end
+  return ''
 end
 """
 
-# ARGV: prefix, queue, tenant, job id, score (µs), weight ('' keeps the stored one), bell cap
+# ARGV: prefix, queue, tenant, job id, score (µs), weight ('' keeps the stored one), bell cap, batch ('1' or '')
 _PUSH = (
     _LIB
     + """
@@ -85,6 +94,10 @@ if w ~= '' then redis.call('HSET', P .. 'weights', t, w) end
 if redis.call('ZADD', qkey(q, 't:' .. t), score, job) == 1 then
   redis.call('INCR', qkey(q, 'n'))
   redis.call('INCR', P .. 'tenant:' .. t .. ':queued')
+  if ARGV[8] == '1' and redis.call('SADD', qkey(q, 'batch'), job) == 1 then
+    redis.call('INCR', qkey(q, 'bn'))
+    redis.call('INCR', P .. 'tenant:' .. t .. ':batched')
+  end
 end
 if not redis.call('ZSCORE', qkey(q, 'active'), t) then
   local saved = tonumber(redis.call('HGET', qkey(q, 'pass'), t) or '0') or 0
@@ -114,11 +127,11 @@ local function serve(q, t)
   redis.call('SET', qkey(q, 'vt'), pass)
   redis.call('ZADD', qkey(q, 'active'), pass + 1 / weight(t), t)
   refresh_head(q, t)
-  forget(q, t)
+  local batch = forget(q, t, popped[1])
   local drain = P .. 'drain:' .. q .. ':' .. bucket
   redis.call('INCR', drain)
   redis.call('EXPIRE', drain, ttl)
-  out[#out + 1] = {q, popped[1], t, popped[2]}
+  out[#out + 1] = {q, popped[1], t, popped[2], batch}
   return true
 end
 while #out < n do
@@ -143,7 +156,7 @@ while #out < n do
     local legacy = nil
     for _, q in ipairs(queues) do
       legacy = redis.call('LPOP', 'rq:queue:' .. q)
-      if legacy then out[#out + 1] = {q, legacy, '', ''} break end
+      if legacy then out[#out + 1] = {q, legacy, '', '', ''} break end
     end
     if not legacy then break end
   end
@@ -158,13 +171,14 @@ _REMOVE = (
     + """
 local q, t = ARGV[2], ARGV[3]
 if redis.call('ZREM', qkey(q, 't:' .. t), ARGV[4]) == 0 then return 0 end
-forget(q, t)
+forget(q, t, ARGV[4])
 refresh_head(q, t)
 return 1
 """
 )
 
-# ARGV: prefix, queue, tenant, job id, scan max, higher queue 1..k. Returns the 1-based position or -1.
+# ARGV: prefix, queue, tenant, job id, scan max, after, higher queue 1..k. Returns the 1-based position or -1.
+# A job id '' asks for a job that is not queued yet: the one `after` jobs behind the tenant's last waiting one.
 # Its work is bounded: the `scan` tenants with the lowest passes (the most dispatches ahead of the job)
 # are counted exactly, in a few calls whatever their number (one range, one HMGET of their weights, a
 # ZCARD only where a tenant could be owed more than its one waiting job); the tenants past them are
@@ -174,7 +188,8 @@ _POSITION = (
     + """
 local q, t, job, scan = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local sub = qkey(q, 't:' .. t)
-local rank = redis.call('ZRANK', sub, job)
+local rank
+if job == '' then rank = redis.call('ZCARD', sub) + tonumber(ARGV[6]) else rank = redis.call('ZRANK', sub, job) end
 if not rank then return -1 end
 local active = qkey(q, 'active')
 local pass = tonumber(redis.call('ZSCORE', active, t) or redis.call('GET', qkey(q, 'vt')) or '0') or 0
@@ -216,7 +231,7 @@ if rest > 0 and #names > 0 then
   local held = (tonumber(redis.call('GET', qkey(q, 'n')) or '0') or 0) - redis.call('ZCARD', sub) - counted
   ahead = ahead + math.max(0, math.min(rest * each, held))
 end
-for i = 6, #ARGV do
+for i = 7, #ARGV do
   ahead = ahead + math.max(0, tonumber(redis.call('GET', qkey(ARGV[i], 'n')) or '0') or 0)
 end
 return ahead + 1
@@ -241,6 +256,7 @@ class Taken:
     job_id: str
     tenant: str  # '' for a job taken from RQ's own list
     score: str
+    batch: str = ""  # '1' for a batch line (it goes back counted as one)
 
 
 def tenant_key(tenant_id: int | None) -> str:
@@ -259,10 +275,14 @@ def push(
     score: str,
     *,
     weight: int | None = None,
+    batch: bool = False,
     pipeline: Pipeline | None = None,
 ) -> None:
-    """Put ``job_id`` in ``tenant``'s sub-queue of ``queue`` (again: a no-op but for the bell)."""
-    args = [PREFIX, queue, tenant, job_id, score, "" if weight is None else str(weight), BELL_CAP]
+    """Put ``job_id`` in ``tenant``'s sub-queue of ``queue`` (again: a no-op but for the bell).
+
+    ``batch``: the job is a batch line, counted apart from the jobs admission limits (see above).
+    """
+    args = [PREFIX, queue, tenant, job_id, score, "" if weight is None else str(weight), BELL_CAP, "1" if batch else ""]
     if pipeline is not None:
         # As status_mirror.write: a Script in a pipeline costs a SCRIPT EXISTS round trip each
         # time the pipeline runs (a submit's after-commit one among them); EVAL carries the body.
@@ -294,7 +314,7 @@ def put_back(taken: Iterable[Taken], *, client: Redis | None = None) -> None:
     pipe = (client or redis_client()).pipeline(transaction=False)
     for t in reversed(list(taken)):
         if t.tenant:
-            push(t.queue, t.tenant, t.job_id, t.score, pipeline=pipe)
+            push(t.queue, t.tenant, t.job_id, t.score, batch=t.batch == "1", pipeline=pipe)
         else:
             pipe.lpush(f"rq:queue:{t.queue}", t.job_id)
     pipe.execute()
@@ -313,11 +333,18 @@ def is_waiting(queue: str, tenant: str, job_id: str, *, pipeline: Pipeline) -> N
 
 
 def position(
-    queue: str, tenant: str, job_id: str, higher: Sequence[str] = (), *, pipeline: Pipeline | None = None
+    queue: str,
+    tenant: str,
+    job_id: str,
+    higher: Sequence[str] = (),
+    *,
+    after: int = 0,
+    pipeline: Pipeline | None = None,
 ) -> int | None:
     """Where a waiting job stands: 1 = next to be taken from ``queue`` and the ``higher`` queues before it
     (None: it waits nowhere). With ``pipeline``, the script is queued there and its reply is the raw
-    position (``-1`` for nowhere).
+    position (``-1`` for nowhere). ``job_id`` ``''`` asks for a job not queued yet (a held batch
+    line): the one that would stand ``after`` jobs behind the tenant's last waiting one.
 
     Approximate in three ways: it assumes the tenants' passes advance as they would if no new job
     arrived (a new tenant, or new jobs at a higher priority, move it back); it ignores aging; and
@@ -328,7 +355,7 @@ def position(
     and weights it runs high, by a tenth or so.
     """
     pos = _script("position", _POSITION)(
-        args=[PREFIX, queue, tenant, job_id, POSITION_SCAN_MAX, *higher],
+        args=[PREFIX, queue, tenant, job_id, POSITION_SCAN_MAX, after, *higher],
         client=pipeline if pipeline is not None else redis_client(),
     )
     if pipeline is not None:
@@ -357,6 +384,16 @@ def heads_key(queue: str) -> str:
 def tenant_queued_key(tenant: str) -> str:
     """Jobs ``tenant`` has waiting, over every queue."""
     return f"{PREFIX}tenant:{tenant}:queued"
+
+
+def batch_depth_key(queue: str) -> str:
+    """Batch lines among the jobs waiting at ``queue`` (part of ``depth_key``'s count)."""
+    return f"{PREFIX}q:{queue}:bn"
+
+
+def tenant_batched_key(tenant: str) -> str:
+    """Batch lines among the jobs ``tenant`` has waiting (part of ``tenant_queued_key``'s count)."""
+    return f"{PREFIX}tenant:{tenant}:batched"
 
 
 def bell_key(queue: str) -> str:

@@ -205,6 +205,13 @@ class Job(models.Model):
                 name="job_queued_expiry",
             ),
             models.Index(fields=["tenant", "created_at"], name="job_tenant_created"),
+            # Batch lines held back by their batch's window (batches.window), in the order it pushes them:
+            # only held lines are in it, so a refill or a held line's queue position reads a few rows.
+            models.Index(
+                fields=["batch", "custom_id"],
+                condition=Q(state="queued", enqueued_at__isnull=True, batch__isnull=False),
+                name="job_batch_held",
+            ),
         ]
         constraints = [
             models.UniqueConstraint(

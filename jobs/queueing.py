@@ -68,6 +68,7 @@ def enqueue(job: Job, pipeline: Pipeline | None = None, meta: dict[str, str] | N
         rq_job.id,
         fair_queue.score_of((job.enqueued_at or job.created_at).timestamp()),
         weight=tenant.weight if tenant is not None else None,
+        batch=job.batch_id is not None,  # a batch line: not counted toward max_queued / QUEUE_MAX_DEPTH
         pipeline=pipe,
     )
     if pipeline is None:

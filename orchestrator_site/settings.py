@@ -191,6 +191,9 @@ BATCH_MAX_REQUESTS = env_int("BATCH_MAX_REQUESTS", 50_000, minimum=1)  # lines i
 # What completion_window "24h" means here: tests shorten it. Past it, unfinished lines expire.
 BATCH_COMPLETION_WINDOW_S = env_int("BATCH_COMPLETION_WINDOW_S", 24 * 3600, minimum=1)
 BATCH_CHUNK = env_int("BATCH_CHUNK", 500, minimum=1, maximum=10_000)  # jobs created per transaction
+# A batch's lines on the queue at once (waiting or running); the rest are held in the database and
+# pushed as earlier lines end, so a big batch neither fills Redis nor queues ahead of later work.
+BATCH_WINDOW = env_int("BATCH_WINDOW", 1000, minimum=1, maximum=100_000)
 BATCH_DEFAULT_PRIORITY = env_str("BATCH_DEFAULT_PRIORITY", "low")
 if BATCH_DEFAULT_PRIORITY not in JOB_QUEUES:
     raise ImproperlyConfigured(f"BATCH_DEFAULT_PRIORITY={BATCH_DEFAULT_PRIORITY!r} is not one of {JOB_QUEUES}")

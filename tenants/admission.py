@@ -7,7 +7,8 @@ tenant, a priority above ``max_priority``, a pinned or model-named backend outsi
 and also makes the idempotency claim, so a refused request leaves nothing behind: it checks
 ``rpm_limit`` (a sliding one-minute log), ``tokens_per_day`` (tokens reserved and used today, UTC),
 ``budget_usd`` (spend this day or month), ``max_queued`` (the tenant's waiting jobs) and the global
-``QUEUE_MAX_DEPTH`` (jobs waiting at the job's priority over all its queues), and only when all pass
+``QUEUE_MAX_DEPTH`` (jobs waiting at the job's priority over all its queues; batch lines count toward
+neither: ``jobs.fair_queue`` counts them apart, see docs/batches.md), and only when all pass
 claims the key and takes the reservations, atomically. Over any: a 429 (``AdmissionRefused``) with
 ``Retry-After``.
 
@@ -69,7 +70,8 @@ LIMITS = ("rpm_limit", "tokens_per_day", "budget_usd", "max_queued", "queue_max_
 # rpm limit (-1 off), token key ('' off), token limit, token reservation, seconds to the day's end,
 # spend key ('' off), budget (µ$), seconds to the period's end, max queued (-1 off), the tenant's
 # queued-jobs key, queue max depth (-1 off), priority, pending ms, drain window s, n, then n depth keys
-# of the priority's queues, then their drain counters.
+# of the priority's queues, then their n batch-line depth keys, then the tenant's batch-lines key, then
+# the queues' drain counters. Batch lines waiting are subtracted from both counts.
 # Returns {'ok'} | {'dup'} (the key exists: a replay) | {'miss', limit} | {'refuse', limit, retry s, used, cap}.
 ADMIT = """
 local P, now, job = ARGV[1], tonumber(ARGV[2]), ARGV[3]
@@ -82,7 +84,7 @@ local pending_ms, window, nq = tonumber(ARGV[20]), tonumber(ARGV[21]), tonumber(
 local function num(v) return tonumber(v or '0') or 0 end
 local function drain_wait(excess)
   local total = 0
-  for i = 23 + nq, #ARGV do total = total + num(redis.call('GET', ARGV[i])) end
+  for i = 24 + 2 * nq, #ARGV do total = total + num(redis.call('GET', ARGV[i])) end
   if total <= 0 then return -1 end
   return math.ceil(excess * window / total)
 end
@@ -110,14 +112,17 @@ end
 local tq = P .. 't:' .. t .. ':admitting'
 if max_q >= 0 then
   redis.call('ZREMRANGEBYSCORE', tq, '-inf', now - pending_ms)
-  local n = math.max(0, num(redis.call('GET', queued_key))) + redis.call('ZCARD', tq)
+  local waiting = num(redis.call('GET', queued_key)) - math.max(0, num(redis.call('GET', ARGV[23 + 2 * nq])))
+  local n = math.max(0, waiting) + redis.call('ZCARD', tq)
   if n >= max_q then return {'refuse', 'max_queued', drain_wait(n - max_q + 1), n, max_q} end
 end
 local pq = P .. 'p:' .. prio .. ':admitting'
 if max_d >= 0 then
   redis.call('ZREMRANGEBYSCORE', pq, '-inf', now - pending_ms)
   local n = redis.call('ZCARD', pq)
-  for i = 23, 22 + nq do n = n + math.max(0, num(redis.call('GET', ARGV[i]))) end
+  for i = 23, 22 + nq do
+    n = n + math.max(0, num(redis.call('GET', ARGV[i])) - math.max(0, num(redis.call('GET', ARGV[i + nq]))))
+  end
   if n >= max_d then return {'refuse', 'queue_max_depth', drain_wait(n - max_d + 1), n, max_d} end
 end
 if idem ~= '' then redis.call('SET', idem, fp, 'EX', idem_ttl) end
@@ -331,6 +336,8 @@ class Ticket:
             fair_queue.DRAIN_BUCKET_S * fair_queue.DRAIN_WINDOW_BUCKETS,
             len(queues),
             *(fair_queue.depth_key(q) for q in queues),
+            *(fair_queue.batch_depth_key(q) for q in queues),
+            fair_queue.tenant_batched_key(fair_queue.tenant_key(t.pk if t is not None else None)),
             *drains,
         ]
         self.reply = rt.script(_script("admit"), [], args)

@@ -1,4 +1,5 @@
-"""A batch whose last count was lost is finalized by the reconciler; the admin shows and serves it."""
+"""A batch whose last count was lost is finalized by the reconciler; held lines are never pushed as lost,
+and a window lost with Redis is recounted; the admin shows and serves batches."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from django.core.files.base import ContentFile
 from django.test import Client
 from django.utils import timezone
 
-from batches import finalizing, hooks, recovery, tasks
+from batches import finalizing, hooks, progress, recovery, tasks
 from batches.models import Batch, BatchStatus, File, FilePurpose, files_storage
-from jobs import fair_queue
+from jobs import fair_queue, queue_position
 from jobs.models import Job, JobState
+from workers.fleet import reconciler
 
 
 def a_batch(user, n: int, **fields) -> Batch:
@@ -59,7 +61,7 @@ def test_a_batch_whose_lines_ended_uncounted_is_finalized_by_the_reconciler(
 def test_a_fresh_or_running_batch_is_left_alone(db, user):
     a_batch(user, 2, status=BatchStatus.IN_PROGRESS)  # just written
     running = a_batch(user, 1, status=BatchStatus.IN_PROGRESS)
-    Job.objects.filter(batch=running).update(state=JobState.QUEUED)
+    Job.objects.filter(batch=running).update(state=JobState.QUEUED, enqueued_at=timezone.now())  # pushed, waiting
     Batch.objects.filter(pk=running.pk).update(updated_at=timezone.now() - timedelta(minutes=5))
     assert recovery.reconcile_batches() == 0
 
@@ -81,3 +83,36 @@ def test_the_admin_lists_batches_and_serves_files_only_to_staff(admin_client, us
     assert response.status_code == 200
     batch.refresh_from_db()
     assert batch.status == BatchStatus.CANCELLING
+
+
+def test_held_lines_are_not_lost_jobs_and_a_window_lost_with_redis_is_recounted(db, user, redis_db, settings):
+    settings.BATCH_WINDOW = 3
+    batch = a_batch(user, 8, status=BatchStatus.IN_PROGRESS)
+    long_ago = timezone.now() - timedelta(minutes=5)
+    lines = {job.custom_id: job for job in Job.objects.filter(batch=batch)}
+    for name in [f"r{i}" for i in range(2, 8)]:  # six lines held by the window, as batches.creation makes them
+        Job.objects.filter(pk=lines[name].pk).update(
+            state=JobState.QUEUED, queue="low", priority="low", rq_job_id=str(lines[name].pk), created_at=long_ago
+        )
+    Batch.objects.filter(pk=batch.pk).update(updated_at=long_ago)  # and Redis lost the batch's hash
+
+    assert reconciler.requeue_lost_jobs(min_age_s=0) == 0  # held, not lost: nothing pushed
+    assert fair_queue.waiting_ids("low") == []
+    assert recovery.reconcile_batches() == 1  # the window recounted from the rows and filled
+    # the first held lines in custom_id order (pushed together: one enqueue time, so any order among them)
+    assert sorted(fair_queue.waiting_ids("low")) == sorted(str(lines[f"r{i}"].pk) for i in (2, 3, 4))
+    key = fair_queue.tenant_key(None)
+    assert int(redis_db.get(fair_queue.tenant_batched_key(key))) == 3
+    assert redis_db.hmget(progress.counts_key(batch.pk), "total", "completed", "window") == [b"8", b"2", b"3"]
+    assert queue_position.held_place(str(lines["r7"].pk)).position == 3 + 2 + 1  # behind the window and r5, r6
+    assert queue_position.held_place(str(lines["r2"].pk)) == queue_position.UNKNOWN  # pushed: not held
+    assert queue_position.place("low", None, str(lines["r2"].pk)).position in (1, 2, 3)
+
+    taken = fair_queue.take(["low"])  # a worker runs a line to its end: its room in the window goes to r5
+    assert len(taken) == 1 and taken[0].batch == "1"
+    Job.objects.filter(pk=taken[0].job_id).update(state=JobState.SUCCEEDED)
+    progress.count_ended([Job.objects.get(pk=taken[0].job_id)])
+    expected = {str(lines[f"r{i}"].pk) for i in (2, 3, 4, 5)} - {taken[0].job_id}
+    assert sorted(fair_queue.waiting_ids("low")) == sorted(expected)
+    assert reconciler.requeue_lost_jobs(min_age_s=0) == 0  # the pushed lines are where they should be
+    assert Job.objects.filter(batch=batch, state=JobState.QUEUED, enqueued_at__isnull=True).count() == 2

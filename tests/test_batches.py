@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
+import httpx
 import openai
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
@@ -15,6 +17,7 @@ from django.test import override_settings
 from rest_framework.authtoken.models import Token
 
 from batches.models import Batch
+from jobs import fair_queue
 from jobs.models import Job, JobState
 from routing import policies
 from routing.models import Backend, BackendKind, RoutingPolicy
@@ -161,7 +164,8 @@ def test_a_malformed_file_fails_the_batch_naming_each_line(stack):
     assert purpose.value.body["param"] == "purpose"
 
 
-def test_cancel_mid_way_keeps_the_finished_lines(gunicorn_server, worker_process, user):
+def test_cancel_mid_way_keeps_the_finished_lines(gunicorn_server, worker_process, user, monkeypatch, redis_db):
+    monkeypatch.setenv("BATCH_WINDOW", "4")  # most lines are held by the window when the cancel comes
     stack = start_stack(gunicorn_server, worker_process, user, token_ms=100, MAX_CONCURRENCY="2")
     client = sdk(stack)
     lines = [request_line(f"r{i:02d}", "one two three four five") for i in range(20)]  # 0.5 s each, 2 at a time
@@ -171,6 +175,7 @@ def test_cancel_mid_way_keeps_the_finished_lines(gunicorn_server, worker_process
     while not Job.objects.filter(batch_id=batch.id, state=JobState.SUCCEEDED).exists():
         assert time.monotonic() < deadline, "no line finished"
         time.sleep(0.1)
+    assert held_and_pushed(batch.id)[0] >= 5
     cancelling = client.batches.cancel(batch.id)
     assert cancelling.status in ("cancelling", "cancelled") and cancelling.cancelling_at
     done = wait_for(client, batch.id)
@@ -182,6 +187,8 @@ def test_cancel_mid_way_keeps_the_finished_lines(gunicorn_server, worker_process
     assert len(lines_of(client, done.output_file_id)) == counts.completed
     errors = lines_of(client, done.error_file_id)
     assert {e["error"]["code"] for e in errors.values()} == {"batch_cancelled"}
+    assert held_and_pushed(batch.id) == (0, 0) and not Job.objects.filter(batch_id=batch.id, state="queued").exists()
+    assert int(redis_db.get(fair_queue.batch_depth_key("low")) or 0) == 0  # nothing of it left waiting
 
     bad = client.files.create(file=("bad.jsonl", b"{nope\n"), purpose="batch")
     failed = client.batches.create(input_file_id=bad.id, endpoint="/v1/chat/completions", completion_window="24h")
@@ -194,12 +201,18 @@ def test_lines_left_when_the_window_passes_expire_and_the_batch_ends_expired(
     gunicorn_server, worker_process, user, monkeypatch
 ):
     monkeypatch.setenv("BATCH_COMPLETION_WINDOW_S", "3")
+    monkeypatch.setenv("BATCH_WINDOW", "3")  # the lines left when the window passes are mostly held
     stack = start_stack(gunicorn_server, worker_process, user, token_ms=200, MAX_CONCURRENCY="1")
     client = sdk(stack)
     lines = [request_line(f"r{i:02d}", "one two three four five") for i in range(12)]  # 1 s each, one at a time
     upload = client.files.create(file=("window.jsonl", jsonl(lines)), purpose="batch")
     batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
     assert batch.expires_at - batch.created_at == 3
+    deadline = time.monotonic() + 10
+    while not Job.objects.filter(batch_id=batch.id, state=JobState.RUNNING).exists():
+        assert time.monotonic() < deadline, "no line started"
+        time.sleep(0.05)
+    assert held_and_pushed(batch.id)[0] >= 6
     done = wait_for(client, batch.id)
     assert done.status == "expired" and done.expired_at
     counts = done.request_counts
@@ -207,6 +220,7 @@ def test_lines_left_when_the_window_passes_expire_and_the_batch_ends_expired(
     assert len(lines_of(client, done.output_file_id)) == counts.completed
     errors = lines_of(client, done.error_file_id)
     assert {e["error"]["code"] for e in errors.values()} == {"batch_expired"}
+    assert held_and_pushed(batch.id) == (0, 0)  # held lines expired too: none is left waiting
 
 
 def test_tenant_limits_apply_to_the_batch_not_its_lines_rpm(stack):
@@ -239,6 +253,69 @@ def test_tenant_limits_apply_to_the_batch_not_its_lines_rpm(stack):
             extra_body={"priority": "high"},
         )
     assert high.value.body["code"] == "max_priority"
+
+
+def held_and_pushed(batch_id: str) -> tuple[int, int]:
+    """(lines its window holds back, lines on the queue or running)."""
+    lines = Job.objects.filter(batch_id=batch_id)
+    held = lines.filter(state=JobState.QUEUED, enqueued_at__isnull=True).count()
+    pushed = lines.filter(state__in=[JobState.QUEUED, JobState.RUNNING], enqueued_at__isnull=False).count()
+    return held, pushed
+
+
+def test_a_batch_backlog_neither_refuses_nor_delays_the_tenants_interactive_jobs(
+    gunicorn_server, worker_process, user, monkeypatch, redis_db
+):
+    monkeypatch.setenv("BATCH_WINDOW", "4")
+    monkeypatch.setenv("QUEUE_MAX_DEPTH", "5")
+    stack = start_stack(gunicorn_server, worker_process, user, token_ms=30, MAX_CONCURRENCY="1")
+    tenant = Tenant.objects.create(name="acme", max_queued=5)
+    _, key = ApiKey.issue(tenant, "ci")
+    client, headers = sdk(stack, key=key), {"Authorization": f"Bearer {key}"}
+    lines = [request_line(f"r{i:02d}", "one two three four five") for i in range(40)]  # ~0.15 s each, one at a time
+    upload = client.files.create(file=("many.jsonl", jsonl(lines)), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+    deadline = time.monotonic() + 20
+    while not Job.objects.filter(batch_id=batch.id, state=JobState.SUCCEEDED).exists():
+        assert time.monotonic() < deadline, "no line finished"
+        time.sleep(0.05)
+    held, pushed = held_and_pushed(batch.id)
+    assert held >= 25 and 1 <= pushed <= 4  # the window: Redis holds four lines, not forty
+    assert redis_db.zcard(f"{fair_queue.PREFIX}q:low:t:{tenant.pk}") <= 4
+
+    # 30-odd lines wait, over max_queued (5) and QUEUE_MAX_DEPTH (5): the tenant's own requests are admitted
+    urgent = httpx.post(f"{stack['base']}/jobs", json={"prompt": "urgent", "priority": "normal"}, headers=headers)
+    submitted = time.time()
+    same = httpx.post(f"{stack['base']}/jobs", json={"prompt": "same level", "priority": "low"}, headers=headers)
+    assert urgent.status_code == 202 and same.status_code == 202, (urgent.text, same.text)
+    completion = httpx.post(
+        f"{stack['base']}/v1/chat/completions",
+        json={"model": "echo", "messages": [{"role": "user", "content": "hi"}]},
+        headers=headers,
+        timeout=30,
+    )
+    assert completion.status_code == 200, completion.text
+
+    last = Job.objects.filter(batch_id=batch.id, state=JobState.QUEUED).order_by("custom_id").last()
+    ahead = Job.objects.filter(batch_id=batch.id, state=JobState.QUEUED, custom_id__lt=last.custom_id).count()
+    place = httpx.get(f"{stack['base']}/jobs/{last.pk}", headers=headers).json()
+    assert place["state"] == "queued" and place["queue_position"] >= ahead  # held, yet it has a place
+
+    done = wait_for(client, batch.id)
+    assert done.status == "completed" and done.request_counts.completed == 40, done
+    assert sorted(lines_of(client, done.output_file_id)) == [f"r{i:02d}" for i in range(40)]
+    first, level = Job.objects.get(pk=urgent.json()["id"]), Job.objects.get(pk=same.json()["id"])
+    assert first.state == level.state == JobState.SUCCEEDED
+    lines_after = Job.objects.filter(batch_id=batch.id, started_at__gt=first.started_at).count()
+    assert lines_after >= 20  # `normal` went before the batch's `low` lines still waiting
+    # at the batch's own priority the tenant's job waited behind the window (and a refill while it was
+    # being submitted) only, not behind the backlog
+    overtook = Job.objects.filter(
+        batch_id=batch.id, started_at__gt=datetime.fromtimestamp(submitted, UTC), started_at__lt=level.started_at
+    ).count()
+    assert overtook <= 4 + 1 and Job.objects.filter(batch_id=batch.id, started_at__gt=level.started_at).count() >= 20
+    for name in ("queued", "batched"):
+        assert int(redis_db.get(f"{fair_queue.PREFIX}tenant:{tenant.pk}:{name}") or 0) == 0
 
 
 @override_settings(FILES_MAX_BYTES=2048)

@@ -165,6 +165,8 @@ def with_place(doc: dict[str, Any]) -> dict[str, Any]:
     place = queue_position.UNKNOWN
     if doc.get("state") == JobState.QUEUED and doc.get("queue"):
         place = queue_position.place(doc["queue"], doc.get("tenant_id"), doc["id"])
+        if place.position is None and doc.get("enqueued_at") is None:  # a batch line its window holds back
+            place = queue_position.held_place(doc["id"])
     return {**doc, "queue_position": place.position, "eta_s": place.eta_s}
 
 

@@ -131,6 +131,31 @@ def test_queue_max_depth_is_per_priority_with_retry_after_from_the_drain_rate(ap
     assert post(api, key="k-d").status_code == 202
 
 
+@override_settings(QUEUE_MAX_DEPTH=3)
+def test_waiting_batch_lines_count_toward_neither_max_queued_nor_the_queue_depth(api, policy, tenant, redis_db):
+    set_limits(tenant, max_queued=2)
+    key = fair_queue.tenant_key(tenant.pk)
+    for i in range(10):  # a batch's lines waiting at `normal` (as batches.window pushes them)
+        fair_queue.push("normal", key, f"line-{i}", str(i), batch=True)
+    assert int(redis_db.get(fair_queue.tenant_queued_key(key))) == 10  # still waiting jobs for the gauges
+    assert post(api).status_code == 202 and post(api).status_code == 202
+    assert_refused(post(api, key="k-q"), "max_queued")  # the tenant's own two count
+    set_limits(tenant, max_queued=None)
+    assert post(api).status_code == 202  # three interactive jobs at `normal`: the depth's cap
+    assert_refused(post(api, key="k-d"), "queue_max_depth")
+    # a worker takes the oldest: four batch lines; their count goes down with them, the interactive jobs' not
+    taken = fair_queue.take(["normal"], 4)
+    assert [t.job_id for t in taken] == [f"line-{i}" for i in range(4)] and {t.batch for t in taken} == {"1"}
+    assert int(redis_db.get(fair_queue.tenant_batched_key(key))) == 6
+    assert_refused(post(api, key="k-d"), "queue_max_depth")  # still three interactive jobs waiting
+    fair_queue.put_back(taken)  # back where they were, counted as what they are
+    assert int(redis_db.get(fair_queue.tenant_batched_key(key))) == 10
+    assert int(redis_db.get(fair_queue.batch_depth_key("normal"))) == 10
+    assert_refused(post(api, key="k-d"), "queue_max_depth")
+    fair_queue.remove("normal", key, "line-0")  # a cancelled line leaves its count too
+    assert int(redis_db.get(fair_queue.tenant_batched_key(key))) == 9
+
+
 def test_a_replay_is_never_refused(api, policy, tenant):
     set_limits(tenant, rpm_limit=1)
     first = post(api, key="same")

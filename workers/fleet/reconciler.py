@@ -3,7 +3,8 @@
 The database is the system of record; Redis can lose a queue entry (FLUSHALL, a restart
 without persistence, an enqueue that failed after the row committed, a worker stopped between
 popping a job and claiming it). Any ``queued`` job whose RQ job is gone, or that waits in no
-sub-queue of the fair queue (``jobs.fair_queue``), is pushed again. Jobs younger than ``min_age_s``
+sub-queue of the fair queue (``jobs.fair_queue``), is pushed again, except a batch line its batch's
+window holds back (no ``enqueued_at``: ``batches.window`` pushes it). Jobs younger than ``min_age_s``
 are left alone: their enqueue may still be in flight right after commit. A duplicate push is
 harmless (the worker's compare-and-set makes the second delivery a no-op).
 
@@ -38,12 +39,26 @@ def requeue_lost_jobs(min_age_s: float = 5.0) -> int:
     """Push every queued job whose RQ job is missing from Redis, or that waits on no queue; returns how many."""
     client = redis_client()
     cutoff = timezone.now() - timedelta(seconds=min_age_s)
-    queued = Job.objects.filter(state=JobState.QUEUED, created_at__lte=cutoff).order_by("created_at")
+    queued = (
+        Job.objects.filter(state=JobState.QUEUED, created_at__lte=cutoff)
+        .exclude(batch__isnull=False, enqueued_at__isnull=True)  # held by its batch's window, not lost
+        .order_by("created_at")
+    )
     pushed = 0
     last_created = None
     while True:
         page = queued if last_created is None else queued.filter(created_at__gt=last_created)
-        fields = ("id", "priority", "queue", "rq_job_id", "timeout_s", "created_at", "enqueued_at", "tenant_id")
+        fields = (
+            "id",
+            "priority",
+            "queue",
+            "rq_job_id",
+            "timeout_s",
+            "created_at",
+            "enqueued_at",
+            "tenant_id",
+            "batch_id",
+        )
         batch = list(page.only(*fields)[:BATCH])
         if not batch:
             return pushed
@@ -119,7 +134,7 @@ def requeue_orphaned_running() -> tuple[int, int]:
     cutoff = timezone.now() - timedelta(seconds=settings.WORKER_LEASE_TTL_S)
     running = list(
         Job.objects.filter(state=JobState.RUNNING, started_at__lte=cutoff).only(
-            "id", "priority", "queue", "rq_job_id", "timeout_s", "worker", "attempt_count", "version"
+            "id", "priority", "queue", "rq_job_id", "timeout_s", "worker", "attempt_count", "version", "batch_id"
         )
     )
     if not running:
