@@ -14,13 +14,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from rest_framework import serializers
-
-from jobs.api.serializers import Base64ImageField
-from openai_api import translate
+from openai_api import translate, validation
 from routing.registry import Snapshot
 from tenants import admission
-from workers.backends import params as token_params
 
 ENDPOINT = "/v1/chat/completions"
 LINE_KEYS = {"custom_id", "method", "url", "body"}
@@ -130,14 +126,9 @@ def _check_request(
         name = owned[0]
         return LineError(number, "invalid_request", f"'body.{name}' is set by the batch, not by a line.", name)
     try:
-        chat = translate.parse(body, priority_header=None, limits=limits)
+        chat, images = validation.checked(body, priority_header=None, limits=limits)
         job = chat.job
         job.pop("priority", None)
-        problems = token_params.problems(job.get("params") or {}, *token_params.caps())
-        if problems:
-            path, message = next(iter(problems.items()))
-            raise translate.InvalidRequest(f"{path}: {message}", path)
-        images = [_image(url, i) for i, url in enumerate(chat.images)]
     except translate.InvalidRequest as exc:
         return LineError(number, exc.code or "invalid_request", exc.message, exc.param)
     problem = resolve_model(job, chat.model, snap, tenant)
@@ -166,11 +157,3 @@ def resolve_model(job: dict[str, Any], model: str, snap: Snapshot, tenant: Any) 
     except admission.TenantForbidden as exc:
         return "model_not_allowed", exc.message
     return None
-
-
-def _image(url: str, index: int) -> str:
-    try:
-        return Base64ImageField().run_validation(url)
-    except serializers.ValidationError as exc:
-        detail = exc.detail[0] if isinstance(exc.detail, list) else exc.detail
-        raise translate.InvalidRequest(f"Image {index}: {detail}", "messages") from None

@@ -12,16 +12,14 @@ from typing import Any
 
 from django.conf import settings
 from drf_spectacular.utils import extend_schema
-from rest_framework import serializers
 from rest_framework.exceptions import NotFound
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from jobs import services
-from jobs.api.serializers import Base64ImageField
 from jobs.api.views import IDEMPOTENCY_HEADER, MAX_IDEMPOTENCY_KEY
-from openai_api import errors, translate
+from openai_api import errors, translate, validation
 from openai_api.api import schema
 from orchestrator_site import relaying
 from orchestrator_site.negotiation import AlsoAnswers
@@ -29,7 +27,6 @@ from orchestrator_site.redis import redis_client
 from routing import registry
 from tenants.identity import tenant_of
 from tenants.models import Tenant
-from workers.backends import params as token_params
 
 
 class OpenAIView(AlsoAnswers, APIView):
@@ -86,16 +83,12 @@ class ChatCompletions(OpenAIView):
         key = request.headers.get(IDEMPOTENCY_HEADER)
         if key is not None and not (0 < len(key.strip()) <= MAX_IDEMPOTENCY_KEY):
             raise translate.InvalidRequest(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters.")
-        chat = translate.parse(
+        chat, images = validation.checked(
             request.data, priority_header=request.headers.get("X-Priority"), limits=settings.JOB_LIMITS
         )
         job = chat.job
-        if chat.images:
-            job["images"] = [_image(url, i) for i, url in enumerate(chat.images)]
-        problems = token_params.problems(job.get("params") or {}, *token_params.caps())
-        if problems:
-            path, message = next(iter(problems.items()))
-            raise translate.InvalidRequest(f"{path}: {message}", path)
+        if images:
+            job["images"] = images
         _resolve_model(job, chat.model)
         job["stream"] = chat.stream
         submission = services.submit(
@@ -109,14 +102,6 @@ class ChatCompletions(OpenAIView):
             model=chat.model,
             created=int(time.time()),
         )
-
-
-def _image(url: str, index: int) -> str:
-    try:
-        return Base64ImageField().run_validation(url)
-    except serializers.ValidationError as exc:
-        detail = exc.detail[0] if isinstance(exc.detail, list) else exc.detail
-        raise translate.InvalidRequest(f"Image {index}: {detail}", "messages") from None
 
 
 def _model_object(name: str) -> dict[str, Any]:
