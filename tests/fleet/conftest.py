@@ -74,29 +74,37 @@ def manage(env: dict[str, str], *args: str) -> str:
 def fleet() -> Iterator[rig.Fleet]:
     """Two web hosts, three worker hosts, Redis primary + replica + three Sentinels, one PostgreSQL.
 
-    The fleet has a database of its own (``llmo_fleet`` on the server of ``TEST_DATABASE_URL``, made
-    afresh and dropped at the end), as hosts that share no disk need: not SQLite, and not the test
-    run's database, whose per-test flushes would pull the rows from under running processes. One rig
+    The fleet has a database of its own (``llmo_fleet``), as hosts that share no disk need: not
+    SQLite, and not the test run's database, whose per-test flushes would pull the rows from under
+    running processes. It lives on a PostgreSQL server of the rig's own (the ``pg`` host) where the
+    binaries are installed, else on the server of ``TEST_DATABASE_URL`` (made afresh, dropped at the
+    end; a PostgreSQL restart is then played by cutting the forwarder). One rig
     per machine at a time (fixed names, so that a killed run's leftovers are removed at the next start).
     """
     why = rig.missing_requirements()
     if why:
         pytest.skip(f"the fleet rig {why}")
-    server = pg_server_url()
-    try:
-        psycopg.connect(server, dbname="postgres", connect_timeout=3).close()
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"the fleet rig needs PostgreSQL at TEST_DATABASE_URL ({server}): {exc}")
     rig.clean_stale()
-    local_url = fresh_database(server)
-    host = urlsplit(local_url).hostname or ""
-    fleet_url = local_url.replace(f"@{host}:", f"@{rig.GATEWAY}:", 1)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     env.update(DEBUG="1", LOG_LEVEL="WARNING")
-    fleet = rig.Fleet(fleet_url, env)
+    pg_bin = rig.postgres_bin()
+    server = pg_server_url()
+    if pg_bin is None:
+        try:
+            psycopg.connect(server, dbname="postgres", connect_timeout=3).close()
+        except psycopg.OperationalError as exc:
+            pytest.skip(f"the fleet rig needs PostgreSQL binaries or a server at TEST_DATABASE_URL ({server}): {exc}")
+    fleet = rig.Fleet("", env, own_postgres=pg_bin is not None)
     try:
+        if pg_bin is not None:  # a server of its own, on the ``pg`` host: a test may stop it
+            local_url = fleet_url = fresh_database(fleet.init_postgres(pg_bin))
+        else:  # the machine's server, through a forwarder at the gateway
+            local_url = fresh_database(server)
+            host = urlsplit(local_url).hostname or ""
+            fleet_url = local_url.replace(f"@{host}:", f"@{rig.GATEWAY}:", 1)
+            fleet.start_pg_forwarder()
+        fleet.use_database(fleet_url)
         manage({**fleet.base_env, "DATABASE_URL": local_url}, "migrate", "-v0")
-        fleet.start_pg_forwarder()
         fleet.start_redis()
         out = manage(fleet.base_env, "shell", "-c", SETUP)
         fleet.token = out.split("TOKEN", 1)[1].split()[0]  # type: ignore[attr-defined]
@@ -110,10 +118,11 @@ def fleet() -> Iterator[rig.Fleet]:
         add_alias(local_url)
         yield fleet
     finally:
-        fleet.tear_down()
         if DB in connections.settings:
             connections[DB].close()
-        drop_database(server)
+        fleet.tear_down()
+        if pg_bin is None:
+            drop_database(server)
 
 
 def add_alias(url: str) -> None:
