@@ -21,8 +21,8 @@ from jobs import fair_queue
 from jobs.models import Job, JobAttempt
 from orchestrator_site.redis import async_client
 from tests.fleet import rig
+from tests.fleet.boot import WORKER_ENV, wait_workers
 from tests.fleet.client import DB, Client, Stream, verdict, wait_terminal
-from tests.fleet.conftest import WORKER_ENV, wait_workers
 
 pytestmark = pytest.mark.usefixtures("fleet_db")
 
