@@ -138,9 +138,12 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
+    import logging
+
     import django
 
     django.setup()
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     from django.db.models import Max, Min
     from rq.suspension import resume, suspend
 
