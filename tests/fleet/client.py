@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -35,12 +36,14 @@ class Client:
     answers: list[Answer] = field(default_factory=list)
     accepted: dict[str, str] = field(default_factory=dict)  # job id -> prompt
     retry_cap_s: float = 0.5
+    fields: Callable[[], dict] | None = None  # more of each job's body (e.g. its backend), drawn per job
     _turn: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def submit(self, prompt: str, key: str | None = None, deadline_s: float = 60) -> str:
         """Submit until accepted (same key every try, web hosts in turn); returns the job id."""
         key = key or uuid.uuid4().hex
+        body = {"prompt": prompt, **(self.fields() if self.fields else {})}
         names = list(self.urls)
         deadline = time.monotonic() + deadline_s
         with self._lock:
@@ -52,7 +55,7 @@ class Client:
             try:
                 r = httpx.post(
                     f"{self.urls[web]}/jobs",
-                    json={"prompt": prompt},
+                    json=body,
                     headers={"Authorization": f"Token {self.token}", "Idempotency-Key": key},
                     timeout=10,
                 )

@@ -1,141 +1,23 @@
-"""The ``fleet`` fixture: one rig (tests/fleet/rig.py) for the whole module, torn down even on failure."""
+"""The ``fleet`` fixture: one fleet (tests/fleet/boot.py) for the whole session (the faults, then the soak), torn
+down even on failure."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from urllib.parse import urlsplit, urlunsplit
 
-import dj_database_url
-import psycopg
 import pytest
-from django.db import connections
 
-from tests.fleet import rig
-from tests.fleet.client import DB
-
-FLEET_DB = "llmo_fleet"
-
-# Short heartbeats and a quick reconcile pass, as the crash tests use; a lease (5 s) longer than a
-# Sentinel failover (about 2 to 3 s here), so that a failover alone never presumes a worker dead.
-WORKER_ENV = {
-    "WORKER_HEARTBEAT_MS": "500",
-    "WORKER_LEASE_TTL_MS": "5000",
-    "RECONCILE_INTERVAL_MS": "1000",
-    "MAX_CONCURRENCY": "4",
-    "LOG_LEVEL": "WARNING",
-}
-JOB_LATENCY_MS = 1000  # each dev call takes this long: kills and cuts find jobs mid-run
+from tests.fleet import boot, rig
 
 
-SETUP = """
-from django.contrib.auth.models import User
-from rest_framework.authtoken.models import Token
-from routing import policies
-from routing.models import Backend, BackendKind, RoutingPolicy
-user = User.objects.create_user("fleet", password="pw-fleet-123")
-Backend.objects.create(name="dev", kind=BackendKind.DEV, config={"latency_ms": LATENCY_MS})
-policies.activate(RoutingPolicy.objects.create(name="fleet", strategy="ordered", params={"order": ["dev"]}))
-print("TOKEN", Token.objects.create(user=user).key)
-""".replace("LATENCY_MS", str(JOB_LATENCY_MS))
-
-
-def pg_server_url() -> str:
-    """The PostgreSQL server ``make test`` uses for its second run (tools/test.sh)."""
-    return os.environ.get("TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test")
-
-
-def fresh_database(server: str) -> str:
-    """(Re)create the fleet's own database on ``server``; returns its URL (in the root namespace)."""
-    with psycopg.connect(server, dbname="postgres", autocommit=True, connect_timeout=3) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {FLEET_DB} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {FLEET_DB}")
-    parts = urlsplit(server)
-    return urlunsplit(parts._replace(path=f"/{FLEET_DB}"))
-
-
-def drop_database(server: str) -> None:
-    with psycopg.connect(server, dbname="postgres", autocommit=True, connect_timeout=3) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {FLEET_DB} WITH (FORCE)")
-
-
-def manage(env: dict[str, str], *args: str) -> str:
-    proc = subprocess.run(
-        [sys.executable, "manage.py", *args], cwd=rig.ROOT, env=env, capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, f"manage.py {args[0]} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout
-
-
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def fleet() -> Iterator[rig.Fleet]:
-    """Two web hosts, three worker hosts, Redis primary + replica + three Sentinels, one PostgreSQL.
-
-    The fleet has a database of its own (``llmo_fleet`` on the server of ``TEST_DATABASE_URL``, made
-    afresh and dropped at the end), as hosts that share no disk need: not SQLite, and not the test
-    run's database, whose per-test flushes would pull the rows from under running processes. One rig
-    per machine at a time (fixed names, so that a killed run's leftovers are removed at the next start).
-    """
-    why = rig.missing_requirements()
+    """The fleet of :func:`tests.fleet.boot.booted`; the tests skip, saying why, where it cannot start."""
+    why = boot.unavailable()
     if why:
-        pytest.skip(f"the fleet rig {why}")
-    server = pg_server_url()
-    try:
-        psycopg.connect(server, dbname="postgres", connect_timeout=3).close()
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"the fleet rig needs PostgreSQL at TEST_DATABASE_URL ({server}): {exc}")
-    rig.clean_stale()
-    local_url = fresh_database(server)
-    host = urlsplit(local_url).hostname or ""
-    fleet_url = local_url.replace(f"@{host}:", f"@{rig.GATEWAY}:", 1)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
-    env.update(DEBUG="1", LOG_LEVEL="WARNING")
-    fleet = rig.Fleet(fleet_url, env)
-    try:
-        manage({**fleet.base_env, "DATABASE_URL": local_url}, "migrate", "-v0")
-        fleet.start_pg_forwarder()
-        fleet.start_redis()
-        out = manage(fleet.base_env, "shell", "-c", SETUP)
-        fleet.token = out.split("TOKEN", 1)[1].split()[0]  # type: ignore[attr-defined]
-        for name in rig.Fleet.WEBS:
-            fleet.start_web(name)
-        for name in rig.Fleet.WORKERS:
-            fleet.start_worker(name, **WORKER_ENV)
-        for name in rig.Fleet.WEBS:
-            fleet.wait_web(name)
-        wait_workers(fleet, len(rig.Fleet.WORKERS))
-        add_alias(local_url)
+        pytest.skip(why)
+    with boot.booted() as fleet:
         yield fleet
-    finally:
-        fleet.tear_down()
-        if DB in connections.settings:
-            connections[DB].close()
-        drop_database(server)
-
-
-def add_alias(url: str) -> None:
-    """The fleet's database as the ``fleet`` alias of this process (the tests read its rows)."""
-    connections.settings[DB] = connections.configure_settings({**connections.settings, DB: dj_database_url.parse(url)})[
-        DB
-    ]
-
-
-def wait_workers(fleet: rig.Fleet, n: int, timeout: float = 90) -> None:
-    """Until ``n`` RQ workers have registered (each has read its settings and reached Redis)."""
-    client = fleet.redis()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if client.scard("rq:workers") >= n:
-            return
-        for name in rig.Fleet.WORKERS:
-            proc = fleet.hosts[name].procs[-1]
-            if proc.poll() is not None:
-                raise RuntimeError(f"worker on {name} exited:\n{fleet.logs(name)}")
-        time.sleep(0.3)
-    raise RuntimeError(f"fewer than {n} workers registered in {timeout:g} s")
 
 
 @pytest.fixture

@@ -1,8 +1,10 @@
 """A fleet on separate network hosts: Linux network namespaces joined by one bridge.
 
 Each host is a namespace ``llmo-<name>`` with one veth into the bridge ``br-llmo`` (10.77.0.0/24); the
-root namespace is 10.77.0.1 and plays the PostgreSQL host (the machine's server listens on loopback
-only, so ``socat`` forwards 10.77.0.1:5432 to it) and the client. Redis runs as a primary, a replica and
+root namespace is 10.77.0.1 and plays the client. PostgreSQL runs on a host of its own (``pg``, a
+server made with ``initdb`` in the scratch folder and run as the ``postgres`` user, so a test can stop
+and start it for real); where the PostgreSQL binaries are not installed, the machine's server is used
+instead, reached at 10.77.0.1 through a ``socat`` forwarder. Redis runs as a primary, a replica and
 three Sentinels, each on its host; web hosts run gunicorn and worker hosts ``manage.py rqworker``, as an
 operator starts them, every one with its own scratch folder (the hosts share no disk).
 
@@ -21,6 +23,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from glob import glob
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,6 +35,22 @@ SERVICE = "llmo"  # the Sentinel service name
 REDIS_PORT = 6379
 SENTINEL_PORT = 26379
 WEB_PORT = 8000
+PG_PORT = 5432
+
+
+def postgres_bin() -> Path | None:
+    """The folder of the newest installed PostgreSQL server (``initdb``, ``postgres``), if any, and a
+    ``postgres`` user to run it (the server refuses to run as root)."""
+    import pwd
+
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        return None
+    found = sorted(glob("/usr/lib/postgresql/*/bin/postgres"), key=lambda p: int(Path(p).parts[-3]))
+    if found and shutil.which("setpriv"):
+        return Path(found[-1]).parent
+    return None
 
 
 def missing_requirements() -> str | None:
@@ -169,21 +188,24 @@ def wait_port(address: str, port: int, timeout: float, proc: subprocess.Popen | 
 class Fleet:
     """The hosts and the project's processes on them."""
 
+    PG = {"pg": 5}
     REDIS = {"redis1": 11, "redis2": 12}
     SENTINELS = {"sentinel1": 21, "sentinel2": 22, "sentinel3": 23}
     WEBS = {"web1": 31, "web2": 32}
     WORKERS = {"worker1": 41, "worker2": 42, "worker3": 43}
 
-    def __init__(self, database_url: str, env: dict[str, str]) -> None:
+    def __init__(self, database_url: str, env: dict[str, str], own_postgres: bool = False) -> None:
         self.scratch = Path(tempfile.mkdtemp(prefix="llmo-fleet-"))
+        self.scratch.chmod(0o755)  # the PostgreSQL host's server runs as ``postgres`` in a folder below
         self.net = Network()
+        pg = self.PG if own_postgres else {}
         self.hosts = {
             name: self.net.add(name, octet)
-            for name, octet in {**self.REDIS, **self.SENTINELS, **self.WEBS, **self.WORKERS}.items()
+            for name, octet in {**pg, **self.REDIS, **self.SENTINELS, **self.WEBS, **self.WORKERS}.items()
         }
         sentinels = ",".join(f"{self.hosts[n].address}:{SENTINEL_PORT}" for n in self.SENTINELS)
         self.redis_url = f"redis+sentinel://{sentinels}/{SERVICE}/0"
-        self.database_url = database_url
+        self.database_url = database_url  # set by the fixture once the database is made, when ""
         self.base_env = {
             **env,
             "DJANGO_SETTINGS_MODULE": "orchestrator_site.settings",
@@ -194,7 +216,56 @@ class Fleet:
         }
         self.pg_forwarder: subprocess.Popen | None = None
 
-    # --- PostgreSQL: the machine's server, reached at the gateway -----------------------------
+    # --- PostgreSQL: a server on the ``pg`` host ------------------------------------------------
+    def init_postgres(self, bin_dir: Path) -> str:
+        """Make a cluster (trust authentication on the bridge) and start it; returns the server's URL."""
+        self.pg_bin = bin_dir
+        folder = self.scratch / "pg"
+        folder.mkdir()
+        shutil.chown(folder, "postgres", "postgres")
+        data = folder / "data"
+        sh("setpriv", "--reuid=postgres", "--regid=postgres", "--clear-groups", str(bin_dir / "initdb"),
+           "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync")  # fmt: skip
+        with open(data / "pg_hba.conf", "a") as hba:
+            hba.write(f"host all all {SUBNET}.0/24 trust\n")
+        self.start_postgres()
+        return f"postgres://postgres@{self.hosts['pg'].address}:{PG_PORT}/postgres"
+
+    def start_postgres(self) -> subprocess.Popen:
+        host, folder = self.hosts["pg"], self.scratch / "pg"
+        # fsync off: the rig measures the fleet, not this machine's disk (shared with other work).
+        argv = ["setpriv", "--reuid=postgres", "--regid=postgres", "--clear-groups", str(self.pg_bin / "postgres")]
+        argv += ["-D", str(folder / "data"), "-c", f"listen_addresses={host.address}", "-c", f"port={PG_PORT}"]
+        argv += ["-c", f"unix_socket_directories={folder}", "-c", "max_connections=200", "-c", "fsync=off"]
+        proc = self.net.start(host, argv, self.base_env, folder / f"log-{time.monotonic_ns()}")
+        wait_port(host.address, PG_PORT, 30, proc)
+        return proc
+
+    def stop_postgres(self) -> None:
+        """A fast shutdown, as ``pg_ctl stop`` (and a restart) does: every session is ended (clients see
+        ``terminating connection due to administrator command`` or a reset), then new ones are refused."""
+        proc = self.hosts["pg"].procs[-1]
+        postmaster = int((self.scratch / "pg" / "data" / "postmaster.pid").read_text().split()[0])
+        os.kill(postmaster, signal.SIGINT)
+        proc.wait(timeout=30)
+
+    def use_database(self, url: str) -> None:
+        self.database_url = self.base_env["DATABASE_URL"] = url
+
+    def stop_database(self) -> None:
+        """The fleet's PostgreSQL goes away: its own server stops, or the forwarder to the machine's dies."""
+        if "pg" in self.hosts:
+            self.stop_postgres()
+        else:
+            self.stop_pg_forwarder()
+
+    def start_database(self) -> None:
+        if "pg" in self.hosts:
+            self.start_postgres()
+        else:
+            self.start_pg_forwarder()
+
+    # --- or the machine's server, reached at the gateway ----------------------------------------
     def start_pg_forwarder(self, pg_port: int = 5432) -> None:
         argv = ["socat", f"TCP-LISTEN:{pg_port},bind={GATEWAY},fork,reuseaddr", f"TCP:127.0.0.1:{pg_port}"]
         with open(self.scratch / "pg-forwarder.log", "w") as out:

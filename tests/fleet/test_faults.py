@@ -15,13 +15,14 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 import redis
+from django.db import connections
 
 from jobs import fair_queue
 from jobs.models import Job, JobAttempt
 from orchestrator_site.redis import async_client
 from tests.fleet import rig
+from tests.fleet.boot import WORKER_ENV, wait_workers
 from tests.fleet.client import DB, Client, Stream, verdict, wait_terminal
-from tests.fleet.conftest import WORKER_ENV, wait_workers
 
 pytestmark = pytest.mark.usefixtures("fleet_db")
 
@@ -223,6 +224,65 @@ def test_worker_host_cut_off_its_leases_expire_and_its_late_results_are_refused(
     ids = [client.submit(f"after cut {i}") for i in range(12)]
     wait_terminal(ids, timeout=60)
     assert time.monotonic() - plugged < 90
+
+
+def test_postgresql_restarted_under_load_web_answers_503_and_workers_write_their_results_after(fleet, client):
+    """PostgreSQL stops (a fast shutdown: sessions ended, new ones refused) for 10 s while jobs are mid-call
+    and clients submit: the web tier answers 503 with ``Retry-After``, the workers keep the results they
+    finish meanwhile and write them once it is back; nothing is lost and nothing runs twice."""
+    down_s = 10
+    client.retry_cap_s = 1.0  # the 503s say 5 s; 1 s keeps the test short and the retries few
+    ids = [client.submit(f"before pg restart {i}") for i in range(12)]
+    busy_worker_host(fleet, ids)  # jobs are mid-call now (1 s each)
+    started = time.monotonic()
+    with Stream(client, per_s=4, label="pg-restart") as stream:
+        time.sleep(0.3)
+        stopped, stop_wall = time.monotonic(), datetime.now(UTC)
+        fleet.stop_database()
+        time.sleep(down_s)
+        fleet.start_database()
+        back, back_wall = time.monotonic(), datetime.now(UTC)
+        time.sleep(3)
+    assert not stream.errors, stream.errors[:3]
+    connections[DB].close()  # this process's own session ended with the restart too
+    done = wait_terminal(list(client.accepted), timeout=90)
+    v = verdict(client.accepted)
+    during = [a for a in client.answers if stopped <= a.at < back]
+    after = [a for a in client.answers if a.at >= back]
+    refused = [a for a in during + after if a.status == 503]
+    ok_after = [a.at for a in after if a.status in (200, 201, 202)]
+    # Mid-call when the database stopped: attempts begun before and not ended by then (rows read now).
+    attempts = JobAttempt.objects.using(DB).filter(job_id__in=ids, started_at__lt=stop_wall)
+    in_hand = [pk for pk, end in attempts.values_list("job_id", "finished_at") if end is None or end > stop_wall]
+    # Their results came while the database was away (``finished_at``: when the call ended), so they were
+    # kept and written once it was back: nothing could be written meanwhile.
+    held = attempts.filter(job_id__in=in_hand, outcome="succeeded", finished_at__range=(stop_wall, back_wall))
+    ready = {name: httpx.get(f"{fleet.web_url(name)}/readyz", timeout=10).status_code for name in rig.Fleet.WEBS}
+    statuses = client.statuses(since=started)
+    report(
+        "pg-restart",
+        down_s=down_s,
+        mid_call_at_stop=len(in_hand),
+        results_kept_and_written_after=held.count(),
+        submitted_during=len([a for a in client.answers if a.at >= stopped and a.status in (200, 201, 202)]),
+        accepted_while_down=sum(1 for a in during if a.status in (200, 201, 202)),
+        lost=v.lost,
+        rerun=v.rerun,
+        written_twice=v.written_twice,
+        answers=dict(statuses),
+        first_2xx_after_start_s=round(min(ok_after) - back, 1) if ok_after else None,
+        last_503_after_start_s=round(max((a.at for a in refused), default=back) - back, 1),
+        all_done_after_start_s=round(done - back, 1),
+    )
+    assert statuses[500] == 0 and statuses[0] == 0, statuses
+    assert refused and all(a.retry_after for a in refused), "the web tier refused with 503 + Retry-After"
+    assert not [a for a in during if a.status in (200, 201, 202)], "nothing is accepted without the database"
+    assert (v.lost, v.written_twice, v.wrong_output, v.succeeded) == (0, 0, 0, v.jobs)
+    assert v.rerun == 0, "a database restart alone must not run a job twice"
+    assert in_hand and held.count() == len(in_hand), "the results in hand were kept and written after the restart"
+    assert ready == {name: 200 for name in rig.Fleet.WEBS}, ready
+    for name in rig.Fleet.WORKERS:
+        assert fleet.hosts[name].procs[-1].poll() is None, f"{name}'s worker outlived the restart:\n{fleet.logs(name)}"
 
 
 def test_the_asyncio_client_finds_the_primary_through_the_sentinels(fleet):
