@@ -27,11 +27,6 @@ class OpenAIError(serializers.Serializer):
     error = OpenAIErrorDetail()
 
 
-def errors(*codes: int) -> dict[int, OpenApiResponse]:
-    """OpenAI's error object as the answer for each of ``codes`` (the batches API's views name them)."""
-    return {code: OpenApiResponse(OpenAIError, description="OpenAI's error object.") for code in codes}
-
-
 class Model(serializers.Serializer):
     id = serializers.CharField()
     object = serializers.CharField()
