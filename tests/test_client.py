@@ -68,7 +68,8 @@ def test_wait_by_polling_sleeps_the_servers_retry_after_and_times_out_with_the_s
         job = api.submit(slow_prompt(2.5))
         assert api.wait(job.id, timeout=30).succeeded
         polls = [c["at"] for c in rec.to("GET", f"/jobs/{job.id}/result")]
-        assert 2 <= len(polls) <= 5 and all("wait" not in c["query"] for c in rec.to("GET", f"/jobs/{job.id}/result"))
+        # As many polls as the job's time allows (a busy machine starts it later), never closer than Retry-After.
+        assert len(polls) >= 2 and all("wait" not in c["query"] for c in rec.to("GET", f"/jobs/{job.id}/result"))
         gaps = [b - a for a, b in zip(polls, polls[1:], strict=False)]
         assert min(gaps) >= 0.9  # Retry-After: 1
 
