@@ -27,6 +27,7 @@ class Answer:
     web: str
     status: int  # 0: no answer (connection refused, reset, timeout)
     retry_after: str | None
+    sent: float = 0.0  # time.monotonic() when the request went out
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Client:
         while time.monotonic() < deadline:
             web = names[turn % len(names)]
             turn += 1
+            sent = time.monotonic()
             try:
                 r = httpx.post(
                     f"{self.urls[web]}/jobs",
@@ -60,10 +62,10 @@ class Client:
                     timeout=10,
                 )
             except httpx.HTTPError:
-                self._record(Answer(time.monotonic(), web, 0, None))
+                self._record(Answer(time.monotonic(), web, 0, None, sent))
                 time.sleep(0.1)
                 continue
-            self._record(Answer(time.monotonic(), web, r.status_code, r.headers.get("Retry-After")))
+            self._record(Answer(time.monotonic(), web, r.status_code, r.headers.get("Retry-After"), sent))
             if r.status_code in (200, 201, 202):
                 job_id = r.json()["id"]
                 with self._lock:

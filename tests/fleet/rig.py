@@ -14,6 +14,7 @@ left behind. Needs root (``ip netns``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -383,4 +384,9 @@ class Fleet:
             self.net.tear_down()
         finally:
             self.stop_pg_forwarder()
+            keep = os.environ.get("FLEET_KEEP_LOGS")  # a folder to copy the hosts' logs to, for a post-mortem
+            if keep:
+                skip = shutil.ignore_patterns("data", "*.rdb", "*.aof*", "appendonlydir", ".s.PGSQL.*")
+                with contextlib.suppress(shutil.Error, OSError):
+                    shutil.copytree(self.scratch, keep, dirs_exist_ok=True, ignore=skip)
             shutil.rmtree(self.scratch, ignore_errors=True)

@@ -391,7 +391,13 @@ class BaseWorker(SimpleWorker):
         """Write the state only when it changes (RQ writes it twice per job)."""
         if pipeline is None and state == self.get_state():
             return
-        super().set_state(state, pipeline)
+        if pipeline is not None:
+            super().set_state(state, pipeline)
+            return
+        # RQ sets IDLE before its dequeue, outside the dequeue's own reconnect loop: a Redis failover
+        # (no primary for a moment) raised from here ends RQ's loop ("unhandled exception, quitting").
+        with redis_unreachable_waited_out(self.name, self.max_connection_wait_time):
+            super().set_state(state, pipeline)
 
     def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
         self._waiting_for_job = True
