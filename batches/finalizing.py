@@ -101,7 +101,9 @@ def output_line(row: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
             "usage": {"prompt_tokens": row["prompt_tokens"], "completion_tokens": row["completion_tokens"]},
         }
         created = int(row["finished_at"].timestamp()) if row["finished_at"] else 0
-        body = translate.completion(doc, model=row["requested_backend"] or row["model"], created=created)
+        # The model that answered: the pinned backend, else the job's model, else the backend routing chose.
+        model = row["requested_backend"] or row["model"] or row["backend_name"]
+        body = translate.completion(doc, model=model, created=created)
         response = {"status_code": 200, "request_id": "req_" + job_id.replace("-", ""), "body": body}
         return True, {**line, "response": response, "error": None}
     if row["state"] in NOT_RUN:
