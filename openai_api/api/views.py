@@ -60,16 +60,22 @@ def _resolve_model(job: dict[str, Any], model: str) -> None:
         return
     # The process's last snapshot answers without a round trip; the submit routes on the current one
     # (and refuses a backend disabled since). Only a name it does not know costs a fresh read.
-    for snap in (registry.last(), None):
-        snap = snap or _snapshot()
-        backend = snap.backends.get(model)
-        if backend is not None and backend.enabled:
-            job.pop("model", None)
-            job["backend"] = model
-            return
-        if any(b.enabled and b.model == model for b in snap.backends.values()):
-            return
+    last = registry.last()
+    if last is not None and _pick(job, model, last):
+        return
+    if _pick(job, model, _snapshot()):
+        return
     raise NotFound(f"The model '{model}' does not exist or you do not have access to it.", code="model_not_found")
+
+
+def _pick(job: dict[str, Any], model: str, snap: registry.Snapshot) -> bool:
+    """Whether ``snap`` serves ``model``: a backend's name (pinned) or a model some backend serves."""
+    backend = snap.backends.get(model)
+    if backend is not None and backend.enabled:
+        job.pop("model", None)
+        job["backend"] = model
+        return True
+    return any(b.enabled and b.model == model for b in snap.backends.values())
 
 
 class ChatCompletions(OpenAIView):
