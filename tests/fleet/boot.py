@@ -6,6 +6,7 @@ Used by the ``fleet`` fixture (tests/fleet/conftest.py) and by the benchmarks th
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -106,8 +107,10 @@ def booted(workers: Iterable[str] = rig.Fleet.WORKERS, worker_env: dict[str, str
     rig.clean_stale()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     # Keys of finished jobs expire within the short soak (production: an hour and a day), so that it
-    # sees Redis memory reach its steady state: about rate x TTL x bytes per job.
-    env.update(DEBUG="1", LOG_LEVEL="WARNING", **KEY_TTLS)
+    # sees Redis memory reach its steady state: about rate x TTL x bytes per job. DEBUG off, as in
+    # production: with it on, Django keeps the last 9,000 queries of every connection, which a worker
+    # fills over its first ~15,000 jobs (+14 MiB; bench/worker_rss.py --debug) and the soak read as growth.
+    env.update(DEBUG="0", SECRET_KEY=secrets.token_urlsafe(50), LOG_LEVEL="WARNING", **KEY_TTLS)
     pg_bin = rig.postgres_bin()
     server = pg_server_url()
     fleet = rig.Fleet("", env, own_postgres=pg_bin is not None)

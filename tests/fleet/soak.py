@@ -84,6 +84,15 @@ class SoakResult:
     def redis_spread(self) -> float:
         return self.spread([s.redis_used for s in self.after_warmup()])
 
+    def series(self, points: int = 12) -> dict[str, list]:
+        """Up to ``points`` samples spread over the whole run: seconds, then each host's RSS in MiB and Redis's."""
+        picked = self.samples[:: max(1, len(self.samples) // points)] if self.samples else []
+        out: dict[str, list] = {"at_s": [round(s.at) for s in picked]}
+        for name in picked[0].rss_kb if picked else ():
+            out[name] = [round(s.rss_kb[name] / 1024, 1) for s in picked]
+        out["redis_used"] = [round(s.redis_used / 2**20, 2) for s in picked]
+        return out
+
     def figures(self) -> dict[str, object]:
         later = self.after_warmup()
         return {
@@ -103,6 +112,7 @@ class SoakResult:
                 for name in later[0].rss_kb
             },
             "rss_spread_pct": {k: round(100 * v, 1) for k, v in self.rss_spread().items()},
+            "rss_mb_series": self.series(),
             "redis_used_mb_first_last": [round(later[0].redis_used / 2**20, 2), round(later[-1].redis_used / 2**20, 2)],
             "redis_used_spread_pct": round(100 * self.redis_spread(), 1),
             "redis_keys_min_max": [min(s.redis_keys for s in later), max(s.redis_keys for s in later)],
