@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from glob import glob
 from pathlib import Path
 
+import psycopg
+
 ROOT = Path(__file__).resolve().parents[2]
 BRIDGE = "br-llmo"
 PREFIX = "llmo-"
@@ -171,6 +173,20 @@ class Network:
         clean_stale()
 
 
+def wait_accepting(url: str, timeout: float) -> None:
+    """Until PostgreSQL at ``url`` takes sessions: its port opens while it still answers "the database
+    system is starting up" (seconds on a busy machine, when it replays its log)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            psycopg.connect(url, connect_timeout=3).close()
+            return
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def wait_port(address: str, port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -240,6 +256,7 @@ class Fleet:
         argv += ["-c", f"unix_socket_directories={folder}", "-c", "max_connections=200", "-c", "fsync=off"]
         proc = self.net.start(host, argv, self.base_env, folder / f"log-{time.monotonic_ns()}")
         wait_port(host.address, PG_PORT, 30, proc)
+        wait_accepting(f"postgres://postgres@{host.address}:{PG_PORT}/postgres", 60)
         return proc
 
     def stop_postgres(self) -> None:
